@@ -1,0 +1,18 @@
+# GPU worker image: CUDA runtime base; torch's CUDA wheels bring the matching CUDA libraries.
+FROM nvidia/cuda:13.0.0-cudnn-runtime-ubuntu24.04
+
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 DEBIAN_FRONTEND=noninteractive
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv \
+    && rm -rf /var/lib/apt/lists/*
+RUN python3 -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+WORKDIR /app
+COPY pyproject.toml README.md alembic.ini ./
+COPY service ./service
+COPY workers ./workers
+COPY migrations ./migrations
+RUN pip install . && useradd --system --uid 10001 qforget && mkdir -p /data && chown qforget /data
+USER qforget
+ENV QFORGET_ENVIRONMENT=production QFORGET_DATA_DIR=/data QFORGET_DEVICE=cuda
+CMD ["qforget", "worker", "--queues", "gpu", "--concurrency", "1"]

@@ -1,0 +1,1 @@
+"""qforget's request service: settings, database, API and the command line."""

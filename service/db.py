@@ -1,0 +1,64 @@
+"""Database engines and sessions.
+
+Each process names its engine (api, worker, scheduler, cli) so that PostgreSQL's
+pg_stat_activity shows who holds which connection. On SQLite every transaction begins
+IMMEDIATE: the write lock is taken up front, so two writers serialise instead of failing when
+one upgrades a read lock (the audit log's hash chain reads the last entry, then appends).
+"""
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import lru_cache
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.settings import Settings, get_settings
+
+
+def make_engine(database_url: str, name: str = "qforget") -> Engine:
+    if database_url.startswith("sqlite"):
+        engine = create_engine(database_url, connect_args={"timeout": 30, "check_same_thread": False})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_connection, _record):
+            dbapi_connection.isolation_level = None  # let SQLAlchemy's begin event issue BEGIN
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.close()
+
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin_immediate(connection):
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+    return create_engine(
+        database_url,
+        pool_pre_ping=True,
+        pool_size=10,
+        max_overflow=20,
+        connect_args={"application_name": f"qforget-{name}"},
+    )
+
+
+@lru_cache
+def _engine_for(database_url: str, name: str) -> Engine:
+    return make_engine(database_url, name)
+
+
+def get_engine(settings: Settings | None = None, name: str = "qforget") -> Engine:
+    settings = settings or get_settings()
+    return _engine_for(settings.database_url, name)
+
+
+def session_factory(engine: Engine) -> sessionmaker[Session]:
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+@contextmanager
+def transaction(engine: Engine) -> Iterator[Session]:
+    """A session whose work commits on success and rolls back on any exception."""
+    with session_factory(engine)() as session, session.begin():
+        yield session

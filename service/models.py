@@ -1,0 +1,223 @@
+"""The database schema (SQLAlchemy 2 typed models). Alembic migrations are the only way it changes.
+
+Vocabulary (DESIGN.md): a subject owns samples; a forget request asks to forget a subject's
+samples from one model; requests are run in batches; each run produces an immutable model
+version; the deployment is the model's pointer to the version now serving; a retrain reference
+is a version of kind "reference", trained from scratch without the forgotten samples.
+"""
+
+import enum
+from datetime import datetime, timezone
+
+from sqlalchemy import JSON, DateTime, Enum, ForeignKey, Index, Integer, MetaData, String, Text, text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def as_utc(moment: datetime) -> datetime:
+    """SQLite hands back naive datetimes; every stored time is UTC, so make it aware again."""
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+class Base(DeclarativeBase):
+    # Every constraint gets a predictable name: later migrations can drop or alter it by name (SQLite's
+    # batch mode needs that) and PostgreSQL and SQLite agree on the names.
+    metadata = MetaData(
+        naming_convention={
+            "ix": "ix_%(column_0_label)s",
+            "uq": "uq_%(table_name)s_%(column_0_name)s",
+            "ck": "ck_%(table_name)s_%(constraint_name)s",
+            "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+            "pk": "pk_%(table_name)s",
+        }
+    )
+    type_annotation_map = {datetime: DateTime(timezone=True), dict: JSON, list: JSON}
+
+
+def _enum(cls: type[enum.Enum]) -> Enum:
+    # Stored as plain strings (no native PostgreSQL enum type): adding a status is a data change,
+    # not a type migration.
+    return Enum(cls, native_enum=False, length=16, values_callable=lambda c: [m.value for m in c])
+
+
+class SampleStatus(str, enum.Enum):
+    active = "active"
+    forgotten = "forgotten"
+
+
+class RequestStatus(str, enum.Enum):
+    received = "received"
+    pending = "pending"
+    batched = "batched"
+    completed = "completed"
+    rejected = "rejected"
+    failed = "failed"
+
+
+class BatchStatus(str, enum.Enum):
+    running = "running"
+    completed = "completed"
+    failed = "failed"
+
+
+class VersionKind(str, enum.Enum):
+    original = "original"
+    unlearned = "unlearned"
+    reference = "reference"
+
+
+class Subject(Base):
+    __tablename__ = "subjects"
+
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    samples: Mapped[list["Sample"]] = relationship(back_populates="subject")
+
+
+class Sample(Base):
+    """One training example. `dataset_index` is its stable position in the dataset's train split."""
+
+    __tablename__ = "samples"
+    __table_args__ = (Index("uq_samples_dataset_index", "dataset", "dataset_index", unique=True),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    dataset: Mapped[str] = mapped_column(String(64))
+    dataset_index: Mapped[int]
+    subject_id: Mapped[str] = mapped_column(ForeignKey("subjects.id"), index=True)
+    status: Mapped[SampleStatus] = mapped_column(_enum(SampleStatus), default=SampleStatus.active)
+    forgotten_at: Mapped[datetime | None]
+    forgotten_by_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
+
+    subject: Mapped[Subject] = relationship(back_populates="samples")
+
+
+class Model(Base):
+    """A named model trained on one dataset; `deployed_version_id` is its deployment pointer."""
+
+    __tablename__ = "models"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    dataset: Mapped[str] = mapped_column(String(64))
+    spec: Mapped[dict]
+    deployed_version_id: Mapped[int | None] = mapped_column(
+        ForeignKey("model_versions.id", use_alter=True, name="fk_models_deployed_version")
+    )
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ModelVersion(Base):
+    """An immutable, content-addressed artifact with its lineage."""
+
+    __tablename__ = "model_versions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_name: Mapped[str] = mapped_column(ForeignKey("models.name"), index=True)
+    kind: Mapped[VersionKind] = mapped_column(_enum(VersionKind))
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
+    batch_id: Mapped[int | None] = mapped_column(
+        ForeignKey("batches.id", use_alter=True, name="fk_model_versions_batch")
+    )
+    method: Mapped[str] = mapped_column(String(32))
+    config: Mapped[dict]
+    metrics: Mapped[dict] = mapped_column(default=dict)
+    sha256: Mapped[str] = mapped_column(String(64))
+    artifact_path: Mapped[str] = mapped_column(Text)
+    # The sample ids this version was made without (all forgotten samples at its creation).
+    excluded_sample_ids: Mapped[list] = mapped_column(default=list)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Batch(Base):
+    """One unlearning run over the requests claimed together for a model.
+
+    At most one batch per model is `running` (a partial unique index): one run per model at a
+    time, enforced by the database whatever the broker does.
+    """
+
+    __tablename__ = "batches"
+    __table_args__ = (
+        Index(
+            "uq_batches_one_running_per_model",
+            "model_name",
+            unique=True,
+            sqlite_where=text("status = 'running'"),
+            postgresql_where=text("status = 'running'"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_name: Mapped[str] = mapped_column(ForeignKey("models.name"), index=True)
+    status: Mapped[BatchStatus] = mapped_column(_enum(BatchStatus), default=BatchStatus.running)
+    parent_version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"))
+    result_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
+    lease_owner: Mapped[str | None] = mapped_column(String(128))
+    lease_expires_at: Mapped[datetime | None]
+    attempts: Mapped[int] = mapped_column(default=1)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None]
+
+    requests: Mapped[list["ForgetRequest"]] = relationship(back_populates="batch")
+
+
+class ForgetRequest(Base):
+    __tablename__ = "forget_requests"
+    __table_args__ = (Index("ix_forget_requests_model_status", "model_name", "status"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    subject_id: Mapped[str] = mapped_column(ForeignKey("subjects.id"), index=True)
+    model_name: Mapped[str] = mapped_column(ForeignKey("models.name"))
+    status: Mapped[RequestStatus] = mapped_column(_enum(RequestStatus))
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    due_at: Mapped[datetime]
+    batch_id: Mapped[int | None] = mapped_column(ForeignKey("batches.id"), index=True)
+    completed_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
+    completed_at: Mapped[datetime | None]
+    error: Mapped[str | None] = mapped_column(Text)
+
+    batch: Mapped[Batch | None] = relationship(back_populates="requests")
+    samples: Mapped[list[Sample]] = relationship(secondary="forget_request_samples", order_by="Sample.id")
+
+
+class ForgetRequestSample(Base):
+    __tablename__ = "forget_request_samples"
+
+    request_id: Mapped[str] = mapped_column(ForeignKey("forget_requests.id"), primary_key=True)
+    sample_id: Mapped[int] = mapped_column(ForeignKey("samples.id"), primary_key=True, index=True)
+
+
+class Evaluation(Base):
+    """FA, RA, TA, MIA of a version and of a retrain reference on the same splits, with the gaps."""
+
+    __tablename__ = "evaluations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"), index=True)
+    reference_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"))
+    metrics: Mapped[dict]
+    reference_metrics: Mapped[dict]
+    gaps: Mapped[dict]
+    forget_count: Mapped[int]
+    retain_count: Mapped[int]
+    test_count: Mapped[int]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class AuditEntry(Base):
+    """An append-only, hash-chained record of a state change."""
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    actor: Mapped[str] = mapped_column(String(128))
+    action: Mapped[str] = mapped_column(String(64))
+    object_type: Mapped[str] = mapped_column(String(32))
+    object_id: Mapped[str] = mapped_column(String(64))
+    details: Mapped[dict] = mapped_column(default=dict)
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    entry_hash: Mapped[str] = mapped_column(String(64), unique=True)

@@ -1,0 +1,67 @@
+"""One settings object for every qforget process, read from the environment (prefix QFORGET_).
+
+The defaults are the embedded set-up: a SQLite file, a Celery broker kept in a folder, a model
+store folder, all under `data_dir`; no server to install. Production sets the database and broker
+URLs to PostgreSQL and Redis.
+"""
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="QFORGET_", env_file=".env", extra="ignore")
+
+    environment: Literal["development", "production"] = "development"
+    data_dir: Path = Path("var")
+    # Empty means "the embedded default under data_dir".
+    database_url: str = ""
+    broker_url: str = ""
+    model_store: Path | None = None
+
+    # The model a request targets when it names none; bootstrap registers it.
+    default_model: str = "digits-cnn-4bit"
+    device: str = "cpu"
+    torch_threads: int = 0  # 0 leaves torch's own choice
+
+    # Q-MUL run parameters the worker uses (the engine's QMulConfig defaults otherwise).
+    unlearn_epochs: int = 10
+    unlearn_lr: float = 0.01
+
+    # Scheduling and leases: how often the scheduler looks for due work, how long a claimed batch
+    # may go without a heartbeat before another worker may take it over.
+    scheduler_interval_seconds: float = 5.0
+    lease_seconds: int = 900
+    max_attempts: int = 3
+
+    # GDPR Art. 12(3): one month to act on a request.
+    deadline_days: int = 30
+
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+
+    @model_validator(mode="after")
+    def _fill_embedded_defaults(self) -> "Settings":
+        if not self.database_url:
+            self.database_url = f"sqlite:///{(self.data_dir / 'qforget.db').resolve()}"
+        if not self.broker_url:
+            self.broker_url = "filesystem://"
+        if self.model_store is None:
+            self.model_store = self.data_dir / "models"
+        if self.environment == "production" and self.database_url.startswith("sqlite"):
+            raise ValueError("QFORGET_DATABASE_URL: production needs a server database, not SQLite")
+        return self
+
+    @property
+    def broker_folder(self) -> Path:
+        """Where the filesystem broker keeps its messages (embedded default only)."""
+        return (self.data_dir / "broker").resolve()
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,96 @@
+"""Train the initial quantized model, register its samples and subjects, and deploy it."""
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import func, insert, select
+
+from service.audit_log import append_audit
+from service.db import get_engine, transaction
+from service.migrate import upgrade_database
+from service.models import Model, ModelVersion, Sample, Subject, VersionKind
+from service.settings import Settings
+from workers import engine as qf
+from workers.unlearning_runs import artifact_spec, load_data
+
+log = logging.getLogger(__name__)
+
+
+def assign_subjects(sample_count: int, samples_per_subject: int, seed: int = 0) -> list[str]:
+    """Give each training sample an owner: a seeded shuffle cut into subjects of equal size.
+
+    The bundled data sets carry no owners; a real deployment registers its own id-to-subject map.
+    """
+    order = np.random.default_rng(seed).permutation(sample_count)
+    owners = [""] * sample_count
+    for position, dataset_index in enumerate(order):
+        owners[dataset_index] = f"subject-{position // samples_per_subject + 1:04d}"
+    return owners
+
+
+def bootstrap(
+    settings: Settings,
+    model_name: str,
+    spec: qf.ModelSpec,
+    samples_per_subject: int = 10,
+    progress: bool = True,
+) -> int:
+    """Make `model_name` exist with a deployed original version. Returns the deployed version id."""
+    upgrade_database(settings.database_url)
+    engine = get_engine(settings, "cli")
+    with transaction(engine) as session:
+        existing = session.get(Model, model_name)
+        if existing is not None and existing.deployed_version_id is not None:
+            log.info("model %s already deployed (version %s)", model_name, existing.deployed_version_id)
+            return existing.deployed_version_id
+
+    data = load_data(spec.dataset)
+    network = qf.train_original(spec, data, device=settings.device, progress=progress)
+    metrics = {
+        "train_accuracy": qf.accuracy(network, data.train, settings.device),
+        "test_accuracy": qf.accuracy(network, data.test, settings.device),
+    }
+    path, sha256 = qf.save_artifact(network, artifact_spec(spec, data), Path(settings.model_store))
+
+    with transaction(engine) as session:
+        already_registered = session.scalar(
+            select(func.count()).select_from(Sample).where(Sample.dataset == spec.dataset)
+        )
+        if not already_registered:
+            _register_samples(session, spec.dataset, len(data.train), samples_per_subject)
+        model = Model(name=model_name, dataset=spec.dataset, spec=spec.to_dict())
+        session.add(model)
+        session.flush()
+        version = ModelVersion(
+            model_name=model_name, kind=VersionKind.original, method="qat", config=spec.to_dict(),
+            metrics=metrics, sha256=sha256, artifact_path=str(path), excluded_sample_ids=[],
+        )
+        session.add(version)
+        session.flush()
+        model.deployed_version_id = version.id
+        append_audit(session, actor="cli:bootstrap", action="model.deployed", object_type="model_version",
+                     object_id=str(version.id),
+                     details={"model": model_name, "kind": "original", "sha256": sha256, "metrics": metrics})
+        return version.id
+
+
+def _register_samples(session, dataset: str, sample_count: int, samples_per_subject: int) -> None:
+    owners = assign_subjects(sample_count, samples_per_subject)
+    subjects = sorted(set(owners))
+    session.execute(insert(Subject), [{"id": subject} for subject in subjects])
+    session.execute(
+        insert(Sample),
+        [{"dataset": dataset, "dataset_index": index, "subject_id": owner} for index, owner in enumerate(owners)],
+    )
+    append_audit(session, actor="cli:bootstrap", action="samples.registered", object_type="dataset",
+                 object_id=dataset, details={"samples": sample_count, "subjects": len(subjects)})
+
+
+def default_spec(epochs: int | None = None) -> qf.ModelSpec:
+    """The engine's default recipe (digits CNN, LSQ+ 4-bit weights and activations)."""
+    spec = qf.ModelSpec()
+    if epochs:
+        spec = replace(spec, train=replace(spec.train, epochs=epochs))
+    return spec

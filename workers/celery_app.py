@@ -1,0 +1,58 @@
+"""The Celery app: queue names, reliability settings for long GPU runs, and the beat schedule.
+
+The broker only carries wake-ups (DESIGN.md invariant 1): every task reads its work from the
+database, so a lost or duplicated message costs at most a no-op run, and the scheduler re-sends
+what is due every `scheduler_interval_seconds`.
+"""
+
+from celery import Celery
+
+from service.settings import Settings, get_settings
+
+GPU_QUEUE = "gpu"  # unlearning runs and retrain references: long, one model per worker slot
+CONTROL_QUEUE = "control"  # the scheduler's cheap dispatch task
+
+DISPATCH_TASK = "qforget.dispatch"
+UNLEARN_TASK = "qforget.run_unlearning"
+REFERENCE_TASK = "qforget.train_reference"
+
+
+def broker_transport_options(settings: Settings) -> dict:
+    if settings.broker_url.startswith("filesystem://"):
+        # kombu's filesystem transport: producers and consumers share one folder of messages.
+        queue_folder = settings.broker_folder / "queue"
+        queue_folder.mkdir(parents=True, exist_ok=True)
+        return {"data_folder_in": str(queue_folder), "data_folder_out": str(queue_folder)}
+    # Redis redelivers an unacknowledged message after the visibility timeout: it must outlast
+    # the longest run, or a healthy long run would be started a second time.
+    return {"visibility_timeout": max(3600, 4 * settings.lease_seconds)}
+
+
+def create_celery(settings: Settings) -> Celery:
+    app = Celery("qforget", broker=settings.broker_url, include=["workers.tasks"])
+    app.conf.update(
+        broker_transport_options=broker_transport_options(settings),
+        broker_connection_retry_on_startup=True,
+        # Results live in the database (requests, batches, versions), not in a result backend.
+        task_ignore_result=True,
+        # A task is acknowledged only when it finishes; a worker that dies mid-run leaves its
+        # message to be redelivered, and the batch lease in the database decides who runs it.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_default_queue=CONTROL_QUEUE,
+        task_routes={UNLEARN_TASK: {"queue": GPU_QUEUE}, REFERENCE_TASK: {"queue": GPU_QUEUE}},
+        beat_schedule={
+            "dispatch-due-batches": {
+                "task": DISPATCH_TASK,
+                "schedule": settings.scheduler_interval_seconds,
+                # A dispatch older than one interval is superseded by the next one.
+                "options": {"expires": settings.scheduler_interval_seconds},
+            }
+        },
+        worker_hijack_root_logger=False,
+    )
+    return app
+
+
+app = create_celery(get_settings())

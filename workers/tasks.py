@@ -1,0 +1,76 @@
+"""Celery tasks. Each takes a model name and reads its work from the database.
+
+The engine (torch) is imported inside the task bodies so that the scheduler process, which only
+sends dispatches, never loads it.
+"""
+
+import logging
+
+from sqlalchemy import select
+
+from service.db import get_engine
+from service.models import Batch, BatchStatus, ForgetRequest, Model, RequestStatus, as_utc, utcnow
+from service.settings import get_settings
+from workers.celery_app import DISPATCH_TASK, REFERENCE_TASK, UNLEARN_TASK, app
+
+log = logging.getLogger(__name__)
+
+
+def _configure_torch(settings) -> None:
+    if settings.torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
+
+
+@app.task(name=DISPATCH_TASK)
+def dispatch() -> list[str]:
+    """Wake a GPU worker for every model with pending requests or an abandoned batch."""
+    settings = get_settings()
+    engine = get_engine(settings, "scheduler")
+    now = utcnow()
+    with engine.connect() as connection:
+        pending = set(connection.scalars(
+            select(ForgetRequest.model_name).where(ForgetRequest.status == RequestStatus.pending).distinct()
+        ))
+        running = {row.model_name: as_utc(row.lease_expires_at) for row in connection.execute(
+            select(Batch.model_name, Batch.lease_expires_at).where(Batch.status == BatchStatus.running)
+        )}
+        deployed = set(connection.scalars(select(Model.name).where(Model.deployed_version_id.is_not(None))))
+    due = sorted(
+        name for name in (pending | running.keys()) & deployed
+        if name not in running or running[name] <= now  # a live run picks up the rest next time
+    )
+    for model_name in due:
+        run_unlearning.delay(model_name)
+    return due
+
+
+@app.task(name=UNLEARN_TASK)
+def run_unlearning(model_name: str) -> int | None:
+    """Claim the model's pending requests (or an expired batch), run Q-MUL, deploy the result."""
+    from workers import unlearning_runs
+
+    settings = get_settings()
+    _configure_torch(settings)
+    engine = get_engine(settings, "worker")
+    claimed = unlearning_runs.claim_batch(engine, settings, model_name)
+    if claimed is None:
+        return None
+    log.info("batch %s claimed for model %s", claimed.batch_id, model_name)
+    version_id = unlearning_runs.run_batch(engine, settings, claimed)
+    log.info("batch %s deployed version %s", claimed.batch_id, version_id)
+    return version_id
+
+
+@app.task(name=REFERENCE_TASK)
+def train_reference(model_name: str) -> int | None:
+    """Train a retrain reference on the active samples and evaluate the deployment against it."""
+    from workers import unlearning_runs
+
+    settings = get_settings()
+    _configure_torch(settings)
+    engine = get_engine(settings, "worker")
+    reference_id = unlearning_runs.train_reference(engine, settings, model_name)
+    log.info("reference version %s trained for model %s", reference_id, model_name)
+    return unlearning_runs.evaluate_deployment(engine, settings, model_name)

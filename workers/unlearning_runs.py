@@ -1,0 +1,393 @@
+"""Claim a batch of forget requests, run Q-MUL on it, and deploy the result in one transaction.
+
+Also trains retrain references and records evaluations of the deployment against them.
+
+The database decides who runs what (DESIGN.md invariants 2, 3, 7):
+- claiming locks the model row (FOR UPDATE SKIP LOCKED on PostgreSQL; SQLite serialises every
+  transaction) and creates at most one `running` batch per model (a partial unique index);
+- the running worker renews the batch's lease; a batch whose lease expired is taken over and run
+  again from the same parent version;
+- the new version is deployed, the requests completed and the samples forgotten in one
+  transaction, and only by the lease holder, so a batch is never applied twice.
+"""
+
+import logging
+import os
+import socket
+import threading
+from dataclasses import dataclass
+from datetime import timedelta
+from functools import lru_cache
+from pathlib import Path
+
+from sqlalchemy import Engine, select, update
+
+from service.audit_log import append_audit
+from service.db import transaction
+from service.models import (
+    Batch,
+    BatchStatus,
+    Evaluation,
+    ForgetRequest,
+    Model,
+    ModelVersion,
+    RequestStatus,
+    Sample,
+    SampleStatus,
+    VersionKind,
+    as_utc,
+    utcnow,
+)
+from service.settings import Settings
+from workers import engine as qf
+
+log = logging.getLogger(__name__)
+
+WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass(frozen=True)
+class ClaimedBatch:
+    batch_id: int
+    model_name: str
+    parent_version_id: int
+
+
+@lru_cache(maxsize=4)
+def load_data(dataset: str) -> qf.DatasetSplits:
+    return qf.load_dataset(dataset)
+
+
+def artifact_spec(spec: qf.ModelSpec, data: qf.DatasetSplits) -> dict:
+    """What an artifact records so that it can be rebuilt without the database."""
+    return {
+        "model": {
+            "architecture": spec.architecture,
+            "num_classes": data.num_classes,
+            "in_channels": data.in_channels,
+            "weight_bits": spec.weight_bits,
+            "act_bits": spec.act_bits,
+            "quantizer": spec.quantizer,
+        },
+        "dataset": spec.dataset,
+    }
+
+
+def claim_batch(engine: Engine, settings: Settings, model_name: str) -> ClaimedBatch | None:
+    """Claim every pending request of the model, or take over a batch whose lease expired."""
+    with transaction(engine) as session:
+        model = session.scalars(
+            select(Model).where(Model.name == model_name).with_for_update(skip_locked=True)
+        ).first()
+        if model is None or model.deployed_version_id is None:
+            return None  # unknown, not yet bootstrapped, or another worker is claiming right now
+        now = utcnow()
+        lease_until = now + timedelta(seconds=settings.lease_seconds)
+        running = session.scalars(
+            select(Batch).where(Batch.model_name == model_name, Batch.status == BatchStatus.running)
+        ).first()
+        if running is not None:
+            if as_utc(running.lease_expires_at) > now:
+                return None  # alive on another worker: one run per model at a time
+            return _take_over(session, settings, running, lease_until)
+        pending = session.scalars(
+            select(ForgetRequest)
+            .where(ForgetRequest.model_name == model_name, ForgetRequest.status == RequestStatus.pending)
+            .order_by(ForgetRequest.received_at)
+            .with_for_update(skip_locked=True)
+        ).all()
+        if not pending:
+            return None
+        batch = Batch(
+            model_name=model_name,
+            status=BatchStatus.running,
+            parent_version_id=model.deployed_version_id,
+            lease_owner=WORKER_ID,
+            lease_expires_at=lease_until,
+        )
+        session.add(batch)
+        session.flush()
+        for request in pending:
+            request.status = RequestStatus.batched
+            request.batch_id = batch.id
+        append_audit(
+            session,
+            actor=f"worker:{WORKER_ID}",
+            action="batch.claimed",
+            object_type="batch",
+            object_id=str(batch.id),
+            details={
+                "model": model_name,
+                "parent_version_id": batch.parent_version_id,
+                "requests": [request.id for request in pending],
+            },
+        )
+        return ClaimedBatch(batch.id, model_name, batch.parent_version_id)
+
+
+def _take_over(session, settings: Settings, batch: Batch, lease_until) -> ClaimedBatch | None:
+    batch.attempts += 1
+    if batch.attempts > settings.max_attempts:
+        # Never silently dropped: the requests go back to pending with the error recorded.
+        error = f"batch {batch.id} abandoned after {settings.max_attempts} attempts: {batch.error or 'worker lost'}"
+        batch.status = BatchStatus.failed
+        batch.finished_at = utcnow()
+        batch.error = error
+        session.execute(
+            update(ForgetRequest)
+            .where(ForgetRequest.batch_id == batch.id)
+            .values(status=RequestStatus.pending, batch_id=None, error=error)
+        )
+        append_audit(
+            session, actor=f"worker:{WORKER_ID}", action="batch.failed", object_type="batch",
+            object_id=str(batch.id), details={"error": error},
+        )
+        return None
+    previous_owner = batch.lease_owner
+    batch.lease_owner = WORKER_ID
+    batch.lease_expires_at = lease_until
+    append_audit(
+        session, actor=f"worker:{WORKER_ID}", action="batch.lease_taken_over", object_type="batch",
+        object_id=str(batch.id), details={"previous_owner": previous_owner, "attempt": batch.attempts},
+    )
+    return ClaimedBatch(batch.id, batch.model_name, batch.parent_version_id)
+
+
+class LeaseKeeper(threading.Thread):
+    """Renews a batch's lease while the run goes on; notices when the lease was lost."""
+
+    def __init__(self, engine: Engine, batch_id: int, lease_seconds: int):
+        super().__init__(daemon=True, name=f"lease-{batch_id}")
+        self.engine, self.batch_id, self.lease_seconds = engine, batch_id, lease_seconds
+        self.stopped = threading.Event()
+        self.lost = False
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.lease_seconds / 3):
+            with transaction(self.engine) as session:
+                renewed = session.execute(
+                    update(Batch)
+                    .where(Batch.id == self.batch_id, Batch.lease_owner == WORKER_ID,
+                           Batch.status == BatchStatus.running)
+                    .values(lease_expires_at=utcnow() + timedelta(seconds=self.lease_seconds))
+                ).rowcount
+            if not renewed:
+                self.lost = True
+                return
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+
+def run_batch(engine: Engine, settings: Settings, claimed: ClaimedBatch, progress: bool = False) -> int | None:
+    """Run Q-MUL for a claimed batch and deploy the result. Returns the new version id."""
+    with transaction(engine) as session:
+        model = session.get(Model, claimed.model_name)
+        parent = session.get(ModelVersion, claimed.parent_version_id)
+        forget_rows = session.execute(
+            select(Sample.id, Sample.dataset_index)
+            .join(ForgetRequest.samples)
+            .where(ForgetRequest.batch_id == claimed.batch_id)
+            .order_by(Sample.id)
+        ).all()
+        forget_ids = sorted({row.id for row in forget_rows})
+        retain_indices = session.scalars(
+            select(Sample.dataset_index)
+            .where(Sample.dataset == model.dataset, Sample.status == SampleStatus.active,
+                   Sample.id.not_in(forget_ids))
+            .order_by(Sample.dataset_index)
+        ).all()
+        spec = qf.ModelSpec.from_dict(model.spec)
+        parent_path, parent_sha256 = parent.artifact_path, parent.sha256
+    forget_indices = sorted({row.dataset_index for row in forget_rows})
+
+    keeper = LeaseKeeper(engine, claimed.batch_id, settings.lease_seconds)
+    keeper.start()
+    try:
+        data = load_data(spec.dataset)
+        network, _ = qf.load_artifact(Path(parent_path), parent_sha256, device=settings.device)
+        forget, retain = data.train.subset(forget_indices), data.train.subset(retain_indices)
+        config = qf.QMulConfig(epochs=settings.unlearn_epochs, lr=settings.unlearn_lr)
+        log.info("batch %s: Q-MUL on %d forget / %d retain samples", claimed.batch_id, len(forget), len(retain))
+        result = qf.qmul_unlearn(network, forget, retain, config, device=settings.device, progress=progress)
+        metrics = qf.evaluate(result.model, forget, retain, data.test, device=settings.device)
+        path, sha256 = qf.save_artifact(result.model, artifact_spec(spec, data), Path(settings.model_store))
+    finally:
+        keeper.stop()
+    if keeper.lost:
+        log.warning("batch %s: lease lost during the run; another worker owns it now", claimed.batch_id)
+        return None
+    return _deploy(engine, claimed, forget_ids, path, sha256, config, metrics, result.history)
+
+
+def _deploy(engine, claimed, forget_ids, path, sha256, config, metrics, history) -> int | None:
+    """One transaction: new version, deployment pointer, completed requests, forgotten samples."""
+    actor = f"worker:{WORKER_ID}"
+    with transaction(engine) as session:
+        batch = session.get(Batch, claimed.batch_id, with_for_update=True)
+        if batch.status != BatchStatus.running or batch.lease_owner != WORKER_ID:
+            return None  # already deployed by this batch's run, or taken over: deploy nothing
+        model = session.get(Model, claimed.model_name, with_for_update=True)
+        previously_forgotten = session.scalars(
+            select(Sample.id).where(Sample.dataset == model.dataset, Sample.status == SampleStatus.forgotten)
+        ).all()
+        now = utcnow()
+        version = ModelVersion(
+            model_name=model.name,
+            kind=VersionKind.unlearned,
+            parent_id=batch.parent_version_id,
+            batch_id=batch.id,
+            method="qmul",
+            config={**vars(config), "history": history},
+            metrics=metrics,
+            sha256=sha256,
+            artifact_path=str(path),
+            excluded_sample_ids=sorted([*previously_forgotten, *forget_ids]),
+        )
+        session.add(version)
+        session.flush()
+        model.deployed_version_id = version.id
+        session.execute(
+            update(Sample)
+            .where(Sample.id.in_(forget_ids))
+            .values(status=SampleStatus.forgotten, forgotten_at=now, forgotten_by_version_id=version.id)
+        )
+        request_ids = session.scalars(select(ForgetRequest.id).where(ForgetRequest.batch_id == batch.id)).all()
+        session.execute(
+            update(ForgetRequest)
+            .where(ForgetRequest.batch_id == batch.id)
+            .values(status=RequestStatus.completed, completed_version_id=version.id, completed_at=now, error=None)
+        )
+        batch.status = BatchStatus.completed
+        batch.result_version_id = version.id
+        batch.finished_at = now
+        append_audit(session, actor=actor, action="model.deployed", object_type="model_version",
+                     object_id=str(version.id),
+                     details={"model": model.name, "parent_version_id": batch.parent_version_id,
+                              "batch_id": batch.id, "sha256": sha256, "metrics": metrics})
+        append_audit(session, actor=actor, action="samples.forgotten", object_type="batch",
+                     object_id=str(batch.id), details={"sample_ids": forget_ids, "version_id": version.id})
+        for request_id in request_ids:
+            append_audit(session, actor=actor, action="request.completed", object_type="forget_request",
+                         object_id=request_id, details={"version_id": version.id, "batch_id": batch.id})
+        append_audit(session, actor=actor, action="batch.completed", object_type="batch",
+                     object_id=str(batch.id), details={"version_id": version.id, "requests": len(request_ids)})
+        return version.id
+
+
+def train_reference(engine: Engine, settings: Settings, model_name: str, progress: bool = False) -> int:
+    """Train a retrain reference from scratch on the samples still active. Returns its version id."""
+    with transaction(engine) as session:
+        model = session.get(Model, model_name)
+        if model is None:
+            raise ValueError(f"unknown model {model_name!r}")
+        active_indices = session.scalars(
+            select(Sample.dataset_index)
+            .where(Sample.dataset == model.dataset, Sample.status == SampleStatus.active)
+            .order_by(Sample.dataset_index)
+        ).all()
+        excluded = session.scalars(
+            select(Sample.id).where(Sample.dataset == model.dataset, Sample.status == SampleStatus.forgotten)
+        ).all()
+        spec = qf.ModelSpec.from_dict(model.spec)
+    data = load_data(spec.dataset)
+    retain = data.train.subset(active_indices)
+    reference = qf.retrain_reference(spec, retain, device=settings.device, progress=progress)
+    path, sha256 = qf.save_artifact(reference, artifact_spec(spec, data), Path(settings.model_store))
+    with transaction(engine) as session:
+        version = ModelVersion(
+            model_name=model_name,
+            kind=VersionKind.reference,
+            method="retrain",
+            config=spec.to_dict(),
+            metrics={"RA": qf.accuracy(reference, retain, settings.device),
+                     "TA": qf.accuracy(reference, data.test, settings.device)},
+            sha256=sha256,
+            artifact_path=str(path),
+            excluded_sample_ids=sorted(excluded),
+        )
+        session.add(version)
+        session.flush()
+        append_audit(session, actor=f"worker:{WORKER_ID}", action="reference.trained",
+                     object_type="model_version", object_id=str(version.id),
+                     details={"model": model_name, "excluded_samples": len(excluded),
+                              "retain_samples": len(active_indices), "sha256": sha256})
+        return version.id
+
+
+def _audit_splits(session, model: Model, forgotten_ids) -> tuple[list[int], list[int]]:
+    """Dataset indices of the forget split (the given forgotten samples) and of the retain split."""
+    forget_indices = session.scalars(
+        select(Sample.dataset_index).where(Sample.id.in_(forgotten_ids)).order_by(Sample.dataset_index)
+    ).all()
+    retain_indices = session.scalars(
+        select(Sample.dataset_index)
+        .where(Sample.dataset == model.dataset, Sample.status == SampleStatus.active)
+        .order_by(Sample.dataset_index)
+    ).all()
+    return forget_indices, retain_indices
+
+
+def _evaluate_artifact(settings: Settings, dataset: str, artifact_path: str, sha256: str,
+                       forget_indices: list[int], retain_indices: list[int]) -> dict:
+    data = load_data(dataset)
+    network, _ = qf.load_artifact(Path(artifact_path), sha256, device=settings.device)
+    forget, retain = data.train.subset(forget_indices), data.train.subset(retain_indices)
+    return qf.evaluate(network, forget, retain, data.test, device=settings.device)
+
+
+def evaluate_on_deployment_splits(engine: Engine, settings: Settings, model_name: str, version_id: int) -> dict:
+    """FA, RA, TA, MIA of any version on the splits the deployed version is audited on."""
+    with transaction(engine) as session:
+        model = session.get(Model, model_name)
+        deployed = session.get(ModelVersion, model.deployed_version_id)
+        version = session.get(ModelVersion, version_id)
+        forget_indices, retain_indices = _audit_splits(session, model, deployed.excluded_sample_ids)
+    return _evaluate_artifact(settings, model.dataset, version.artifact_path, version.sha256,
+                              forget_indices, retain_indices)
+
+
+def evaluate_deployment(engine: Engine, settings: Settings, model_name: str) -> int | None:
+    """Evaluate the deployed version against the newest reference that excludes the same samples.
+
+    Returns the evaluation id, or None when there is nothing forgotten yet or no such reference
+    (the audit endpoint then says so).
+    """
+    with transaction(engine) as session:
+        model = session.get(Model, model_name)
+        deployed = session.get(ModelVersion, model.deployed_version_id)
+        excluded = set(deployed.excluded_sample_ids)
+        if not excluded:
+            return None
+        references = session.scalars(
+            select(ModelVersion)
+            .where(ModelVersion.model_name == model_name, ModelVersion.kind == VersionKind.reference)
+            .order_by(ModelVersion.id.desc())
+        ).all()
+        reference = next((r for r in references if set(r.excluded_sample_ids) == excluded), None)
+        if reference is None:
+            return None
+        forget_indices, retain_indices = _audit_splits(session, model, excluded)
+    results = {
+        version.id: _evaluate_artifact(settings, model.dataset, version.artifact_path, version.sha256,
+                                       forget_indices, retain_indices)
+        for version in (deployed, reference)
+    }
+    with transaction(engine) as session:
+        evaluation = Evaluation(
+            version_id=deployed.id,
+            reference_id=reference.id,
+            metrics=results[deployed.id],
+            reference_metrics=results[reference.id],
+            gaps=qf.gaps(results[deployed.id], results[reference.id]),
+            forget_count=len(forget_indices),
+            retain_count=len(retain_indices),
+            test_count=len(load_data(model.dataset).test),
+        )
+        session.add(evaluation)
+        session.flush()
+        append_audit(session, actor=f"worker:{WORKER_ID}", action="evaluation.recorded",
+                     object_type="model_version", object_id=str(evaluation.version_id),
+                     details={"evaluation_id": evaluation.id, "reference_id": evaluation.reference_id,
+                              "gaps": evaluation.gaps})
+        return evaluation.id
