@@ -43,6 +43,7 @@ def run_demo(data_dir: str = "var/demo", subjects: int = 12, epochs: int | None 
         "QFORGET_BROKER_URL": "",
         "QFORGET_MODEL_STORE": str(data_dir / "models"),
         "QFORGET_SCHEDULER_INTERVAL_SECONDS": "2",
+        "QFORGET_BATCH_MIN_SAMPLES": "1",  # a demo has no traffic to wait for
         "QFORGET_API_PORT": str(port),
         "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")])),
     }
@@ -106,6 +107,7 @@ def run_demo(data_dir: str = "var/demo", subjects: int = 12, epochs: int | None 
         train_reference.delay(settings.default_model)
         audit = processes.wait_until(lambda: (a := client.get("/audit").json())["status"] == "current" and a,
                                      "the audit evaluation", timeout=600, interval=1)
+        evaluation = audit["evaluation"]
     finally:
         processes.stop()
 
@@ -115,15 +117,16 @@ def run_demo(data_dir: str = "var/demo", subjects: int = 12, epochs: int | None 
     # The untouched original on the audit's splits: a method that does not beat it did nothing.
     original_metrics = evaluate_on_deployment_splits(get_engine(settings, "cli"), settings,
                                                      settings.default_model, original_id)
-    reference = audit["reference_metrics"]
+    reference = evaluation["reference_metrics"]
     original_gap = sum(abs(original_metrics[k] - reference[k]) for k in METRICS) / len(METRICS)
     print()
-    print(f"Audit of model {audit['model']} (forget {audit['forget_count']} / retain {audit['retain_count']} "
-          f"/ test {audit['test_count']} samples), in percent:")
+    print(f"Audit of model {audit['model']} (forget {evaluation['forget_count']} / retain "
+          f"{evaluation['retain_count']} / test {evaluation['test_count']} samples), in percent:")
     print(f"  {'':<30}" + "".join(f"{key:>8}" for key in METRICS) + "      AG")
-    print(_row(f"deployed, Q-MUL (v{audit['version_id']})", audit["metrics"], f"{audit['gaps']['AG']:>8.2f}"))
-    print(_row(f"retrain reference (v{audit['reference_id']})", reference))
-    print(_row("gap |deployed - reference|", audit["gaps"]))
+    print(_row(f"deployed, Q-MUL (v{evaluation['version_id']})", evaluation["metrics"],
+               f"{evaluation['gaps']['AG']:>8.2f}"))
+    print(_row(f"retrain reference (v{evaluation['reference_id']})", reference))
+    print(_row("gap |deployed - reference|", evaluation["gaps"]))
     print(_row(f"original, no unlearning (v{original_id})", original_metrics, f"{original_gap:>8.2f}"))
     print()
     print(f"Artifacts: model store {settings.model_store}, database {settings.database_url}, logs {data_dir / 'logs'}")

@@ -32,6 +32,13 @@ class Settings(BaseSettings):
     unlearn_epochs: int = 10
     unlearn_lr: float = 0.01
 
+    # Batch policy (workers/batching.py): a default, and overrides per model name, e.g.
+    # QFORGET_BATCH_POLICIES='{"digits-cnn-4bit": {"min_samples": 1}}'.
+    batch_min_samples: int = 50
+    batch_max_wait_seconds: float = 600.0
+    batch_due_margin_days: float = 3.0
+    batch_policies: dict[str, dict] = {}
+
     # Scheduling and leases: how often the scheduler looks for due work, how long a claimed batch
     # may go without a heartbeat before another worker may take it over.
     scheduler_interval_seconds: float = 5.0

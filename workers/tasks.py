@@ -6,11 +6,10 @@ sends dispatches, never loads it.
 
 import logging
 
-from sqlalchemy import select
-
 from service.db import get_engine
-from service.models import Batch, BatchStatus, ForgetRequest, Model, RequestStatus, as_utc, utcnow
+from service.models import utcnow
 from service.settings import get_settings
+from workers.batching import BatchPolicy, due_models
 from workers.celery_app import DISPATCH_TASK, REFERENCE_TASK, UNLEARN_TASK, app
 
 log = logging.getLogger(__name__)
@@ -25,22 +24,15 @@ def _configure_torch(settings) -> None:
 
 @app.task(name=DISPATCH_TASK)
 def dispatch() -> list[str]:
-    """Wake a GPU worker for every model with pending requests or an abandoned batch."""
+    """Wake a GPU worker for every model whose batch policy is met or whose batch was abandoned."""
     settings = get_settings()
-    engine = get_engine(settings, "scheduler")
-    now = utcnow()
-    with engine.connect() as connection:
-        pending = set(connection.scalars(
-            select(ForgetRequest.model_name).where(ForgetRequest.status == RequestStatus.pending).distinct()
-        ))
-        running = {row.model_name: as_utc(row.lease_expires_at) for row in connection.execute(
-            select(Batch.model_name, Batch.lease_expires_at).where(Batch.status == BatchStatus.running)
-        )}
-        deployed = set(connection.scalars(select(Model.name).where(Model.deployed_version_id.is_not(None))))
-    due = sorted(
-        name for name in (pending | running.keys()) & deployed
-        if name not in running or running[name] <= now  # a live run picks up the rest next time
-    )
+    default = BatchPolicy(min_samples=settings.batch_min_samples,
+                          max_wait_seconds=settings.batch_max_wait_seconds,
+                          due_margin_days=settings.batch_due_margin_days)
+    policies = {name: BatchPolicy(**{**default.model_dump(), **overrides})
+                for name, overrides in settings.batch_policies.items()}
+    with get_engine(settings, "scheduler").connect() as connection:
+        due = due_models(connection, policies, default, utcnow())
     for model_name in due:
         run_unlearning.delay(model_name)
     return due

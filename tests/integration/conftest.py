@@ -24,13 +24,14 @@ class Stack:
 
 
 @pytest.fixture
-def stack(postgres_url, tmp_path: Path):
+def stack(empty_postgres_url, tmp_path: Path):
     redis.Redis.from_url(REDIS_URL).flushdb()
     env = {
-        "QFORGET_DATABASE_URL": postgres_url,
+        "QFORGET_DATABASE_URL": empty_postgres_url,
         "QFORGET_BROKER_URL": REDIS_URL,
         "QFORGET_DATA_DIR": str(tmp_path),
         "QFORGET_SCHEDULER_INTERVAL_SECONDS": "1",
+        "QFORGET_BATCH_MIN_SAMPLES": "1",
         "QFORGET_UNLEARN_EPOCHS": "2",
         "QFORGET_TORCH_THREADS": "1",
     }

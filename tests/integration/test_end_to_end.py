@@ -90,7 +90,7 @@ def test_requests_are_unlearned_deployed_and_audited(stack):
     assert client.get("/audit").json()["status"] == "missing"
     create_celery(settings).send_task(REFERENCE_TASK, args=[settings.default_model])
     audit = services.wait_until(lambda: (a := client.get("/audit").json())["status"] == "current" and a,
-                                "the audit evaluation", timeout=240)
+                                "the audit evaluation", timeout=240)["evaluation"]
     assert audit["version_id"] == deployed.id
     assert audit["forget_count"] == len(subject_samples)
     metric_keys = ("FA", "RA", "TA", "MIA")

@@ -1,0 +1,81 @@
+"""The FastAPI application. It reads and writes the database only: no model code is imported here."""
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import OperationalError
+
+from service.api.routes import audit, forget_requests, health
+from service.db import get_engine, session_factory
+from service.forget_requests import RequestValidationProblem
+from service.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    engine = get_engine(settings, "api")
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        engine.dispose()
+
+    app = FastAPI(
+        title="qforget",
+        summary="GDPR Art. 17 erasure requests in, unlearned quantized model versions and their audit out.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.session_factory = session_factory(engine)
+    app.add_exception_handler(RequestValidationProblem, _request_problem)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(OperationalError, _database_unavailable)
+    app.add_exception_handler(Exception, _unexpected_error)
+    app.include_router(forget_requests.router)
+    app.include_router(audit.router)
+    app.include_router(health.router)
+    return app
+
+
+async def _request_problem(_request: Request, exc: RequestValidationProblem) -> JSONResponse:
+    # The same shape as FastAPI's own validation errors, so clients read one format.
+    problem = {"type": exc.error_type, "loc": ["body", exc.field], "msg": exc.message}
+    return JSONResponse(status_code=exc.status_code, content={"detail": [problem]})
+
+
+async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    return JSONResponse(status_code=422, content={"detail": [_readable(error) for error in exc.errors()]})
+
+
+def _readable(error: dict) -> dict:
+    # The shape of every other problem: type, loc, msg. FastAPI's default also echoes the input
+    # back (10,000 ids, say) and says only "JSON decode error" for a malformed body.
+    item = {"type": error["type"], "loc": list(error["loc"]), "msg": error["msg"]}
+    if error["type"] == "json_invalid":
+        reason = error.get("ctx", {}).get("error", "cannot be decoded")
+        item["msg"] = f"the body is not valid JSON: {reason} (at character {item['loc'][-1]})"
+    elif item["loc"] == ["body"] and error["type"] == "model_attributes_type":
+        item["msg"] = "the body must be a JSON object, sent as application/json"
+    return item
+
+
+async def _database_unavailable(request: Request, exc: OperationalError) -> JSONResponse:
+    # Unreachable, locked, a deadlock victim: all worth retrying, none the caller's fault. The
+    # driver's message can name hosts and users, so it goes to the log, not into the response.
+    log.warning("%s %s: database unavailable: %s", request.method, request.url.path, exc.orig or exc)
+    return JSONResponse(
+        status_code=503, content={"detail": "database unavailable, retry later"}, headers={"Retry-After": "5"}
+    )
+
+
+async def _unexpected_error(_request: Request, _exc: Exception) -> JSONResponse:
+    # Starlette logs the traceback and re-raises to the server; the caller gets the usual shape.
+    return JSONResponse(status_code=500, content={"detail": "internal server error"})

@@ -1,0 +1,113 @@
+"""The audit log: every state change appends one entry, hash-chained (DESIGN.md invariant 5).
+
+Each entry's hash covers its predecessor's hash and its own contents, so editing, inserting or
+deleting an entry anywhere but at the end breaks the chain at the first entry after the change.
+(Deleting the newest entries, or rewriting the whole chain, needs the head hash kept elsewhere.)
+
+Appenders must not interleave between reading the newest entry and inserting after it, or two
+entries would share a predecessor. PostgreSQL: an advisory lock held to the end of the
+transaction. SQLite: every transaction already holds the write lock (service.db, BEGIN IMMEDIATE).
+Call `append_audit` in the same transaction as the change it records, as late as possible: the
+lock serialises every appender until that transaction ends.
+"""
+
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from service.models import AuditEntry, as_utc, utcnow
+
+GENESIS_HASH = "0" * 64
+# Any constant will do; every appender takes the same one.
+AUDIT_LOCK_KEY = 0x716F7267_0002
+# The fields an entry's hash covers, in order.
+HASHED_FIELDS = ("prev_hash", "created_at", "actor", "action", "object_type", "object_id", "details")
+
+
+@dataclass(frozen=True)
+class ChainReport:
+    ok: bool
+    entries: int
+    first_broken_id: int | None = None
+    reason: str | None = None
+
+
+def _canonical_json(value) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def _canonical_time(moment: datetime) -> str:
+    # SQLite returns naive UTC, PostgreSQL aware datetimes in the session's time zone: hash the
+    # same UTC text for both, to the microsecond (what both store).
+    return as_utc(moment).astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def entry_hash(
+    *,
+    prev_hash: str,
+    created_at: datetime,
+    actor: str,
+    action: str,
+    object_type: str,
+    object_id: str,
+    details: dict,
+) -> str:
+    """The sha256 an entry with these fields must carry."""
+    # Same order as HASHED_FIELDS.
+    payload = [prev_hash, _canonical_time(created_at), actor, action, object_type, object_id, details]
+    return hashlib.sha256(_canonical_json(payload).encode()).hexdigest()
+
+
+def append_audit(
+    session: Session, *, actor: str, action: str, object_type: str, object_id: str, details: dict
+) -> AuditEntry:
+    """Append an entry to the chain inside the caller's transaction; it commits with the change."""
+    # Hash what will be read back: JSON turns tuples into lists and keys into strings. This also
+    # rejects what JSON cannot hold (datetimes, NaN) here rather than at commit.
+    details = json.loads(json.dumps(details, allow_nan=False))
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(select(func.pg_advisory_xact_lock(AUDIT_LOCK_KEY)))
+    prev_hash = session.scalar(select(AuditEntry.entry_hash).order_by(AuditEntry.id.desc()).limit(1))
+    fields = {
+        "prev_hash": prev_hash or GENESIS_HASH,
+        "created_at": utcnow(),
+        "actor": actor,
+        "action": action,
+        "object_type": object_type,
+        "object_id": object_id,
+        "details": details,
+    }
+    entry = AuditEntry(**fields, entry_hash=entry_hash(**fields))
+    session.add(entry)
+    session.flush()
+    return entry
+
+
+def verify_chain(session: Session) -> ChainReport:
+    """Recompute the chain from the first entry; report the first entry that does not fit."""
+    hashed = [getattr(AuditEntry, name) for name in HASHED_FIELDS]
+    rows = session.execute(
+        select(AuditEntry.id, AuditEntry.entry_hash, *hashed)
+        .order_by(AuditEntry.id)
+        .execution_options(yield_per=1000)
+    )
+    expected_prev = GENESIS_HASH
+    entries = 0
+    broken: tuple[int, str] | None = None
+    for row in rows:
+        entries += 1
+        if broken is not None:
+            continue  # keep counting: `entries` is the size of the whole log
+        if row.prev_hash != expected_prev:
+            broken = (row.id, "prev_hash is not the previous entry's hash: an entry before it was "
+                              "removed, inserted or changed")
+        elif row.entry_hash != entry_hash(**{name: row._mapping[name] for name in HASHED_FIELDS}):
+            broken = (row.id, "entry_hash does not match the entry's contents: the entry was changed")
+        expected_prev = row.entry_hash
+    if broken is None:
+        return ChainReport(ok=True, entries=entries)
+    return ChainReport(ok=False, entries=entries, first_broken_id=broken[0], reason=broken[1])

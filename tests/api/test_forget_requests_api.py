@@ -1,0 +1,236 @@
+"""POST and GET /forget-requests: intake, its validation, and what it writes."""
+
+import uuid
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import NamedTuple
+
+import pytest
+from sqlalchemy import event, insert, select, update
+
+from service.db import transaction
+from service.forget_requests import MAX_SAMPLES_PER_REQUEST
+from service.models import AuditEntry, ForgetRequest, RequestStatus, Sample, SampleStatus, Subject
+
+
+def test_create_then_read(client, seed, engine):
+    alice = seed.samples["alice"]
+    response = client.post("/forget-requests", json={"subject_id": "alice", "sample_ids": [alice[1], alice[0]]})
+    assert response.status_code == 202, response.text
+    created = response.json()
+    assert created["subject_id"] == "alice"
+    assert created["model"] == seed.model
+    assert created["status"] == "pending"
+    assert created["sample_ids"] == sorted(alice[:2])
+    assert created["sample_count"] == 2
+    assert created["batch_id"] is None and created["completed_version_id"] is None
+    assert created["completed_at"] is None and created["error"] is None
+    received_at = datetime.fromisoformat(created["received_at"])
+    assert received_at.utcoffset() == timedelta(0)
+    assert datetime.fromisoformat(created["due_at"]) - received_at == timedelta(days=30)
+
+    read = client.get(f"/forget-requests/{created['id']}")
+    assert read.status_code == 200
+    assert read.json() == created
+
+    with transaction(engine) as session:
+        audit = session.scalars(select(AuditEntry)).one()
+        assert (audit.action, audit.object_type, audit.object_id, audit.actor) == (
+            "request.received", "forget_request", created["id"], "api"
+        )
+        assert audit.details["sample_ids"] == sorted(alice[:2])
+
+
+def test_without_sample_ids_all_active_samples_of_the_subject_are_taken(client, seed, engine):
+    bob = seed.samples["bob"]
+    with transaction(engine) as session:
+        session.execute(update(Sample).where(Sample.id == bob[0]).values(status=SampleStatus.forgotten))
+    response = client.post("/forget-requests", json={"subject_id": "bob"})
+    assert response.status_code == 202, response.text
+    assert response.json()["sample_ids"] == bob[1:]
+
+
+def test_without_sample_ids_samples_already_requested_are_left_out(client, seed):
+    alice = seed.samples["alice"]
+    assert client.post("/forget-requests", json={"subject_id": "alice", "sample_ids": alice[:2]}).status_code == 202
+    response = client.post("/forget-requests", json={"subject_id": "alice"})
+    assert response.status_code == 202, response.text
+    assert response.json()["sample_ids"] == alice[2:]
+
+
+def test_samples_of_a_completed_request_may_be_requested_again_for_the_model(client, seed, engine):
+    # Only open requests block: a completed one whose samples were restored (say, by a rollback)
+    # does not.
+    alice = seed.samples["alice"]
+    first = client.post("/forget-requests", json={"subject_id": "alice", "sample_ids": alice[:1]}).json()
+    with transaction(engine) as session:
+        session.execute(
+            update(ForgetRequest).where(ForgetRequest.id == first["id"]).values(status=RequestStatus.completed)
+        )
+    assert client.post("/forget-requests", json={"subject_id": "alice", "sample_ids": alice[:1]}).status_code == 202
+
+
+def _forget(client, engine, seed) -> None:
+    with transaction(engine) as session:
+        forgotten = update(Sample).where(Sample.id == seed.samples["alice"][1]).values(status=SampleStatus.forgotten)
+        session.execute(forgotten)
+
+
+def _alices_first_sample_in_a_request(status: RequestStatus):
+    def setup(client, engine, seed) -> None:
+        body = {"subject_id": "alice", "sample_ids": seed.samples["alice"][:1]}
+        response = client.post("/forget-requests", json=body)
+        with transaction(engine) as session:
+            session.execute(
+                update(ForgetRequest).where(ForgetRequest.id == response.json()["id"]).values(status=status)
+            )
+
+    return setup
+
+
+def _all_of_carol_requested(client, engine, seed) -> None:
+    client.post("/forget-requests", json={"subject_id": "carol"})
+
+
+class Refused(NamedTuple):
+    body: Callable  # the seed -> the request body
+    loc: list
+    phrase: str  # the message must contain it
+    status: int = 422
+    setup: Callable | None = None  # (client, engine, seed), before the counts are taken
+
+
+def alice(sample_ids: Callable) -> Callable:
+    return lambda seed: {"subject_id": "alice", "sample_ids": sample_ids(seed)}
+
+
+SAMPLE_IDS = ["body", "sample_ids"]
+SUBJECT_ID = ["body", "subject_id"]
+REFUSED = {
+    "unknown-model": Refused(lambda s: {"subject_id": "alice", "model": "nope"}, ["body", "model"], "unknown model"),
+    "unknown-subject": Refused(lambda s: {"subject_id": "zed"}, SUBJECT_ID, "unknown subject"),
+    "unknown-samples": Refused(alice(lambda s: [s.samples["alice"][0], 999_999]), SAMPLE_IDS, "999999"),
+    "another-subjects-samples": Refused(
+        alice(lambda s: [s.samples["alice"][0], s.samples["bob"][2]]), SAMPLE_IDS, "do not belong to subject 'alice'"
+    ),
+    "samples-in-another-data-set": Refused(
+        lambda s: {"subject_id": "dave", "sample_ids": s.other_dataset_samples["dave"]},
+        SAMPLE_IDS,
+        "not in data set 'digits'",
+    ),
+    "forgotten-samples": Refused(
+        alice(lambda s: s.samples["alice"][:2]), SAMPLE_IDS, "already forgotten", setup=_forget
+    ),
+    "in-a-pending-request": Refused(
+        alice(lambda s: s.samples["alice"][:2]), SAMPLE_IDS, "open request", 409,
+        _alices_first_sample_in_a_request(RequestStatus.pending),
+    ),
+    "in-a-batched-request": Refused(
+        alice(lambda s: s.samples["alice"][:2]), SAMPLE_IDS, "open request", 409,
+        _alices_first_sample_in_a_request(RequestStatus.batched),
+    ),
+    "all-samples-in-an-open-request": Refused(
+        lambda s: {"subject_id": "carol"}, SUBJECT_ID, "already in an open request", 409, _all_of_carol_requested
+    ),
+    "duplicates": Refused(alice(lambda s: [s.samples["alice"][0]] * 2), SAMPLE_IDS, "more than once"),
+    "empty-list": Refused(alice(lambda s: []), SAMPLE_IDS, "empty"),
+    "over-the-limit": Refused(
+        alice(lambda s: list(range(1, MAX_SAMPLES_PER_REQUEST + 2))), SAMPLE_IDS, str(MAX_SAMPLES_PER_REQUEST)
+    ),
+    "no-active-samples-in-the-models-data-set": Refused(
+        lambda s: {"subject_id": "dave"}, SUBJECT_ID, "no active samples in data set 'digits'"
+    ),
+    "empty-subject-id": Refused(lambda s: {"subject_id": ""}, SUBJECT_ID, "at least 1"),
+    "long-subject-id": Refused(lambda s: {"subject_id": "x" * 129}, SUBJECT_ID, "at most 128"),
+    "missing-subject-id": Refused(lambda s: {"sample_ids": [1]}, SUBJECT_ID, "required"),
+    "sample-id-zero": Refused(alice(lambda s: [0]), [*SAMPLE_IDS, 0], "greater than or equal to 1"),
+    "sample-id-too-big": Refused(alice(lambda s: [2**63]), [*SAMPLE_IDS, 0], "less than or equal"),
+    # PostgreSQL text cannot hold NUL; unchecked, this is a 500 there.
+    "nul-in-subject-id": Refused(lambda s: {"subject_id": "alice\x00"}, SUBJECT_ID, "pattern"),
+    "unknown-field": Refused(lambda s: {"subject_id": "alice", "reason": "x"}, ["body", "reason"], "Extra inputs"),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED.values(), ids=REFUSED.keys())
+def test_refused_input_names_the_field_and_writes_nothing(client, seed, engine, row_counts, case):
+    if case.setup is not None:
+        case.setup(client, engine, seed)
+    before = row_counts()
+    response = client.post("/forget-requests", json=case.body(seed))
+    assert response.status_code == case.status, response.text
+    problems = response.json()["detail"]
+    assert [problem["loc"] for problem in problems] == [case.loc]
+    assert case.phrase in problems[0]["msg"]
+    assert row_counts() == before
+
+
+def test_a_refused_sample_of_another_subject_does_not_name_that_subject(client, seed):
+    response = client.post("/forget-requests", json={"subject_id": "alice", "sample_ids": seed.samples["bob"][:1]})
+    assert response.status_code == 422
+    assert "bob" not in response.text
+
+
+@pytest.mark.parametrize(
+    ("content", "content_type", "phrase"),
+    [
+        (b'{"subject_id": ', "application/json", "not valid JSON"),
+        (b'["alice"]', "application/json", "must be a JSON object"),
+        (b"subject_id=alice", "application/x-www-form-urlencoded", "must be a JSON object"),
+    ],
+    ids=["truncated-json", "json-array", "form-encoded"],
+)
+def test_a_malformed_body_is_a_clear_422(client, seed, row_counts, content, content_type, phrase):
+    before = row_counts()
+    response = client.post("/forget-requests", content=content, headers={"content-type": content_type})
+    assert response.status_code == 422
+    problem = response.json()["detail"][0]
+    assert problem["loc"][0] == "body" and phrase in problem["msg"]
+    assert row_counts() == before
+
+
+def test_a_body_that_is_not_utf8_is_a_400(client, seed, row_counts):
+    before = row_counts()
+    response = client.post(
+        "/forget-requests", content=b'{"subject_id": "\xe9"}', headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400
+    assert response.json() == {"detail": "There was an error parsing the body"}
+    assert row_counts() == before
+
+
+def test_a_request_id_that_cannot_be_one_is_422(client, seed):
+    assert client.get("/forget-requests/a%00b").status_code == 422
+    assert client.get(f"/forget-requests/{'x' * 37}").status_code == 422
+
+
+def test_an_unknown_request_id_is_404_naming_it(client, seed):
+    unknown = str(uuid.uuid4())
+    response = client.get(f"/forget-requests/{unknown}")
+    assert response.status_code == 404
+    assert response.json() == {"detail": f"forget request {unknown!r} not found"}
+
+
+def test_intake_runs_the_same_statements_for_5_or_500_samples(client, seed, engine):
+    with transaction(engine) as session:
+        session.execute(insert(Subject), [{"id": "zoe"}])
+        session.execute(
+            insert(Sample), [{"dataset": "digits", "dataset_index": 1000 + i, "subject_id": "zoe"} for i in range(505)]
+        )
+        zoe = list(session.scalars(select(Sample.id).where(Sample.subject_id == "zoe").order_by(Sample.id)))
+    statements: list[str] = []
+
+    def count(conn, cursor, statement, parameters, context, executemany):
+        statements.append(statement)
+
+    api_engine = client.app.state.engine
+    event.listen(api_engine, "before_cursor_execute", count)
+    try:
+        assert client.post("/forget-requests", json={"subject_id": "zoe", "sample_ids": zoe[:5]}).status_code == 202
+        small = len(statements)
+        statements.clear()
+        assert client.post("/forget-requests", json={"subject_id": "zoe", "sample_ids": zoe[5:]}).status_code == 202
+        large = len(statements)
+    finally:
+        event.remove(api_engine, "before_cursor_execute", count)
+    assert large == small, statements
+    assert large <= 12, statements

@@ -1,0 +1,212 @@
+"""Fixtures shared by every test directory: migrated databases, seed data, an API client.
+
+Databases are built by the real migrations (service.migrate.upgrade_database), never by
+metadata.create_all, so every run also tests the migrations.
+
+- `database_url` (function; parametrised, ids "sqlite" and "postgresql"): the URL of an empty
+  database at the newest migration. A test that takes it runs once per backend.
+  SQLite: a fresh file in the test's tmp_path (a copy of one migrated per session).
+  PostgreSQL: one database per test session, `qforget_t_<random>`, created through
+  QFORGET_TEST_POSTGRES_URL (default postgresql+psycopg://postgres@127.0.0.1:5432/test), emptied
+  after each test (TRUNCATE), dropped at the end. Tests that use it commit for real, as the API
+  and the workers do; nothing is hidden in a rolled-back outer transaction.
+- `postgres_admin` (session): an AUTOCOMMIT engine on that admin database. PostgreSQL tests are
+  skipped, saying why, when the server cannot be reached; under CI=true they fail instead.
+- `postgres_url` (session): the migrated per-session PostgreSQL database, for PostgreSQL-only tests
+  (each such test must leave it empty, or use `database_url`).
+- `empty_postgres_url` (function): a brand-new PostgreSQL database with no schema, dropped after the
+  test (migration tests).
+- `engine` (function): service.db.make_engine(database_url, "test"), disposed after the test.
+- `settings` (function): Settings on `database_url` with data_dir under tmp_path; no .env read.
+- `seed` (function): inserts the model "digits-cnn-4bit" (data set "digits") with a deployed
+  original version and subjects with active samples; returns a `Seed` (see below).
+- `row_counts` (function): a callable returning {table name: row count} for every table.
+- `client` (function): a fastapi TestClient on service.api.app.create_app(settings), lifespan run.
+"""
+
+import os
+import secrets
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import Engine, create_engine, func, insert, make_url, select, text
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.pool import NullPool
+
+from service.db import make_engine, transaction
+from service.migrate import upgrade_database
+from service.models import Base, Model, ModelVersion, Sample, Subject, VersionKind
+from service.settings import Settings
+
+POSTGRES_ADMIN_URL = os.environ.get(
+    "QFORGET_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+
+
+@dataclass(frozen=True)
+class Seed:
+    """What the `seed` fixture inserted. All samples are active; sample ids ascend per subject."""
+
+    model: str  # "digits-cnn-4bit", data set "digits"
+    dataset: str
+    version_id: int  # the deployed original version
+    samples: dict[str, list[int]]  # subject id -> its sample ids in "digits"
+    other_dataset_samples: dict[str, list[int]]  # subject id -> its sample ids in another data set
+
+
+# Subjects and how many samples each owns in "digits"; "dave" owns samples only in "fashion".
+SEED_SUBJECTS = {"alice": 6, "bob": 6, "carol": 3}
+SEED_OTHER_DATASET = {"dave": 2}
+
+
+@pytest.fixture(scope="session")
+def postgres_admin() -> Iterator[Engine]:
+    admin = create_engine(
+        POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT", poolclass=NullPool, connect_args={"connect_timeout": 5}
+    )
+    try:
+        with admin.connect():
+            pass
+    except OperationalError as exc:
+        where = make_url(POSTGRES_ADMIN_URL).render_as_string(hide_password=True)
+        message = f"PostgreSQL at {where} (QFORGET_TEST_POSTGRES_URL) is unreachable: {exc.orig}"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    yield admin
+    admin.dispose()
+
+
+def _create_database(admin: Engine) -> str:
+    name = f"qforget_t_{secrets.token_hex(6)}"
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    return make_url(POSTGRES_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+
+
+def _drop_database(admin: Engine, url: str) -> None:
+    with admin.connect() as connection:
+        # FORCE: pooled connections of engines the code under test cached are closed too.
+        connection.execute(text(f'DROP DATABASE IF EXISTS "{make_url(url).database}" WITH (FORCE)'))
+
+
+@pytest.fixture(scope="session")
+def postgres_url(postgres_admin: Engine) -> Iterator[str]:
+    url = _create_database(postgres_admin)
+    try:
+        upgrade_database(url)
+        yield url
+    finally:
+        _drop_database(postgres_admin, url)
+
+
+@pytest.fixture
+def empty_postgres_url(postgres_admin: Engine) -> Iterator[str]:
+    url = _create_database(postgres_admin)
+    yield url
+    _drop_database(postgres_admin, url)
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> str:
+    path = tmp_path_factory.mktemp("sqlite-template") / "qforget.db"
+    upgrade_database(f"sqlite:///{path}")
+    return str(path)
+
+
+def _empty_postgres(url: str) -> None:
+    engine = create_engine(url, poolclass=NullPool)
+    tables = ", ".join(table.name for table in Base.metadata.sorted_tables)
+    with engine.begin() as connection:
+        # A test that leaves a transaction open would otherwise hang the whole run here.
+        connection.execute(text("SET LOCAL lock_timeout = '10s'"))
+        # Test data need not survive a crash: do not wait for the WAL flush.
+        connection.execute(text("SET LOCAL synchronous_commit = off"))
+        connection.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+    engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path) -> Iterator[str]:
+    if request.param == "sqlite":
+        path = tmp_path / "qforget.db"
+        shutil.copyfile(request.getfixturevalue("sqlite_template"), path)
+        yield f"sqlite:///{path}"
+    else:
+        url = request.getfixturevalue("postgres_url")
+        yield url
+        _empty_postgres(url)
+
+
+@pytest.fixture
+def engine(database_url: str) -> Iterator[Engine]:
+    engine = make_engine(database_url, "test")
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def settings(database_url: str, tmp_path) -> Settings:
+    return Settings(database_url=database_url, data_dir=tmp_path / "var", _env_file=None)
+
+
+@pytest.fixture
+def seed(engine: Engine) -> Seed:
+    with transaction(engine) as session:
+        session.add(Model(name="digits-cnn-4bit", dataset="digits", spec={"architecture": "test"}))
+        session.flush()
+        version = ModelVersion(
+            model_name="digits-cnn-4bit",
+            kind=VersionKind.original,
+            method="qat",
+            config={},
+            metrics={},
+            sha256="0" * 64,
+            artifact_path="/nonexistent/original.pt",
+            excluded_sample_ids=[],
+        )
+        session.add(version)
+        session.flush()
+        session.get(Model, "digits-cnn-4bit").deployed_version_id = version.id
+        session.execute(insert(Subject), [{"id": s} for s in [*SEED_SUBJECTS, *SEED_OTHER_DATASET]])
+        rows, index = [], 0
+        for dataset, subjects in (("digits", SEED_SUBJECTS), ("fashion", SEED_OTHER_DATASET)):
+            for subject, count in subjects.items():
+                rows += [{"dataset": dataset, "dataset_index": index + i, "subject_id": subject} for i in range(count)]
+                index += count
+        session.execute(insert(Sample), rows)
+        owned = session.execute(select(Sample.subject_id, Sample.dataset, Sample.id).order_by(Sample.id)).all()
+    by_dataset: dict[str, dict[str, list[int]]] = {"digits": {}, "fashion": {}}
+    for subject, dataset, sample_id in owned:
+        by_dataset[dataset].setdefault(subject, []).append(sample_id)
+    return Seed(
+        model="digits-cnn-4bit",
+        dataset="digits",
+        version_id=version.id,
+        samples=by_dataset["digits"],
+        other_dataset_samples=by_dataset["fashion"],
+    )
+
+
+@pytest.fixture
+def row_counts(engine: Engine) -> Callable[[], dict[str, int]]:
+    def counts() -> dict[str, int]:
+        with engine.connect() as connection:
+            return {
+                table.name: connection.scalar(select(func.count()).select_from(table))
+                for table in Base.metadata.sorted_tables
+            }
+
+    return counts
+
+
+@pytest.fixture
+def client(settings: Settings) -> Iterator[TestClient]:
+    # Imported here so that a broken API cannot stop the engine's tests from being collected.
+    from service.api.app import create_app
+
+    with TestClient(create_app(settings)) as client:
+        yield client
