@@ -1,0 +1,50 @@
+import hashlib
+
+import pytest
+import torch
+
+from workers.engine import load_artifact, predict_probs, save_artifact
+from workers.engine.quantization import LsqPlusQuantizer
+
+
+@pytest.fixture
+def spec(small_spec):
+    return {"model": small_spec.model_kwargs(), "dataset": "digits", "note": [1, 2.5, None]}
+
+
+def test_round_trip_gives_the_same_model(small_model, spec, digits, tmp_path):
+    path, sha256 = save_artifact(small_model, spec, tmp_path)
+    assert path == tmp_path / f"{sha256}.pt"
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == sha256
+    assert list(tmp_path.iterdir()) == [path]  # no temp file left behind
+
+    loaded, loaded_spec = load_artifact(path, expected_sha256=sha256)
+    assert loaded_spec == spec
+    assert torch.equal(predict_probs(loaded, digits.test.x), predict_probs(small_model, digits.test.x))
+    quantizers = [m for m in loaded.modules() if isinstance(m, LsqPlusQuantizer)]
+    assert quantizers and all(q.initialized for q in quantizers)
+
+
+def test_saving_is_content_addressed(small_model, spec, tmp_path):
+    first = save_artifact(small_model, spec, tmp_path)
+    assert save_artifact(small_model, spec, tmp_path) == first
+    other = save_artifact(small_model, {**spec, "dataset": "other"}, tmp_path)
+    assert other[1] != first[1]
+
+
+def test_tampered_or_unexpected_artifacts_are_rejected(small_model, spec, tmp_path):
+    path, sha256 = save_artifact(small_model, spec, tmp_path)
+    with pytest.raises(ValueError, match="sha256"):
+        load_artifact(path, expected_sha256="0" * 64)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="sha256"):
+        load_artifact(path)  # checked against the file name
+    with pytest.raises(ValueError, match="sha256"):
+        load_artifact(path, expected_sha256=sha256)
+
+
+def test_spec_must_say_how_to_rebuild_the_model(small_model, tmp_path):
+    with pytest.raises(ValueError, match="model"):
+        save_artifact(small_model, {"dataset": "digits"}, tmp_path)

@@ -1,0 +1,52 @@
+import numpy as np
+import pytest
+import torch
+
+from workers.engine import ModelSpec, Split, TrainConfig, accuracy, evaluate, gaps, mia_efficacy
+from workers.engine import train_model
+from workers.engine.metrics import mia_from_confidences
+
+
+def test_mia_attack_on_separable_confidences():
+    rng = np.random.default_rng(0)
+    members = rng.uniform(0.95, 1.0, (200, 1))
+    non_members = rng.uniform(0.1, 0.5, (150, 1))
+    assert mia_from_confidences(members, non_members, rng.uniform(0.1, 0.5, (40, 1))) == 100.0
+    assert mia_from_confidences(members, non_members, rng.uniform(0.95, 1.0, (40, 1))) == 0.0
+    with pytest.raises(ValueError):
+        mia_from_confidences(members, non_members, np.empty((0, 1)))
+
+
+@pytest.fixture(scope="module")
+def memorised(digits):
+    """A model that memorised 100 samples with shuffled labels: pure membership signal."""
+    labels = torch.randint(0, 10, (100,), generator=torch.Generator().manual_seed(0))
+    members = Split(digits.train.x[:100], labels)
+    model = train_model(ModelSpec().build(), members, TrainConfig(epochs=30), progress=False)
+    return model, members
+
+
+def test_mia_efficacy_separates_unseen_from_memorised_samples(memorised, digits):
+    model, members = memorised
+    assert accuracy(model, members) >= 95.0
+    unseen = digits.train.subset(range(100, 300))
+    on_unseen = mia_efficacy(model, members, digits.test, unseen)
+    on_members = mia_efficacy(model, members, digits.test, members)
+    assert 0.0 <= on_members <= 100.0 and 0.0 <= on_unseen <= 100.0
+    assert on_unseen >= 80.0
+    assert on_members <= 20.0
+
+
+def test_evaluate_reports_accuracies_and_mia(small_model, small_train, digits):
+    forget, retain = small_train.subset(range(40)), small_train.subset(range(40, 400))
+    metrics = evaluate(small_model, forget, retain, digits.test)
+    assert set(metrics) == {"FA", "RA", "TA", "MIA"}
+    assert metrics["FA"] == pytest.approx(accuracy(small_model, forget))
+    assert metrics["TA"] == pytest.approx(accuracy(small_model, digits.test))
+    assert metrics["MIA"] == mia_efficacy(small_model, retain, digits.test, forget)
+
+
+def test_gaps_and_average_gap():
+    metrics = {"FA": 90.0, "RA": 99.0, "TA": 95.0, "MIA": 10.0}
+    reference = {"FA": 94.0, "RA": 100.0, "TA": 96.0, "MIA": 14.0}
+    assert gaps(metrics, reference) == {"FA": 4.0, "RA": 1.0, "TA": 1.0, "MIA": 4.0, "AG": 2.5}

@@ -1,0 +1,64 @@
+"""Recipes: how the original model and the retrain reference are made from a ModelSpec.
+
+Both use the same recipe (QAT from scratch, same seed): the original on the whole train split,
+the retrain reference on the retain set only. The reference is what a perfect unlearning would
+give, so the gaps to it measure an unlearning method.
+"""
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from .data import DatasetSplits, Split, dataset_info
+from .models import build_model
+from .training import TrainConfig, train_model
+
+
+@dataclass
+class ModelSpec:
+    architecture: str = "digits-cnn"
+    dataset: str = "digits"
+    weight_bits: int = 4
+    act_bits: int = 4
+    quantizer: str = "lsq+"
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelSpec":
+        return cls(**{**data, "train": TrainConfig(**data.get("train", {}))})
+
+    def model_kwargs(self) -> dict:
+        """The build_model arguments (an artifact's spec["model"])."""
+        info = dataset_info(self.dataset)
+        return {
+            "architecture": self.architecture,
+            "num_classes": info.num_classes,
+            "in_channels": info.in_channels,
+            "weight_bits": self.weight_bits,
+            "act_bits": self.act_bits,
+            "quantizer": self.quantizer,
+        }
+
+    def build(self) -> nn.Module:
+        """A fresh model whose initial weights depend only on the seed (global RNG untouched)."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.train.seed)
+            return build_model(**self.model_kwargs())
+
+
+def train_original(
+    spec: ModelSpec, data: DatasetSplits, device: str | torch.device = "cpu", progress: bool = True
+) -> nn.Module:
+    """QAT from scratch on the whole train split."""
+    return train_model(spec.build(), data.train, spec.train, device, progress, desc="original")
+
+
+def retrain_reference(
+    spec: ModelSpec, retain: Split, device: str | torch.device = "cpu", progress: bool = True
+) -> nn.Module:
+    """The same recipe from scratch on the retain set only: the gold standard of unlearning."""
+    return train_model(spec.build(), retain, spec.train, device, progress, desc="retrain")
