@@ -9,7 +9,19 @@ is a version of kind "reference", trained from scratch without the forgotten sam
 import enum
 from datetime import datetime, timezone
 
-from sqlalchemy import JSON, DateTime, Enum, ForeignKey, Index, Integer, MetaData, String, Text, text
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Enum,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    SmallInteger,
+    String,
+    Text,
+    text,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -59,14 +71,25 @@ class RequestStatus(str, enum.Enum):
 
 class BatchStatus(str, enum.Enum):
     running = "running"
+    held = "held"  # the quality gate refused its version: waits for an admin to approve or retry
     completed = "completed"
-    failed = "failed"
+    failed = "failed"  # gave up after the last attempt; its requests went back to pending
+    discarded = "discarded"  # an admin refused a held batch; its requests went back to pending
 
 
 class VersionKind(str, enum.Enum):
     original = "original"
     unlearned = "unlearned"
     reference = "reference"
+
+
+class Role(str, enum.Enum):
+    """What an API key may do. submitter: file and read forget requests; auditor: read everything;
+    admin: everything (models, samples, keys)."""
+
+    submitter = "submitter"
+    auditor = "auditor"
+    admin = "admin"
 
 
 class Subject(Base):
@@ -106,6 +129,9 @@ class Model(Base):
     deployed_version_id: Mapped[int | None] = mapped_column(
         ForeignKey("model_versions.id", use_alter=True, name="fk_models_deployed_version")
     )
+    # Q-MUL settings an admin chose for this model's next runs (e.g. after a held batch);
+    # None: the service-wide settings.
+    unlearn_config: Mapped[dict | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -129,6 +155,8 @@ class ModelVersion(Base):
     # The sample ids this version was made without (all forgotten samples at its creation).
     excluded_sample_ids: Mapped[list] = mapped_column(default=list)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Set when the retention policy deleted the artifact file (the row and its lineage stay).
+    artifact_deleted_at: Mapped[datetime | None]
 
 
 class Batch(Base):
@@ -158,6 +186,7 @@ class Batch(Base):
     lease_expires_at: Mapped[datetime | None]
     attempts: Mapped[int] = mapped_column(default=1)
     error: Mapped[str | None] = mapped_column(Text)
+    hold_reason: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None]
 
@@ -166,7 +195,12 @@ class Batch(Base):
 
 class ForgetRequest(Base):
     __tablename__ = "forget_requests"
-    __table_args__ = (Index("ix_forget_requests_model_status", "model_name", "status"),)
+    # For GET /forget-requests: model (and status), status alone, or a time window, newest first.
+    __table_args__ = (
+        Index("ix_forget_requests_model_status", "model_name", "status"),
+        Index("ix_forget_requests_status_received_at", "status", "received_at"),
+        Index("ix_forget_requests_received_at", "received_at"),
+    )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     subject_id: Mapped[str] = mapped_column(ForeignKey("subjects.id"), index=True)
@@ -211,6 +245,11 @@ class AuditEntry(Base):
     """An append-only, hash-chained record of a state change."""
 
     __tablename__ = "audit_log"
+    # For GET /audit/log's filters.
+    __table_args__ = (
+        Index("ix_audit_log_action", "action"),
+        Index("ix_audit_log_object", "object_type", "object_id"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -221,3 +260,40 @@ class AuditEntry(Base):
     details: Mapped[dict] = mapped_column(default=dict)
     prev_hash: Mapped[str] = mapped_column(String(64))
     entry_hash: Mapped[str] = mapped_column(String(64), unique=True)
+
+
+class ApiKey(Base):
+    """A caller's credential. Only the key's sha256 is stored; `prefix` is its public, unique part,
+    used to find the row and to name the caller (audit actor "key:<prefix>")."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    prefix: Mapped[str] = mapped_column(String(16), unique=True)
+    key_hash: Mapped[str] = mapped_column(String(64))
+    name: Mapped[str] = mapped_column(String(128))
+    role: Mapped[Role] = mapped_column(_enum(Role))
+    # A submitter key may be limited to one model: it files and reads that model's requests only.
+    model_name: Mapped[str | None] = mapped_column(ForeignKey("models.name"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_by: Mapped[str] = mapped_column(String(128))
+    revoked_at: Mapped[datetime | None]
+    revoked_by: Mapped[str | None] = mapped_column(String(128))
+
+
+class IdempotencyRecord(Base):
+    """The first response to a POST sent with an `Idempotency-Key`, replayed to its retries.
+
+    Keys are scoped to the API key that sent them; `fingerprint` is the sha256 of the request body
+    as parsed, so a retry with a different body is told so instead of being given the old answer.
+    """
+
+    __tablename__ = "idempotency_keys"
+
+    api_key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id"), primary_key=True)
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    status_code: Mapped[int] = mapped_column(SmallInteger)
+    response_body: Mapped[dict]
+    forget_request_id: Mapped[str | None] = mapped_column(ForeignKey("forget_requests.id"), index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

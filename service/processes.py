@@ -1,5 +1,7 @@
 """Child qforget processes (api, worker, scheduler) started with one environment, logged to files."""
 
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -7,18 +9,25 @@ from pathlib import Path
 
 
 class Processes:
-    """Processes started with `python -m service.cli <args>`; `stop` ends them all."""
+    """Processes started with `python -m service.cli <args>`; `stop` ends them all.
+
+    Each child leads its own process group, so that `kill` takes a Celery worker down together
+    with its pool processes, as a crashed machine would.
+    """
 
     def __init__(self, env: dict, log_dir: Path):
-        self.env, self.log_dir, self.children = env, log_dir, []
+        self.env, self.log_dir, self.children = env, log_dir, {}
 
-    def start(self, name: str, *args: str) -> None:
-        log_file = open(self.log_dir / f"{name}.log", "w")
+    def start(self, name: str, *args: str) -> subprocess.Popen:
+        log_file = open(self.log_dir / f"{name}.log", "a")
         command = [sys.executable, "-m", "service.cli", *args]
-        self.children.append((name, subprocess.Popen(command, env=self.env, stdout=log_file, stderr=subprocess.STDOUT)))
+        process = subprocess.Popen(command, env=self.env, stdout=log_file, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+        self.children[name] = process
+        return process
 
     def check_alive(self) -> None:
-        for name, process in self.children:
+        for name, process in self.children.items():
             if process.poll() is not None:
                 raise RuntimeError(f"the {name} process exited ({process.returncode}); see {self.log_dir / name}.log")
 
@@ -33,11 +42,21 @@ class Processes:
             time.sleep(interval)
         raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}; logs in {self.log_dir}")
 
+    def kill(self, name: str) -> None:
+        """SIGKILL the child and everything in its process group, and forget it."""
+        process = self.children.pop(name)
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        process.wait()
+
     def stop(self) -> None:
-        for _, process in self.children:
+        for process in self.children.values():
             process.terminate()
-        for _, process in self.children:
+        for name in list(self.children):
             try:
-                process.wait(timeout=20)
+                self.children[name].wait(timeout=20)
             except subprocess.TimeoutExpired:
-                process.kill()
+                pass
+            self.kill(name)

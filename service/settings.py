@@ -25,7 +25,7 @@ class Settings(BaseSettings):
 
     # The model a request targets when it names none; bootstrap registers it.
     default_model: str = "digits-cnn-4bit"
-    device: str = "cpu"
+    device: str = "auto"  # "auto": CUDA when present, else the CPU
     torch_threads: int = 0  # 0 leaves torch's own choice
 
     # Q-MUL run parameters the worker uses (the engine's QMulConfig defaults otherwise).
@@ -44,12 +44,25 @@ class Settings(BaseSettings):
     scheduler_interval_seconds: float = 5.0
     lease_seconds: int = 900
     max_attempts: int = 3
+    # After a failed attempt the batch waits retry_backoff_seconds * 2^(attempt-1) before the next;
+    # after the last attempt its model gets no new batch for failed_batch_cooldown_seconds.
+    retry_backoff_seconds: float = 30.0
+    failed_batch_cooldown_seconds: float = 3600.0
+
+    # Quality gate: a new version whose test accuracy fell more than this many points below its
+    # parent's is held for review instead of deployed.
+    quality_gate_max_ta_drop: float = 5.0
+    # Artifacts of versions that still carry forgotten samples are deleted this long after the
+    # deployment forgot them (kept meanwhile for audit evidence); the deployed one never is.
+    artifact_retention_hours: float = 24.0
 
     # GDPR Art. 12(3): one month to act on a request.
     deadline_days: int = 30
 
     api_host: str = "127.0.0.1"
     api_port: int = 8000
+    # Request bodies larger than this are refused with 413 (service/api/body_limit.py).
+    api_max_body_bytes: int = 1 << 20
 
     @model_validator(mode="after")
     def _fill_embedded_defaults(self) -> "Settings":
@@ -62,6 +75,14 @@ class Settings(BaseSettings):
         if self.environment == "production" and self.database_url.startswith("sqlite"):
             raise ValueError("QFORGET_DATABASE_URL: production needs a server database, not SQLite")
         return self
+
+    @property
+    def torch_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch  # only the processes that train ask for it
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
 
     @property
     def broker_folder(self) -> Path:

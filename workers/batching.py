@@ -54,14 +54,21 @@ def pending_stats(connection: Connection) -> list[PendingStats]:
 
 
 def due_models(connection: Connection, policies: dict[str, BatchPolicy], default: BatchPolicy,
-               now: datetime) -> list[str]:
+               now: datetime, failed_cooldown: timedelta) -> list[str]:
     """Models to wake a worker for: due pending work, or a running batch whose lease expired."""
     deployed = set(connection.scalars(select(Model.name).where(Model.deployed_version_id.is_not(None))))
     leases = {name: as_utc(expires) for name, expires in connection.execute(
         select(Batch.model_name, Batch.lease_expires_at).where(Batch.status == BatchStatus.running))}
     due = {name for name, expires in leases.items() if expires <= now}
+    # No new batch while a run is alive (new requests wait for the next batch), while a held batch
+    # waits for review, or for a while after a batch failed for good (it would likely fail again).
+    blocked = set(leases) | set(connection.scalars(
+        select(Batch.model_name).where(
+            (Batch.status == BatchStatus.held)
+            | ((Batch.status == BatchStatus.failed) & (Batch.finished_at > now - failed_cooldown))
+        )
+    ))
     for stats in pending_stats(connection):
-        # While a run is alive its model's new requests wait for the next batch.
-        if stats.model_name not in leases and is_due(stats, policies.get(stats.model_name, default), now):
+        if stats.model_name not in blocked and is_due(stats, policies.get(stats.model_name, default), now):
             due.add(stats.model_name)
     return sorted(due & deployed)

@@ -47,10 +47,10 @@ def bootstrap(
             return existing.deployed_version_id
 
     data = load_data(spec.dataset)
-    network = qf.train_original(spec, data, device=settings.device, progress=progress)
+    network = qf.train_original(spec, data, device=settings.torch_device, progress=progress)
     metrics = {
-        "train_accuracy": qf.accuracy(network, data.train, settings.device),
-        "test_accuracy": qf.accuracy(network, data.test, settings.device),
+        "train_accuracy": qf.accuracy(network, data.train, settings.torch_device),
+        "TA": qf.accuracy(network, data.test, settings.torch_device),
     }
     path, sha256 = qf.save_artifact(network, artifact_spec(spec, data), Path(settings.model_store))
 

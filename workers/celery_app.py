@@ -20,9 +20,12 @@ REFERENCE_TASK = "qforget.train_reference"
 def broker_transport_options(settings: Settings) -> dict:
     if settings.broker_url.startswith("filesystem://"):
         # kombu's filesystem transport: producers and consumers share one folder of messages.
-        queue_folder = settings.broker_folder / "queue"
-        queue_folder.mkdir(parents=True, exist_ok=True)
-        return {"data_folder_in": str(queue_folder), "data_folder_out": str(queue_folder)}
+        # Its control folder (queue bindings) defaults to the working directory: keep it beside.
+        queue_folder, control_folder = settings.broker_folder / "queue", settings.broker_folder / "control"
+        for folder in (queue_folder, control_folder):
+            folder.mkdir(parents=True, exist_ok=True)
+        return {"data_folder_in": str(queue_folder), "data_folder_out": str(queue_folder),
+                "control_folder": str(control_folder)}
     # Redis redelivers an unacknowledged message after the visibility timeout: it must outlast
     # the longest run, or a healthy long run would be started a second time.
     return {"visibility_timeout": max(3600, 4 * settings.lease_seconds)}

@@ -5,6 +5,7 @@ sends dispatches, never loads it.
 """
 
 import logging
+from datetime import timedelta
 
 from service.db import get_engine
 from service.models import utcnow
@@ -32,7 +33,8 @@ def dispatch() -> list[str]:
     policies = {name: BatchPolicy(**{**default.model_dump(), **overrides})
                 for name, overrides in settings.batch_policies.items()}
     with get_engine(settings, "scheduler").connect() as connection:
-        due = due_models(connection, policies, default, utcnow())
+        due = due_models(connection, policies, default, utcnow(),
+                         timedelta(seconds=settings.failed_batch_cooldown_seconds))
     for model_name in due:
         run_unlearning.delay(model_name)
     return due
@@ -50,8 +52,14 @@ def run_unlearning(model_name: str) -> int | None:
     if claimed is None:
         return None
     log.info("batch %s claimed for model %s", claimed.batch_id, model_name)
-    version_id = unlearning_runs.run_batch(engine, settings, claimed)
-    log.info("batch %s deployed version %s", claimed.batch_id, version_id)
+    try:
+        version_id = unlearning_runs.run_batch(engine, settings, claimed)
+    except Exception as error:  # recorded on the batch; the scheduler retries it after a backoff
+        log.exception("batch %s failed", claimed.batch_id)
+        unlearning_runs.record_failure(engine, settings, claimed, error)
+        return None
+    log.info("batch %s finished: deployed version %s", claimed.batch_id, version_id)
+    unlearning_runs.prune_artifacts(engine, settings, model_name)
     return version_id
 
 

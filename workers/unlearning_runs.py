@@ -24,6 +24,7 @@ from sqlalchemy import Engine, select, update
 
 from service.audit_log import append_audit
 from service.db import transaction
+from service.deployments import deploy_version
 from service.models import (
     Batch,
     BatchStatus,
@@ -83,9 +84,13 @@ def claim_batch(engine: Engine, settings: Settings, model_name: str) -> ClaimedB
             return None  # unknown, not yet bootstrapped, or another worker is claiming right now
         now = utcnow()
         lease_until = now + timedelta(seconds=settings.lease_seconds)
-        running = session.scalars(
-            select(Batch).where(Batch.model_name == model_name, Batch.status == BatchStatus.running)
+        open_batch = session.scalars(
+            select(Batch).where(Batch.model_name == model_name,
+                                Batch.status.in_([BatchStatus.running, BatchStatus.held]))
         ).first()
+        if open_batch is not None and open_batch.status == BatchStatus.held:
+            return None  # waits for an admin: a new run would race the held version's review
+        running = open_batch
         if running is not None:
             if as_utc(running.lease_expires_at) > now:
                 return None  # alive on another worker: one run per model at a time
@@ -198,6 +203,7 @@ def run_batch(engine: Engine, settings: Settings, claimed: ClaimedBatch, progres
             .order_by(Sample.dataset_index)
         ).all()
         spec = qf.ModelSpec.from_dict(model.spec)
+        config = unlearn_config(settings, model)
         parent_path, parent_sha256 = parent.artifact_path, parent.sha256
     forget_indices = sorted({row.dataset_index for row in forget_rows})
 
@@ -205,33 +211,38 @@ def run_batch(engine: Engine, settings: Settings, claimed: ClaimedBatch, progres
     keeper.start()
     try:
         data = load_data(spec.dataset)
-        network, _ = qf.load_artifact(Path(parent_path), parent_sha256, device=settings.device)
+        network, _ = qf.load_artifact(Path(parent_path), parent_sha256, device=settings.torch_device)
         forget, retain = data.train.subset(forget_indices), data.train.subset(retain_indices)
-        config = qf.QMulConfig(epochs=settings.unlearn_epochs, lr=settings.unlearn_lr)
         log.info("batch %s: Q-MUL on %d forget / %d retain samples", claimed.batch_id, len(forget), len(retain))
-        result = qf.qmul_unlearn(network, forget, retain, config, device=settings.device, progress=progress)
-        metrics = qf.evaluate(result.model, forget, retain, data.test, device=settings.device)
+        result = qf.qmul_unlearn(network, forget, retain, config, device=settings.torch_device, progress=progress)
+        metrics = qf.evaluate(result.model, forget, retain, data.test, device=settings.torch_device)
         path, sha256 = qf.save_artifact(result.model, artifact_spec(spec, data), Path(settings.model_store))
     finally:
         keeper.stop()
     if keeper.lost:
         log.warning("batch %s: lease lost during the run; another worker owns it now", claimed.batch_id)
         return None
-    return _deploy(engine, claimed, forget_ids, path, sha256, config, metrics, result.history)
+    return _record_result(engine, settings, claimed, forget_ids, path, sha256, config, metrics, result.history)
 
 
-def _deploy(engine, claimed, forget_ids, path, sha256, config, metrics, history) -> int | None:
-    """One transaction: new version, deployment pointer, completed requests, forgotten samples."""
+def unlearn_config(settings: Settings, model: Model) -> qf.QMulConfig:
+    """The service-wide Q-MUL settings, overridden by what an admin set for this model."""
+    return qf.QMulConfig(**{"epochs": settings.unlearn_epochs, "lr": settings.unlearn_lr,
+                            **(model.unlearn_config or {})})
+
+
+def _record_result(engine, settings, claimed, forget_ids, path, sha256, config, metrics, history) -> int | None:
+    """One transaction: the new version, then either its deployment or a hold by the quality gate."""
     actor = f"worker:{WORKER_ID}"
     with transaction(engine) as session:
         batch = session.get(Batch, claimed.batch_id, with_for_update=True)
         if batch.status != BatchStatus.running or batch.lease_owner != WORKER_ID:
             return None  # already deployed by this batch's run, or taken over: deploy nothing
         model = session.get(Model, claimed.model_name, with_for_update=True)
+        parent = session.get(ModelVersion, batch.parent_version_id)
         previously_forgotten = session.scalars(
             select(Sample.id).where(Sample.dataset == model.dataset, Sample.status == SampleStatus.forgotten)
         ).all()
-        now = utcnow()
         version = ModelVersion(
             model_name=model.name,
             kind=VersionKind.unlearned,
@@ -246,33 +257,66 @@ def _deploy(engine, claimed, forget_ids, path, sha256, config, metrics, history)
         )
         session.add(version)
         session.flush()
-        model.deployed_version_id = version.id
-        session.execute(
-            update(Sample)
-            .where(Sample.id.in_(forget_ids))
-            .values(status=SampleStatus.forgotten, forgotten_at=now, forgotten_by_version_id=version.id)
-        )
-        request_ids = session.scalars(select(ForgetRequest.id).where(ForgetRequest.batch_id == batch.id)).all()
-        session.execute(
-            update(ForgetRequest)
-            .where(ForgetRequest.batch_id == batch.id)
-            .values(status=RequestStatus.completed, completed_version_id=version.id, completed_at=now, error=None)
-        )
-        batch.status = BatchStatus.completed
         batch.result_version_id = version.id
-        batch.finished_at = now
-        append_audit(session, actor=actor, action="model.deployed", object_type="model_version",
-                     object_id=str(version.id),
-                     details={"model": model.name, "parent_version_id": batch.parent_version_id,
-                              "batch_id": batch.id, "sha256": sha256, "metrics": metrics})
-        append_audit(session, actor=actor, action="samples.forgotten", object_type="batch",
-                     object_id=str(batch.id), details={"sample_ids": forget_ids, "version_id": version.id})
-        for request_id in request_ids:
-            append_audit(session, actor=actor, action="request.completed", object_type="forget_request",
-                         object_id=request_id, details={"version_id": version.id, "batch_id": batch.id})
-        append_audit(session, actor=actor, action="batch.completed", object_type="batch",
-                     object_id=str(batch.id), details={"version_id": version.id, "requests": len(request_ids)})
+        drop = parent.metrics.get("TA", metrics["TA"]) - metrics["TA"]
+        if drop > settings.quality_gate_max_ta_drop:
+            batch.status = BatchStatus.held
+            batch.hold_reason = (f"test accuracy fell {drop:.2f} points (parent {parent.metrics['TA']:.2f}, "
+                                 f"new {metrics['TA']:.2f}); the gate allows {settings.quality_gate_max_ta_drop}")
+            # The requests stay pending (and attached to the held batch) until an admin decides.
+            session.execute(update(ForgetRequest).where(ForgetRequest.batch_id == batch.id)
+                            .values(status=RequestStatus.pending))
+            append_audit(session, actor=actor, action="batch.held", object_type="batch", object_id=str(batch.id),
+                         details={"version_id": version.id, "reason": batch.hold_reason})
+            log.warning("batch %s held for review: %s", batch.id, batch.hold_reason)
+            return None
+        deploy_version(session, batch, model, version, forget_ids, actor)
         return version.id
+
+
+def record_failure(engine: Engine, settings: Settings, claimed: ClaimedBatch, error: BaseException) -> None:
+    """A run raised: free the lease after a backoff, so the scheduler retries from the same parent."""
+    with transaction(engine) as session:
+        batch = session.get(Batch, claimed.batch_id, with_for_update=True)
+        if batch.status != BatchStatus.running or batch.lease_owner != WORKER_ID:
+            return
+        backoff = settings.retry_backoff_seconds * 2 ** (batch.attempts - 1)
+        batch.error = f"{type(error).__name__}: {error}"
+        batch.lease_owner = None
+        batch.lease_expires_at = utcnow() + timedelta(seconds=backoff)
+        append_audit(session, actor=f"worker:{WORKER_ID}", action="batch.attempt_failed", object_type="batch",
+                     object_id=str(batch.id),
+                     details={"attempt": batch.attempts, "error": batch.error, "retry_in_seconds": backoff})
+
+
+def prune_artifacts(engine: Engine, settings: Settings, model_name: str) -> list[int]:
+    """Delete the files of versions that still carry forgotten samples, after the retention time.
+
+    A version made before a sample was forgotten still holds what it learned from it; once the
+    deployment has forgotten it (and the retention time for audit evidence has passed) the file
+    goes. The row and its lineage stay. Returns the pruned version ids.
+    """
+    cutoff = utcnow() - timedelta(hours=settings.artifact_retention_hours)
+    pruned = []
+    with transaction(engine) as session:
+        model = session.get(Model, model_name)
+        forgotten_at = dict(session.execute(
+            select(Sample.id, Sample.forgotten_at)
+            .where(Sample.dataset == model.dataset, Sample.status == SampleStatus.forgotten)
+        ).all())
+        versions = session.scalars(select(ModelVersion).where(
+            ModelVersion.model_name == model_name, ModelVersion.artifact_deleted_at.is_(None),
+            ModelVersion.id != model.deployed_version_id)).all()
+        for version in versions:
+            still_carried = [forgotten_at[i] for i in forgotten_at.keys() - set(version.excluded_sample_ids)]
+            if still_carried and min(as_utc(t) for t in still_carried) <= cutoff:
+                Path(version.artifact_path).unlink(missing_ok=True)
+                version.artifact_deleted_at = utcnow()
+                pruned.append(version.id)
+        if pruned:
+            append_audit(session, actor=f"worker:{WORKER_ID}", action="artifacts.deleted", object_type="model",
+                         object_id=model_name, details={"version_ids": pruned})
+    return pruned
 
 
 def train_reference(engine: Engine, settings: Settings, model_name: str, progress: bool = False) -> int:
@@ -292,7 +336,7 @@ def train_reference(engine: Engine, settings: Settings, model_name: str, progres
         spec = qf.ModelSpec.from_dict(model.spec)
     data = load_data(spec.dataset)
     retain = data.train.subset(active_indices)
-    reference = qf.retrain_reference(spec, retain, device=settings.device, progress=progress)
+    reference = qf.retrain_reference(spec, retain, device=settings.torch_device, progress=progress)
     path, sha256 = qf.save_artifact(reference, artifact_spec(spec, data), Path(settings.model_store))
     with transaction(engine) as session:
         version = ModelVersion(
@@ -300,8 +344,8 @@ def train_reference(engine: Engine, settings: Settings, model_name: str, progres
             kind=VersionKind.reference,
             method="retrain",
             config=spec.to_dict(),
-            metrics={"RA": qf.accuracy(reference, retain, settings.device),
-                     "TA": qf.accuracy(reference, data.test, settings.device)},
+            metrics={"RA": qf.accuracy(reference, retain, settings.torch_device),
+                     "TA": qf.accuracy(reference, data.test, settings.torch_device)},
             sha256=sha256,
             artifact_path=str(path),
             excluded_sample_ids=sorted(excluded),
@@ -331,9 +375,9 @@ def _audit_splits(session, model: Model, forgotten_ids) -> tuple[list[int], list
 def _evaluate_artifact(settings: Settings, dataset: str, artifact_path: str, sha256: str,
                        forget_indices: list[int], retain_indices: list[int]) -> dict:
     data = load_data(dataset)
-    network, _ = qf.load_artifact(Path(artifact_path), sha256, device=settings.device)
+    network, _ = qf.load_artifact(Path(artifact_path), sha256, device=settings.torch_device)
     forget, retain = data.train.subset(forget_indices), data.train.subset(retain_indices)
-    return qf.evaluate(network, forget, retain, data.test, device=settings.device)
+    return qf.evaluate(network, forget, retain, data.test, device=settings.torch_device)
 
 
 def evaluate_on_deployment_splits(engine: Engine, settings: Settings, model_name: str, version_id: int) -> dict:
