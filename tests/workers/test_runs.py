@@ -30,6 +30,11 @@ from workers import unlearning_runs as runs
 from workers.engine import QMulConfig
 
 
+def in_transaction(engine, action, *args, **kwargs):
+    with transaction(engine) as session:
+        return action(session, *args, **kwargs)
+
+
 def file_request(engine, seed, subject: str) -> str:
     with transaction(engine) as session:
         return create_forget_request(session, subject_id=subject, sample_ids=None, model_name=seed.model,
@@ -155,20 +160,20 @@ def test_the_quality_gate_holds_a_version_until_an_admin_approves(engine, settin
     file_request(engine, seed, "bob")
     assert runs.claim_batch(engine, settings, seed.model) is None  # the model waits for the review
 
-    version_id = deployments.approve_batch(engine, claimed.batch_id, actor="key:admin")
+    version_id = in_transaction(engine, deployments.approve_batch, claimed.batch_id, actor="key:admin")
     with transaction(engine) as session:
         assert session.get(Model, seed.model).deployed_version_id == version_id
         request = session.get(ForgetRequest, request_id)
         assert (request.status, request.completed_version_id) == (RequestStatus.completed, version_id)
     with pytest.raises(deployments.AdminRefusal, match="not held"):
-        deployments.approve_batch(engine, claimed.batch_id, actor="key:admin")
+        in_transaction(engine, deployments.approve_batch, claimed.batch_id, actor="key:admin")
 
 
 def test_a_discarded_batch_returns_its_requests_with_new_settings(engine, settings, seed, parent_ta):
     request_id = file_request(engine, seed, "alice")
     claimed = runs.claim_batch(engine, settings, seed.model)
     finish_run(engine, settings, claimed, ta=0.0)
-    deployments.discard_batch(engine, claimed.batch_id, actor="key:admin", new_config={"epochs": 3, "lr": 0.001})
+    in_transaction(engine, deployments.discard_batch, claimed.batch_id, actor="key:admin", new_config={"epochs": 3, "lr": 0.001})
     with transaction(engine) as session:
         assert session.get(Batch, claimed.batch_id).status == BatchStatus.discarded
         request = session.get(ForgetRequest, request_id)
@@ -185,7 +190,7 @@ def test_rollback_only_to_a_version_that_forgot_everything(engine, settings, see
     second = finish_run(engine, settings, runs.claim_batch(engine, settings, seed.model), ta=parent_ta)
     for target in (seed.version_id, first):
         with pytest.raises(deployments.AdminRefusal, match="bring them back"):
-            deployments.rollback(engine, seed.model, target, actor="key:admin")
+            in_transaction(engine, deployments.rollback, seed.model, target, actor="key:admin")
     with transaction(engine) as session:
         assert session.get(Model, seed.model).deployed_version_id == second
         # An equivalent version that forgot everything is a valid target (here: a copy of the second).
@@ -195,7 +200,7 @@ def test_rollback_only_to_a_version_that_forgot_everything(engine, settings, see
         session.add(copy)
         session.flush()
         copy_id = copy.id
-    deployments.rollback(engine, seed.model, copy_id, actor="key:admin")
+    in_transaction(engine, deployments.rollback, seed.model, copy_id, actor="key:admin")
     with transaction(engine) as session:
         assert session.get(Model, seed.model).deployed_version_id == copy_id
 

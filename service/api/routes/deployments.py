@@ -3,7 +3,7 @@ batch the quality gate held, roll back to a version that has forgotten everythin
 
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Path, Query, Request
+from fastapi import APIRouter, HTTPException, Path, Query
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import func, select
 
@@ -121,16 +121,16 @@ def get_batch(session: SessionDep, caller: AuditorDep, batch_id: BatchId) -> Bat
 
 
 def _refused(error: deployments.AdminRefusal) -> HTTPException:
-    missing = "does not exist" in str(error) or "is not a version of" in str(error)
-    return HTTPException(status_code=404 if missing else 409, detail=str(error))
+    return HTTPException(status_code=404 if isinstance(error, deployments.UnknownObject) else 409, detail=str(error))
 
 
 @router.post("/batches/{batch_id}/approve", response_model=BatchPublic, responses={**NOT_FOUND, **REFUSED})
-def approve_batch(request: Request, session: SessionDep, caller: AdminDep, actor: ActorDep,
+def approve_batch(session: SessionDep, caller: AdminDep, actor: ActorDep,
                   batch_id: BatchId) -> BatchPublic:
     """Deploy a held batch's version despite the quality gate, completing its requests."""
     try:
-        deployments.approve_batch(request.app.state.engine, batch_id, actor)
+        deployments.approve_batch(session, batch_id, actor)
+        session.commit()
     except deployments.AdminRefusal as error:
         raise _refused(error) from None
     return _batch_public(session, batch_id)
@@ -138,12 +138,13 @@ def approve_batch(request: Request, session: SessionDep, caller: AdminDep, actor
 
 @router.post("/batches/{batch_id}/discard", response_model=BatchPublic,
              responses={**NOT_FOUND, **REFUSED, 422: {"model": ProblemPublic}})
-def discard_batch(request: Request, session: SessionDep, caller: AdminDep, actor: ActorDep,
+def discard_batch(session: SessionDep, caller: AdminDep, actor: ActorDep,
                   batch_id: BatchId, body: BatchDiscard | None = None) -> BatchPublic:
     """Refuse a held batch: its requests go back to pending, optionally with new Q-MUL settings."""
     settings = body.unlearn_settings.model_dump(exclude_none=True) if body and body.unlearn_settings else None
     try:
-        deployments.discard_batch(request.app.state.engine, batch_id, actor, settings or None)
+        deployments.discard_batch(session, batch_id, actor, settings or None)
+        session.commit()
     except deployments.AdminRefusal as error:
         raise _refused(error) from None
     return _batch_public(session, batch_id)
@@ -151,12 +152,13 @@ def discard_batch(request: Request, session: SessionDep, caller: AdminDep, actor
 
 @router.post("/models/{model}/rollback", response_model=DeploymentPublic,
              responses={**NOT_FOUND, **REFUSED, 422: {"model": ProblemPublic}})
-def rollback(request: Request, session: SessionDep, caller: AdminDep, actor: ActorDep,
+def rollback(session: SessionDep, caller: AdminDep, actor: ActorDep,
              model: Annotated[str, Path(min_length=1, max_length=64, pattern=NO_NUL)],
              body: Rollback) -> DeploymentPublic:
     """Deploy an earlier version; refused unless it has forgotten every forgotten sample."""
     try:
-        deployments.rollback(request.app.state.engine, model, body.version_id, actor)
+        deployments.rollback(session, model, body.version_id, actor)
+        session.commit()
     except deployments.AdminRefusal as error:
         raise _refused(error) from None
     return DeploymentPublic(model=model, deployed_version_id=session.get(Model, model).deployed_version_id)

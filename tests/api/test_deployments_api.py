@@ -1,0 +1,103 @@
+"""Batches, the held-batch review (approve, discard) and rollback through the API, and /metrics."""
+
+import shutil
+import subprocess
+
+import pytest
+
+from service.db import transaction
+from service.forget_requests import create_forget_request
+from service.models import Batch, BatchStatus, ForgetRequest, Model, ModelVersion, RequestStatus, VersionKind
+
+
+@pytest.fixture
+def held_batch(engine, seed) -> dict:
+    """A batch the quality gate held: its version exists, undeployed; its request is pending."""
+    with transaction(engine) as session:
+        request = create_forget_request(session, subject_id="alice", sample_ids=None, model_name=seed.model,
+                                        deadline_days=30, actor="test")
+        batch = Batch(model_name=seed.model, status=BatchStatus.held, parent_version_id=seed.version_id,
+                      hold_reason="test accuracy fell 9.00 points")
+        session.add(batch)
+        session.flush()
+        version = ModelVersion(model_name=seed.model, kind=VersionKind.unlearned, parent_id=seed.version_id,
+                               batch_id=batch.id, method="qmul", config={}, metrics={"TA": 80.0}, sha256="3" * 64,
+                               artifact_path="/nonexistent/held.pt", excluded_sample_ids=seed.samples["alice"])
+        session.add(version)
+        session.flush()
+        batch.result_version_id = version.id
+        request.batch_id = batch.id
+        return {"batch_id": batch.id, "version_id": version.id, "request_id": request.id}
+
+
+def test_a_held_batch_is_visible_with_its_reason(client, bearer, held_batch):
+    response = client.get(f"/batches/{held_batch['batch_id']}", headers=bearer("auditor"))
+    assert response.status_code == 200
+    body = response.json()
+    assert (body["status"], body["hold_reason"], body["request_count"]) == ("held", "test accuracy fell 9.00 points", 1)
+    listed = client.get("/batches", params={"status": "held"}, headers=bearer("auditor")).json()
+    assert listed["count"] == 1 and listed["data"][0]["id"] == held_batch["batch_id"]
+
+
+def test_only_an_admin_decides(client, bearer, held_batch):
+    for role in ("auditor", "submitter"):
+        response = client.post(f"/batches/{held_batch['batch_id']}/approve", headers=bearer(role))
+        assert response.status_code == 403, role
+
+
+def test_approving_deploys_and_completes(client, engine, seed, held_batch):
+    response = client.post(f"/batches/{held_batch['batch_id']}/approve")
+    assert response.status_code == 200 and response.json()["status"] == "completed"
+    with transaction(engine) as session:
+        assert session.get(Model, seed.model).deployed_version_id == held_batch["version_id"]
+        request = session.get(ForgetRequest, held_batch["request_id"])
+        assert (request.status, request.completed_version_id) == (RequestStatus.completed, held_batch["version_id"])
+    again = client.post(f"/batches/{held_batch['batch_id']}/approve")
+    assert again.status_code == 409 and "not held" in again.json()["detail"]
+
+
+def test_discarding_returns_the_requests_with_new_settings(client, engine, seed, held_batch):
+    bad = client.post(f"/batches/{held_batch['batch_id']}/discard", json={"unlearn_settings": {"epochs": 0}})
+    assert bad.status_code == 422 and bad.json()["detail"][0]["loc"][-1] == "epochs"
+    unknown = client.post(f"/batches/{held_batch['batch_id']}/discard", json={"unlearn_settings": {"epochz": 3}})
+    assert unknown.status_code == 422 and unknown.json()["detail"][0]["loc"][-1] == "epochz"
+    with transaction(engine) as session:
+        assert session.get(Batch, held_batch["batch_id"]).status == BatchStatus.held  # nothing changed
+
+    response = client.post(f"/batches/{held_batch['batch_id']}/discard",
+                           json={"unlearn_settings": {"epochs": 3, "lr": 0.001}})
+    assert response.status_code == 200 and response.json()["status"] == "discarded"
+    with transaction(engine) as session:
+        assert session.get(Model, seed.model).unlearn_config == {"epochs": 3, "lr": 0.001}
+        request = session.get(ForgetRequest, held_batch["request_id"])
+        assert (request.status, request.batch_id) == (RequestStatus.pending, None)
+
+
+def test_rollback_refuses_a_version_that_remembers(client, engine, seed, held_batch):
+    client.post(f"/batches/{held_batch['batch_id']}/approve")
+    refused = client.post(f"/models/{seed.model}/rollback", json={"version_id": seed.version_id})
+    assert refused.status_code == 409 and "bring them back" in refused.json()["detail"]
+    missing = client.post("/models/no-such-model/rollback", json={"version_id": seed.version_id})
+    assert missing.status_code == 404
+    with transaction(engine) as session:
+        assert session.get(Model, seed.model).deployed_version_id == held_batch["version_id"]
+
+
+def test_unknown_batch_is_404(client):
+    assert client.get("/batches/999999").status_code == 404
+    assert client.post("/batches/999999/approve").status_code == 404
+
+
+def test_metrics_are_read_from_the_database(anonymous, engine, seed, held_batch, tmp_path):
+    response = anonymous.get("/metrics")
+    assert response.status_code == 200
+    text = response.text
+    assert f'qforget_forget_requests{{model="{seed.model}",status="pending"}} 1.0' in text
+    assert f'qforget_batches{{model="{seed.model}",status="held"}} 1.0' in text
+    assert f'qforget_deployed_version{{model="{seed.model}"}} {float(seed.version_id)}' in text
+    promtool = shutil.which("promtool")
+    if promtool:  # Debian's prometheus package; .ci/run installs it
+        exposition = tmp_path / "metrics.txt"
+        exposition.write_text(text)
+        checked = subprocess.run([promtool, "check", "metrics"], stdin=exposition.open(), capture_output=True, text=True)
+        assert checked.returncode == 0, checked.stdout + checked.stderr
