@@ -1,4 +1,4 @@
-"""The `qforget` command line: demo, api, worker, scheduler, bootstrap, migrate, reference."""
+"""The `qforget` command line: demo, api, worker, scheduler, bootstrap, migrate, reference, keys."""
 
 import argparse
 import logging
@@ -78,6 +78,67 @@ def _reference(args) -> int:
     return 0
 
 
+def _keys_session():
+    from service.db import get_engine, transaction
+    from service.migrate import upgrade_database
+    from service.settings import get_settings
+
+    settings = get_settings()
+    upgrade_database(settings.database_url)
+    return transaction(get_engine(settings, "cli"))
+
+
+def _cli_actor() -> str:
+    import getpass
+
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):  # no user name for this uid (some containers)
+        return "cli"
+
+
+def _keys_create(args) -> int:
+    from service.api_keys import ApiKeyError, create_api_key
+
+    try:
+        with _keys_session() as session:
+            row, key = create_api_key(session, role=args.role, name=args.name, model=args.model, actor=_cli_actor())
+    except ApiKeyError as exc:
+        print(f"qforget keys create: {exc}", file=sys.stderr)
+        return 2
+    limited = f", limited to model {row.model_name}" if row.model_name else ""
+    print(f"API key {row.id} ({row.prefix}, role {row.role.value}, name {row.name!r}{limited}) created; "
+          "it is shown only now, keep it:", file=sys.stderr)
+    print(key)  # alone on stdout, for scripts: KEY=$(qforget keys create ...)
+    return 0
+
+
+def _keys_revoke(args) -> int:
+    from service.api_keys import ApiKeyError, revoke_api_key
+
+    try:
+        with _keys_session() as session:
+            row = revoke_api_key(session, args.key_id, actor=_cli_actor())
+    except ApiKeyError as exc:
+        print(f"qforget keys revoke: {exc}", file=sys.stderr)
+        return 2
+    print(f"API key {row.id} ({row.prefix}, {row.name!r}) revoked")
+    return 0
+
+
+def _keys_list(args) -> int:
+    from service.api_keys import list_api_keys
+
+    with _keys_session() as session:
+        rows = list_api_keys(session)
+    print(f"{'ID':>4}  {'PREFIX':<8}  {'ROLE':<9}  {'MODEL':<16}  {'CREATED':<20}  {'REVOKED':<20}  NAME")
+    for row in rows:
+        revoked = f"{row.revoked_at:%Y-%m-%d %H:%M:%S}" if row.revoked_at else "-"
+        print(f"{row.id:>4}  {row.prefix:<8}  {row.role.value:<9}  {row.model_name or '-':<16}  "
+              f"{row.created_at:%Y-%m-%d %H:%M:%S}  {revoked:<20}  {row.name}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qforget",
@@ -123,6 +184,20 @@ def build_parser() -> argparse.ArgumentParser:
     reference = commands.add_parser("reference", help="queue a retrain reference and an audit evaluation")
     reference.add_argument("--model", default=None, help="model name (default QFORGET_DEFAULT_MODEL)")
     reference.set_defaults(handler=_reference)
+
+    keys = commands.add_parser("keys", help="create, revoke and list API keys")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="KEYS_COMMAND")
+    create = key_commands.add_parser("create", help="create a key and print it (shown only once)")
+    create.add_argument("--role", required=True, choices=["submitter", "auditor", "admin"],
+                        help="submitter: file and read requests; auditor: read everything; admin: everything")
+    create.add_argument("--name", required=True, help="who or what uses it, e.g. 'web frontend'")
+    create.add_argument("--model", default=None, help="limit a submitter key to this model's requests")
+    create.set_defaults(handler=_keys_create)
+    revoke = key_commands.add_parser("revoke", help="revoke a key: requests with it are refused from now on")
+    revoke.add_argument("key_id", metavar="KEY_ID", help="the key's id or its prefix (see `keys list`)")
+    revoke.set_defaults(handler=_keys_revoke)
+    listing = key_commands.add_parser("list", help="list keys (never the keys themselves)")
+    listing.set_defaults(handler=_keys_list)
     return parser
 
 

@@ -57,6 +57,12 @@ def run_demo(data_dir: str = "var/demo", subjects: int = 12, epochs: int | None 
     print(f"qforget demo: embedded default in {data_dir} (SQLite, filesystem broker, local model store)")
     print("1/5 bootstrap: quantization-aware training of the digits CNN (LSQ+, 4-bit weights and activations)")
     original_id = bootstrap(settings, settings.default_model, default_spec(epochs))
+    # The API wants an API key: made in-process here, as `qforget keys create --role admin` would.
+    from service.api_keys import create_api_key
+    from service.db import get_engine, transaction
+
+    with transaction(get_engine(settings, "cli")) as session:
+        _, api_key = create_api_key(session, role="admin", name="demo", actor="cli:demo")
 
     processes = Processes(env, data_dir / "logs")
     try:
@@ -64,7 +70,8 @@ def run_demo(data_dir: str = "var/demo", subjects: int = 12, epochs: int | None 
         processes.start("api", "api")
         processes.start("worker", "worker", "--concurrency", "1")
         processes.start("scheduler", "scheduler")
-        client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
+        client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30,
+                              headers={"Authorization": f"Bearer {api_key}"})
 
         def ready():
             try:

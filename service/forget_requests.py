@@ -34,14 +34,18 @@ LISTED_IDS = 20
 
 
 class RequestValidationProblem(ValueError):
-    """Input that cannot become a forget request. `field` names the request field at fault."""
+    """Input that cannot become a forget request. `field` names the request field at fault, in
+    the body unless `location` says otherwise (e.g. "header")."""
 
-    def __init__(self, field: str, message: str, *, error_type: str, status_code: int = 422):
+    def __init__(
+        self, field: str, message: str, *, error_type: str, status_code: int = 422, location: str = "body"
+    ):
         super().__init__(f"{field}: {message}")
         self.field = field
         self.message = message
         self.error_type = error_type
         self.status_code = status_code
+        self.location = location
 
 
 class RequestConflict(RequestValidationProblem):
@@ -121,6 +125,20 @@ def request_sample_ids(session: Session, request_id: str) -> list[int]:
     )
 
 
+def sample_ids_of_requests(session: Session, request_ids: list[str]) -> dict[str, list[int]]:
+    """{request id: its sample ids, ascending} for many requests, in one statement."""
+    by_request: dict[str, list[int]] = {request_id: [] for request_id in request_ids}
+    if request_ids:
+        rows = session.execute(
+            select(ForgetRequestSample.request_id, ForgetRequestSample.sample_id)
+            .where(ForgetRequestSample.request_id.in_(request_ids))
+            .order_by(ForgetRequestSample.request_id, ForgetRequestSample.sample_id)
+        )
+        for request_id, sample_id in rows:
+            by_request[request_id].append(sample_id)
+    return by_request
+
+
 def _check_id_list(sample_ids: list[int]) -> None:
     if not sample_ids:
         raise RequestValidationProblem(
@@ -135,7 +153,7 @@ def _check_id_list(sample_ids: list[int]) -> None:
     repeated = [sample_id for sample_id, count in Counter(sample_ids).items() if count > 1]
     if repeated:
         raise RequestValidationProblem(
-            "sample_ids", f"sample ids listed more than once: {_list(repeated)}", error_type="duplicate_samples"
+            "sample_ids", f"sample ids listed more than once: {format_ids(repeated)}", error_type="duplicate_samples"
         )
 
 
@@ -196,14 +214,14 @@ def _check_samples(session: Session, subject_id: str, model: Model, sample_ids: 
     ]
     for error_type, what, ids in problems:
         if ids:
-            raise RequestValidationProblem("sample_ids", f"{what}: {_list(ids)}", error_type=error_type)
+            raise RequestValidationProblem("sample_ids", f"{what}: {format_ids(ids)}", error_type=error_type)
 
     in_open = session.execute(_open_links(model).where(ForgetRequestSample.sample_id.in_(sample_ids))).all()
     if in_open:
         requests = sorted({row.request_id for row in in_open})
         raise RequestConflict(
             "sample_ids",
-            f"samples already in an open request: {_list(row.sample_id for row in in_open)} "
+            f"samples already in an open request: {format_ids(row.sample_id for row in in_open)} "
             f"(requests {', '.join(requests)})",
             error_type="samples_in_open_request",
         )
@@ -219,7 +237,7 @@ def _open_links(model: Model) -> Select:
     )
 
 
-def _list(ids: Iterable[int]) -> str:
+def format_ids(ids: Iterable[int]) -> str:
     ordered = sorted(set(ids))
     shown = ", ".join(str(i) for i in ordered[:LISTED_IDS])
     more = len(ordered) - LISTED_IDS

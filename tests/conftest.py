@@ -21,7 +21,14 @@ metadata.create_all, so every run also tests the migrations.
 - `seed` (function): inserts the model "digits-cnn-4bit" (data set "digits") with a deployed
   original version and subjects with active samples; returns a `Seed` (see below).
 - `row_counts` (function): a callable returning {table name: row count} for every table.
-- `client` (function): a fastapi TestClient on service.api.app.create_app(settings), lifespan run.
+- `api_key` (function): a callable `api_key(role="admin", model=None) -> str` that creates an API key
+  (service.api_keys.create_api_key) in the test database and returns it.
+- `bearer` (function): a callable `bearer(role="admin", model=None) -> dict`: the Authorization header
+  of a new key with that role, for `client.get(..., headers=bearer("auditor"))`.
+- `client` (function): a fastapi TestClient on service.api.app.create_app(settings), lifespan run,
+  sending an admin key by default (headers passed to a call replace it); the broker folder of the
+  embedded default exists, so /ready can be ready. `client.app` is the app.
+- `anonymous` (function): a TestClient on the same app that sends no API key.
 """
 
 import os
@@ -204,9 +211,35 @@ def row_counts(engine: Engine) -> Callable[[], dict[str, int]]:
 
 
 @pytest.fixture
-def client(settings: Settings) -> Iterator[TestClient]:
+def api_key(engine: Engine) -> Callable[..., str]:
+    from service.api_keys import create_api_key
+
+    def make(role: str = "admin", model: str | None = None) -> str:
+        with transaction(engine) as session:
+            return create_api_key(session, role=role, name=f"test {role}", model=model, actor="tests")[1]
+
+    return make
+
+
+@pytest.fixture
+def bearer(api_key: Callable[..., str]) -> Callable[..., dict[str, str]]:
+    def make(role: str = "admin", model: str | None = None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {api_key(role, model)}"}
+
+    return make
+
+
+@pytest.fixture
+def client(settings: Settings, bearer) -> Iterator[TestClient]:
     # Imported here so that a broken API cannot stop the engine's tests from being collected.
     from service.api.app import create_app
 
-    with TestClient(create_app(settings)) as client:
+    # The embedded default's broker is a folder the workers create; /ready checks it.
+    settings.broker_folder.mkdir(parents=True, exist_ok=True)
+    with TestClient(create_app(settings), headers=bearer("admin")) as client:
         yield client
+
+
+@pytest.fixture
+def anonymous(client: TestClient) -> TestClient:
+    return TestClient(client.app)

@@ -4,14 +4,18 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import OperationalError
 
-from service.api.routes import audit, forget_requests, health
+from service.api.body_limit import BodySizeLimit
+from service.api.deps import reject_unknown_query_parameters
+from service.api.routes import audit, datasets, deployments, forget_requests, health, metrics, models, subjects
+from service.api.schemas import ErrorPublic
 from service.db import get_engine, session_factory
 from service.forget_requests import RequestValidationProblem
+from service.readiness import make_probe_engine
 from service.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -20,34 +24,71 @@ log = logging.getLogger(__name__)
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     engine = get_engine(settings, "api")
+    probe_engine = make_probe_engine(settings.database_url)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         yield
         engine.dispose()
+        probe_engine.dispose()
 
     app = FastAPI(
         title="qforget",
         summary="GDPR Art. 17 erasure requests in, unlearned quantized model versions and their audit out.",
         version="0.1.0",
         lifespan=lifespan,
+        dependencies=[Depends(reject_unknown_query_parameters)],
     )
     app.state.settings = settings
     app.state.engine = engine
     app.state.session_factory = session_factory(engine)
+    app.state.probe_engine = probe_engine
+    app.add_middleware(BodySizeLimit, max_bytes=settings.api_max_body_bytes)
     app.add_exception_handler(RequestValidationProblem, _request_problem)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(OperationalError, _database_unavailable)
     app.add_exception_handler(Exception, _unexpected_error)
     app.include_router(forget_requests.router)
+    app.include_router(subjects.router)
+    app.include_router(models.router)
+    app.include_router(datasets.router)
     app.include_router(audit.router)
+    app.include_router(deployments.router)
     app.include_router(health.router)
+    app.include_router(metrics.router)
+    _document_body_errors(app, settings.api_max_body_bytes)
     return app
+
+
+def _document_body_errors(app: FastAPI, max_bytes: int) -> None:
+    # Two answers every route that takes a body may give, whatever its router documents: 413 from
+    # the size limit (middleware) and 400 from FastAPI for a body that is not UTF-8 text. The
+    # OpenAPI document says so for each of them.
+    errors = {
+        "400": "The body is not UTF-8 text.",
+        "413": f"The body is larger than the limit of {max_bytes} bytes.",
+    }
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = FastAPI.openapi(app)
+            schema.setdefault("components", {}).setdefault("schemas", {}).setdefault(
+                "ErrorPublic", ErrorPublic.model_json_schema()
+            )
+            content = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorPublic"}}}
+            for operations in schema.get("paths", {}).values():
+                for operation in operations.values():
+                    if "requestBody" in operation:
+                        for code, description in errors.items():
+                            operation["responses"].setdefault(code, {"description": description, "content": content})
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 async def _request_problem(_request: Request, exc: RequestValidationProblem) -> JSONResponse:
     # The same shape as FastAPI's own validation errors, so clients read one format.
-    problem = {"type": exc.error_type, "loc": ["body", exc.field], "msg": exc.message}
+    problem = {"type": exc.error_type, "loc": [exc.location, exc.field], "msg": exc.message}
     return JSONResponse(status_code=exc.status_code, content={"detail": [problem]})
 
 

@@ -1,11 +1,21 @@
-"""FastAPI dependencies, as Annotated aliases for route signatures."""
+"""FastAPI dependencies, as Annotated aliases for route signatures.
 
-from collections.abc import Iterator
-from typing import Annotated
+Authentication: `Authorization: Bearer <API key>`. `CallerDep` is the authenticated caller (any
+role), `ActorDep` its name for audit entries; `require_role(...)` makes a dependency that also
+checks the role (admin passes every check). Use them in a signature or in a router's
+`dependencies=[Depends(require_role(Role.auditor))]`.
+"""
 
-from fastapi import Depends, Request
+from collections.abc import Callable, Iterator
+from typing import Annotated, get_args, get_origin
+
+from fastapi import Depends, HTTPException, Request, status
+from fastapi.exceptions import RequestValidationError
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
+from service.api_keys import Caller, authenticate
+from service.models import Role
 from service.settings import Settings
 
 
@@ -21,3 +31,110 @@ def get_app_settings(request: Request) -> Settings:
 
 SessionDep = Annotated[Session, Depends(get_session)]
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
+
+
+def _takes_many(annotation) -> bool:
+    # list[str], list[str] | None, ...: a parameter that may be repeated.
+    sequences = (list, tuple, set, frozenset)
+    return get_origin(annotation) in sequences or any(get_origin(arg) in sequences for arg in get_args(annotation))
+
+
+def _query_parameters(route) -> dict[str, bool]:
+    """{name: whether it takes many values} for every query parameter of the route."""
+    parameters, dependants = {}, [route.dependant]
+    while dependants:
+        dependant = dependants.pop()
+        parameters.update({field.alias: _takes_many(field.field_info.annotation) for field in dependant.query_params})
+        dependants.extend(dependant.dependencies)
+    return parameters
+
+
+def reject_unknown_query_parameters(request: Request) -> None:
+    """422 for a query parameter the route does not take, or a single-valued one given twice, on
+    routes that take query parameters (the app applies it to every route).
+
+    A misspelt filter (`?stauts=pending`) would otherwise be ignored, and the caller would read an
+    unfiltered list as the filtered one; of a repeated one, only the last would count. Routes
+    without query parameters have nothing to misspell and ignore them (a load balancer's
+    cache-busting `/health?ts=...` must not fail).
+    """
+    route = request.scope.get("route")
+    if route is None or not request.query_params:
+        return
+    parameters = getattr(route, "_qforget_query_parameters", None)
+    if parameters is None:
+        parameters = route._qforget_query_parameters = _query_parameters(route)
+    if not parameters:
+        return
+    takes = f"it takes {', '.join(sorted(parameters))}"
+    problems = []
+    for name in dict.fromkeys(request.query_params):
+        if name not in parameters:
+            problems.append(
+                {"type": "extra_forbidden", "loc": ("query", name), "msg": f"unknown query parameter; {takes}"}
+            )
+        elif not parameters[name] and len(request.query_params.getlist(name)) > 1:
+            problems.append(
+                {"type": "repeated", "loc": ("query", name), "msg": "given more than once; it takes one value"}
+            )
+    if problems:
+        raise RequestValidationError(problems)
+
+
+bearer = HTTPBearer(
+    auto_error=False,
+    scheme_name="ApiKey",
+    description="An API key from `qforget keys create`, sent as `Authorization: Bearer qf_...`.",
+)
+
+
+def _unauthorized(message: str) -> HTTPException:
+    return HTTPException(
+        status_code=status.HTTP_401_UNAUTHORIZED, detail=message, headers={"WWW-Authenticate": "Bearer"}
+    )
+
+
+def get_caller(
+    session: SessionDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+) -> Caller:
+    """The caller behind the request's API key; 401 when there is none, or it is not valid."""
+    if credentials is None:
+        raise _unauthorized("an API key is required: send it as 'Authorization: Bearer <key>'")
+    caller = authenticate(session, credentials.credentials)
+    if caller is None:
+        # One message for unknown, malformed and revoked keys: which it is helps only a guesser.
+        raise _unauthorized("the API key is not valid (unknown or revoked)")
+    return caller
+
+
+CallerDep = Annotated[Caller, Depends(get_caller)]
+
+
+def get_actor(caller: CallerDep) -> str:
+    return caller.actor
+
+
+ActorDep = Annotated[str, Depends(get_actor)]
+
+
+def require_role(*roles: Role | str) -> Callable[[Caller], Caller]:
+    """A dependency that lets through callers with one of `roles` (admins always) and gives the caller."""
+    allowed = frozenset(Role(role) for role in roles) | {Role.admin}
+    names = " or ".join(sorted(role.value for role in allowed))
+
+    def check_role(caller: CallerDep) -> Caller:
+        if caller.role not in allowed:
+            raise HTTPException(
+                status_code=status.HTTP_403_FORBIDDEN,
+                detail=f"this needs an API key with role {names}; key {caller.prefix} has role {caller.role.value}",
+            )
+        return caller
+
+    return check_role
+
+
+# The usual checks, as aliases.
+SubmitterDep = Annotated[Caller, Depends(require_role(Role.submitter))]
+ReaderDep = Annotated[Caller, Depends(require_role(Role.submitter, Role.auditor))]
+AuditorDep = Annotated[Caller, Depends(require_role(Role.auditor))]
+AdminDep = Annotated[Caller, Depends(require_role(Role.admin))]

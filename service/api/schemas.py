@@ -1,14 +1,46 @@
 """Request and response bodies. Times are UTC (ISO 8601 with the offset)."""
 
-from datetime import datetime
-from typing import Annotated, Literal
+import re
+from datetime import datetime, timezone
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 from service.forget_requests import MAX_SAMPLES_PER_REQUEST
-from service.models import ForgetRequest, RequestStatus, as_utc
+from service.models import (
+    AuditEntry,
+    ForgetRequest,
+    ModelVersion,
+    RequestStatus,
+    Sample,
+    SampleStatus,
+    VersionKind,
+    as_utc,
+)
+from service.samples import MAX_SAMPLES_PER_REGISTRATION
 
 UtcDatetime = Annotated[datetime, AfterValidator(as_utc)]
+
+
+def _to_utc(moment: datetime) -> datetime:
+    # A time a caller sends, in UTC (SQLite stores the wall time without its offset). Naive means
+    # UTC. Year 1 at +14:00 has no UTC equivalent: a 422, not an OverflowError.
+    try:
+        return as_utc(moment).astimezone(timezone.utc)
+    except OverflowError:
+        raise ValueError("the time is out of range once converted to UTC") from None
+
+
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def _not_a_number(value):
+    # Pydantic would read a bare number as Unix time; the API documents ISO 8601 (RFC 3339) text.
+    if isinstance(value, (int, float)) or (isinstance(value, str) and _NUMBER.fullmatch(value.strip())):
+        raise ValueError("expected an ISO 8601 date-time such as 2025-01-31T12:00:00Z, not a number")
+    return value
+# A time a caller sends: ISO 8601; naive means UTC; converted to UTC.
+UtcInput = Annotated[datetime, BeforeValidator(_not_a_number), AfterValidator(_to_utc)]
 # PostgreSQL text cannot hold the NUL character: refuse it here, for every string a caller sends,
 # rather than fail in the driver.
 NO_NUL = r"^[^\x00]*$"
@@ -69,6 +101,152 @@ class ForgetRequestPublic(BaseModel):
         )
 
 
+class ForgetRequestsPublic(BaseModel):
+    """One page of forget requests, newest first; `count` is the number of all that match."""
+
+    data: list[ForgetRequestPublic]
+    count: int
+
+
+class SamplePublic(BaseModel):
+    id: int
+    dataset: str
+    dataset_index: int = Field(description="The sample's stable position in the data set's training split.")
+    subject_id: str
+    status: SampleStatus
+    forgotten_at: UtcDatetime | None
+    forgotten_by_version_id: int | None = Field(description="The model version deployed when it was forgotten.")
+
+    @classmethod
+    def of(cls, sample: Sample) -> "SamplePublic":
+        return cls(
+            id=sample.id,
+            dataset=sample.dataset,
+            dataset_index=sample.dataset_index,
+            subject_id=sample.subject_id,
+            status=sample.status,
+            forgotten_at=sample.forgotten_at,
+            forgotten_by_version_id=sample.forgotten_by_version_id,
+        )
+
+
+class SubjectPublic(BaseModel):
+    """A data subject: their samples with their status, and their forget requests (newest first)."""
+
+    id: str
+    created_at: UtcDatetime
+    active_sample_count: int
+    forgotten_sample_count: int
+    samples: list[SamplePublic]
+    requests: list[ForgetRequestPublic]
+
+
+class SampleRegistration(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    dataset_index: int = Field(ge=0, le=2**31 - 1, description="The sample's position in the training split.")
+    subject_id: str = Field(min_length=1, max_length=128, pattern=NO_NUL, description="Its owner; created if new.")
+
+
+class SamplesCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    samples: list[SampleRegistration] = Field(
+        min_length=1,
+        max_length=MAX_SAMPLES_PER_REGISTRATION,
+        description=f"Training samples and their subjects, at most {MAX_SAMPLES_PER_REGISTRATION} per call; "
+        "each dataset_index at most once, none already registered.",
+    )
+
+
+class SamplesRegistered(BaseModel):
+    dataset: str
+    sample_count: int
+    subjects_created: int = Field(description="How many of the subjects did not exist before.")
+    samples: list[SamplePublic]
+
+
+class ModelVersionPublic(BaseModel):
+    """An immutable model version with its lineage."""
+
+    id: int
+    model: str
+    kind: VersionKind
+    deployed: bool = Field(description="Whether this version is the model's deployment (the one serving).")
+    parent_id: int | None = Field(description="The version it was made from (unlearned versions).")
+    batch_id: int | None = Field(description="The batch of forget requests that made it.")
+    method: str
+    config: dict[str, Any]
+    metrics: dict[str, Any]
+    sha256: str = Field(description="The artifact file's sha256: its content address and its ETag.")
+    excluded_sample_count: int = Field(description="How many samples this version was made without.")
+    created_at: UtcDatetime
+
+    @classmethod
+    def of(cls, version: ModelVersion, *, deployed: bool, excluded_sample_count: int) -> "ModelVersionPublic":
+        return cls(
+            id=version.id,
+            model=version.model_name,
+            kind=version.kind,
+            deployed=deployed,
+            parent_id=version.parent_id,
+            batch_id=version.batch_id,
+            method=version.method,
+            config=version.config,
+            metrics=version.metrics,
+            sha256=version.sha256,
+            excluded_sample_count=excluded_sample_count,
+            created_at=version.created_at,
+        )
+
+
+class ModelVersionsPublic(BaseModel):
+    """One page of model versions, newest first; `count` is the number of all that match."""
+
+    data: list[ModelVersionPublic]
+    count: int
+
+
+class AuditEntryPublic(BaseModel):
+    id: int
+    created_at: UtcDatetime
+    actor: str = Field(description='Who made the change: "key:<prefix>", "worker:<id>", "cli:<user>".')
+    action: str
+    object_type: str
+    object_id: str
+    details: dict[str, Any]
+    prev_hash: str
+    entry_hash: str
+
+    @classmethod
+    def of(cls, entry: AuditEntry) -> "AuditEntryPublic":
+        return cls(
+            id=entry.id,
+            created_at=entry.created_at,
+            actor=entry.actor,
+            action=entry.action,
+            object_type=entry.object_type,
+            object_id=entry.object_id,
+            details=entry.details,
+            prev_hash=entry.prev_hash,
+            entry_hash=entry.entry_hash,
+        )
+
+
+class AuditEntriesPublic(BaseModel):
+    """One page of the audit log, oldest first (the chain's order); `count` is all that match."""
+
+    data: list[AuditEntryPublic]
+    count: int
+
+
+class ChainReportPublic(BaseModel):
+    ok: bool = Field(description="Whether every entry's hashes fit its contents and its predecessor.")
+    entries: int
+    first_broken_id: int | None = Field(description="The first entry that does not fit, if any.")
+    reason: str | None
+
+
 class MetricsPublic(BaseModel):
     """Accuracy on the forget, retain and test sets and membership-inference efficacy, in percent."""
 
@@ -113,8 +291,14 @@ class HealthPublic(BaseModel):
 
 
 class ReadyPublic(BaseModel):
-    status: Literal["ready"]
-    database: Literal["ok"]
+    """Each dependency's state; `detail` says what is down."""
+
+    status: Literal["ready", "not_ready"]
+    database: Literal["ok", "down"]
+    broker: Literal["ok", "down", "unchecked"] = Field(
+        description="unchecked: a broker kind this probe does not know how to reach (not redis:// or filesystem://)."
+    )
+    detail: str | None = None
 
 
 class ErrorPublic(BaseModel):
@@ -125,6 +309,13 @@ class ErrorPublic(BaseModel):
 
 # Every route that reads the database may answer this (service/api/app.py).
 DATABASE_UNAVAILABLE = {503: {"model": ErrorPublic, "description": "The database is unavailable; retry later."}}
+# Every route behind an API key (service/api/deps.py).
+AUTH_ERRORS = {
+    401: {"model": ErrorPublic, "description": "No API key, or not a valid one (unknown or revoked)."},
+    403: {"model": ErrorPublic, "description": "The API key's role (or model) does not allow this."},
+}
+# Every route that takes a body (service/api/body_limit.py).
+BODY_TOO_LARGE = {413: {"model": ErrorPublic, "description": "The body is larger than the stated limit."}}
 
 
 class ProblemItem(BaseModel):

@@ -13,9 +13,14 @@ from service.forget_requests import MAX_SAMPLES_PER_REQUEST
 from service.models import AuditEntry, ForgetRequest, RequestStatus, Sample, SampleStatus, Subject
 
 
-def test_create_then_read(client, seed, engine):
+def test_create_then_read(client, seed, engine, api_key):
     alice = seed.samples["alice"]
-    response = client.post("/forget-requests", json={"subject_id": "alice", "sample_ids": [alice[1], alice[0]]})
+    key = api_key("submitter")
+    response = client.post(
+        "/forget-requests",
+        json={"subject_id": "alice", "sample_ids": [alice[1], alice[0]]},
+        headers={"Authorization": f"Bearer {key}"},
+    )
     assert response.status_code == 202, response.text
     created = response.json()
     assert created["subject_id"] == "alice"
@@ -34,9 +39,10 @@ def test_create_then_read(client, seed, engine):
     assert read.json() == created
 
     with transaction(engine) as session:
-        audit = session.scalars(select(AuditEntry)).one()
+        audit = session.scalars(select(AuditEntry).where(AuditEntry.object_type == "forget_request")).one()
+        # The actor is the key that filed it, by its public prefix ("qf_<prefix>_<secret>").
         assert (audit.action, audit.object_type, audit.object_id, audit.actor) == (
-            "request.received", "forget_request", created["id"], "api"
+            "request.received", "forget_request", created["id"], f"key:{key[3:11]}"
         )
         assert audit.details["sample_ids"] == sorted(alice[:2])
 
@@ -148,6 +154,12 @@ REFUSED = {
     # PostgreSQL text cannot hold NUL; unchecked, this is a 500 there.
     "nul-in-subject-id": Refused(lambda s: {"subject_id": "alice\x00"}, SUBJECT_ID, "pattern"),
     "unknown-field": Refused(lambda s: {"subject_id": "alice", "reason": "x"}, ["body", "reason"], "Extra inputs"),
+    # Wrong types: each named, none coerced from another type.
+    "subject-id-a-number": Refused(lambda s: {"subject_id": 5}, SUBJECT_ID, "valid string"),
+    "sample-ids-a-string": Refused(alice(lambda s: "1,2"), SAMPLE_IDS, "valid list"),
+    "sample-id-a-string": Refused(alice(lambda s: ["one"]), [*SAMPLE_IDS, 0], "valid integer"),
+    "sample-id-a-fraction": Refused(alice(lambda s: [1.5]), [*SAMPLE_IDS, 0], "fractional part"),
+    "model-a-list": Refused(lambda s: {"subject_id": "alice", "model": ["a"]}, ["body", "model"], "valid string"),
 }
 
 
@@ -234,3 +246,40 @@ def test_intake_runs_the_same_statements_for_5_or_500_samples(client, seed, engi
         event.remove(api_engine, "before_cursor_execute", count)
     assert large == small, statements
     assert large <= 12, statements
+
+
+LIMIT = 1 << 20  # QFORGET_API_MAX_BODY_BYTES' default
+
+
+def test_a_body_over_the_size_limit_is_413_naming_the_limit(client, seed, row_counts):
+    before = row_counts()
+    body = b'{"subject_id": "alice", "padding": "' + b"x" * LIMIT + b'"}'
+    response = client.post("/forget-requests", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 413
+    assert response.json() == {"detail": "the request body is larger than the limit of 1048576 bytes (1 MiB)"}
+    assert row_counts() == before
+
+
+def test_a_streamed_body_without_content_length_is_counted_too(client, seed, row_counts):
+    before = row_counts()
+
+    def chunks():
+        yield b'{"subject_id": "alice", "padding": "'
+        for _ in range(20):
+            yield b"x" * 65536
+        yield b'"}'
+
+    response = client.post("/forget-requests", content=chunks(), headers={"content-type": "application/json"})
+    assert response.request.headers.get("transfer-encoding") == "chunked"
+    assert "content-length" not in response.request.headers
+    assert response.status_code == 413
+    assert "1048576 bytes" in response.json()["detail"]
+    assert row_counts() == before
+
+
+def test_a_body_at_the_size_limit_is_read(client, seed):
+    body = b'{"subject_id": "alice"}'
+    body += b" " * (LIMIT - len(body))  # JSON allows trailing whitespace
+    assert len(body) == LIMIT
+    response = client.post("/forget-requests", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 202, response.text

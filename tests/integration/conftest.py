@@ -1,5 +1,10 @@
 """A real stack for integration tests: a fresh PostgreSQL database, a Redis database, a data folder
-with a bootstrapped model, and a manager for the worker and scheduler processes."""
+with a bootstrapped model, and a manager for the worker and scheduler processes.
+
+- `make_stack(**settings)`: builds a stack whose settings (and its processes' QFORGET_*
+  environment) take the given overrides; processes are stopped at the end of the test.
+- `stack`: `make_stack()` with the defaults below.
+"""
 
 import os
 from dataclasses import dataclass
@@ -7,13 +12,28 @@ from pathlib import Path
 
 import pytest
 import redis
+from fastapi.testclient import TestClient
 
-from service.db import get_engine
+from service.api.app import create_app
+from service.api_keys import create_api_key
+from service.db import get_engine, transaction
 from service.processes import Processes
 from service.settings import Settings
 from workers.bootstrap import bootstrap, default_spec
 
 REDIS_URL = "redis://127.0.0.1:6379/15"
+
+# Fast and eager: one-second scheduling, every pending request due at once, short runs.
+DEFAULTS = {
+    "broker_url": REDIS_URL,
+    "scheduler_interval_seconds": 1,
+    "batch_min_samples": 1,
+    "unlearn_epochs": 2,
+    "torch_threads": 1,
+    # Not under test here (tests/workers covers the gate): repeated runs on the small five-epoch
+    # original can lose more test accuracy than the production margin allows.
+    "quality_gate_max_ta_drop": 100,
+}
 
 
 @dataclass
@@ -22,23 +42,50 @@ class Stack:
     engine: object
     services: Processes
 
+    def client(self) -> TestClient:
+        # The API wants an API key: an admin one, made in-process as `qforget keys create` would.
+        with transaction(self.engine) as session:
+            _, key = create_api_key(session, role="admin", name="integration tests", actor="tests")
+        return TestClient(create_app(self.settings), headers={"Authorization": f"Bearer {key}"})
+
+    def file_requests(self, client: TestClient, subjects: list[str]) -> list[str]:
+        request_ids = []
+        for subject in subjects:
+            response = client.post("/forget-requests", json={"subject_id": subject})
+            assert response.status_code == 202, response.text
+            request_ids.append(response.json()["id"])
+        return request_ids
+
+    def wait_for_completion(self, client: TestClient, request_ids: list[str], timeout: float = 300) -> list[dict]:
+        def completed():
+            bodies = [client.get(f"/forget-requests/{rid}").json() for rid in request_ids]
+            assert not [b for b in bodies if b["status"] == "failed"], bodies
+            return bodies if all(b["status"] == "completed" for b in bodies) else None
+
+        return self.services.wait_until(completed, "the requests to complete", timeout=timeout)
+
 
 @pytest.fixture
-def stack(empty_postgres_url, tmp_path: Path):
+def make_stack(empty_postgres_url, tmp_path: Path):
+    stacks = []
+
+    def make(**overrides) -> Stack:
+        values = {**DEFAULTS, "database_url": empty_postgres_url, "data_dir": tmp_path, **overrides}
+        env = {f"QFORGET_{key.upper()}": str(value) for key, value in values.items()}
+        settings = Settings(**values)
+        redis.Redis.from_url(REDIS_URL).flushdb()
+        bootstrap(settings, settings.default_model, default_spec(epochs=5), progress=False)
+        (tmp_path / "logs").mkdir(exist_ok=True)
+        stack = Stack(settings, get_engine(settings, "tests"), Processes({**os.environ, **env}, tmp_path / "logs"))
+        stacks.append(stack)
+        return stack
+
+    yield make
+    for stack in stacks:
+        stack.services.stop()
     redis.Redis.from_url(REDIS_URL).flushdb()
-    env = {
-        "QFORGET_DATABASE_URL": empty_postgres_url,
-        "QFORGET_BROKER_URL": REDIS_URL,
-        "QFORGET_DATA_DIR": str(tmp_path),
-        "QFORGET_SCHEDULER_INTERVAL_SECONDS": "1",
-        "QFORGET_BATCH_MIN_SAMPLES": "1",
-        "QFORGET_UNLEARN_EPOCHS": "2",
-        "QFORGET_TORCH_THREADS": "1",
-    }
-    settings = Settings(**{key.removeprefix("QFORGET_").lower(): value for key, value in env.items()})
-    bootstrap(settings, settings.default_model, default_spec(epochs=5), progress=False)
-    (tmp_path / "logs").mkdir()
-    services = Processes({**os.environ, **env}, tmp_path / "logs")
-    yield Stack(settings, get_engine(settings, "tests"), services)
-    services.stop()
-    redis.Redis.from_url(REDIS_URL).flushdb()
+
+
+@pytest.fixture
+def stack(make_stack) -> Stack:
+    return make_stack()

@@ -9,10 +9,8 @@ import hashlib
 from pathlib import Path
 
 import pytest
-from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
-from service.api.app import create_app
 from service.audit_log import verify_chain
 from service.db import transaction
 from service.models import (
@@ -37,20 +35,9 @@ def test_requests_are_unlearned_deployed_and_audited(stack):
     settings, engine, services = stack.settings, stack.engine, stack.services
     services.start("worker", "worker", "--concurrency", "1")
     services.start("scheduler", "scheduler")
-    client = TestClient(create_app(settings))
-
-    request_ids = []
-    for subject in SUBJECTS:
-        response = client.post("/forget-requests", json={"subject_id": subject})
-        assert response.status_code == 202, response.text
-        request_ids.append(response.json()["id"])
-
-    def completed():
-        bodies = [client.get(f"/forget-requests/{rid}").json() for rid in request_ids]
-        assert not [b for b in bodies if b["status"] == "failed"], bodies
-        return bodies if all(b["status"] == "completed" for b in bodies) else None
-
-    bodies = services.wait_until(completed, "the requests to complete", timeout=240)
+    client = stack.client()
+    request_ids = stack.file_requests(client, SUBJECTS)
+    bodies = stack.wait_for_completion(client, request_ids)
     version_ids = {body["completed_version_id"] for body in bodies}
     assert None not in version_ids
 

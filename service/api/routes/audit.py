@@ -1,15 +1,71 @@
-"""The audit of a model's deployment: its newest evaluation against the retrain reference."""
+"""The audit: a deployment's newest evaluation against the retrain reference, and the audit log."""
 
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Query
-from sqlalchemy import select
+from fastapi import APIRouter, Depends, HTTPException, Query
+from sqlalchemy import func, select
 
-from service.api.deps import SessionDep, SettingsDep
-from service.api.schemas import DATABASE_UNAVAILABLE, NO_NUL, AuditPublic, ErrorPublic, EvaluationPublic
-from service.models import Evaluation, Model, ModelVersion
+from service.api.deps import SessionDep, SettingsDep, require_role
+from service.api.schemas import (
+    AUTH_ERRORS,
+    DATABASE_UNAVAILABLE,
+    NO_NUL,
+    AuditEntriesPublic,
+    AuditEntryPublic,
+    AuditPublic,
+    ChainReportPublic,
+    ErrorPublic,
+    EvaluationPublic,
+    ProblemPublic,
+)
+from service.audit_log import verify_chain
+from service.models import AuditEntry, Evaluation, Model, ModelVersion, Role
 
-router = APIRouter(prefix="/audit", tags=["audit"], responses=DATABASE_UNAVAILABLE)
+router = APIRouter(
+    prefix="/audit",
+    tags=["audit"],
+    responses={**AUTH_ERRORS, **DATABASE_UNAVAILABLE},
+    dependencies=[Depends(require_role(Role.auditor))],
+)
+
+MAX_PAGE = 1000
+
+
+@router.get(
+    "/log",
+    response_model=AuditEntriesPublic,
+    responses={422: {"model": ProblemPublic, "description": "A filter or the paging is malformed."}},
+)
+def list_audit_log(
+    session: SessionDep,
+    action: Annotated[str | None, Query(min_length=1, max_length=64, pattern=NO_NUL)] = None,
+    object_type: Annotated[str | None, Query(min_length=1, max_length=32, pattern=NO_NUL)] = None,
+    object_id: Annotated[str | None, Query(min_length=1, max_length=64, pattern=NO_NUL)] = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
+    offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
+) -> AuditEntriesPublic:
+    """List audit log entries in the chain's order, filtered by action and by object (type, id)."""
+    conditions = []
+    if action is not None:
+        conditions.append(AuditEntry.action == action)
+    if object_type is not None:
+        conditions.append(AuditEntry.object_type == object_type)
+    if object_id is not None:
+        conditions.append(AuditEntry.object_id == object_id)
+    count = session.scalar(select(func.count()).select_from(AuditEntry).where(*conditions))
+    entries = session.scalars(
+        select(AuditEntry).where(*conditions).order_by(AuditEntry.id).limit(limit).offset(offset)
+    ).all()
+    return AuditEntriesPublic(data=[AuditEntryPublic.of(entry) for entry in entries], count=count)
+
+
+@router.get("/log/verify", response_model=ChainReportPublic)
+def verify_audit_log(session: SessionDep) -> ChainReportPublic:
+    """Recompute the audit log's hash chain; report the first entry that does not fit, if any."""
+    report = verify_chain(session)
+    return ChainReportPublic(
+        ok=report.ok, entries=report.entries, first_broken_id=report.first_broken_id, reason=report.reason
+    )
 
 
 @router.get(

@@ -2,21 +2,41 @@
 
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Path, status
+from fastapi import APIRouter, Header, HTTPException, Path, Query, status
+from fastapi.responses import JSONResponse
+from sqlalchemy import func, select
 
-from service import forget_requests
-from service.api.deps import SessionDep, SettingsDep
+from service import forget_requests, idempotency
+from service.api.deps import ReaderDep, SessionDep, SettingsDep, SubmitterDep
 from service.api.schemas import (
+    AUTH_ERRORS,
+    BODY_TOO_LARGE,
     DATABASE_UNAVAILABLE,
     NO_NUL,
     ErrorPublic,
     ForgetRequestCreate,
     ForgetRequestPublic,
+    ForgetRequestsPublic,
     ProblemPublic,
+    UtcInput,
 )
-from service.models import ForgetRequest
+from service.api_keys import Caller
+from service.models import ForgetRequest, RequestStatus
 
-router = APIRouter(prefix="/forget-requests", tags=["forget-requests"], responses=DATABASE_UNAVAILABLE)
+router = APIRouter(
+    prefix="/forget-requests", tags=["forget-requests"], responses={**AUTH_ERRORS, **DATABASE_UNAVAILABLE}
+)
+
+MAX_PAGE = 500
+
+
+def check_model_allowed(caller: Caller, model: str) -> None:
+    """403 unless the caller's key may act on `model` (a submitter key may be limited to one)."""
+    if caller.model is not None and caller.model != model:
+        raise HTTPException(
+            status_code=status.HTTP_403_FORBIDDEN,
+            detail=f"key {caller.prefix} is limited to model {caller.model!r}, not {model!r}",
+        )
 
 
 @router.post(
@@ -24,41 +44,123 @@ router = APIRouter(prefix="/forget-requests", tags=["forget-requests"], response
     status_code=status.HTTP_202_ACCEPTED,
     response_model=ForgetRequestPublic,
     responses={
+        **BODY_TOO_LARGE,
         400: {"model": ErrorPublic, "description": "The body is not UTF-8 text."},
         409: {"model": ProblemPublic, "description": "Some of the samples are already in an open request."},
         422: {
             "model": ProblemPublic,
             "description": "The body is malformed, or names a model, subject or samples that cannot be "
-            "forgotten; `loc` names the field.",
+            "forgotten; or the Idempotency-Key was used before with another body. `loc` names the field.",
         },
     },
 )
-def create_forget_request(body: ForgetRequestCreate, session: SessionDep, settings: SettingsDep) -> ForgetRequestPublic:
+def create_forget_request(
+    body: ForgetRequestCreate,
+    session: SessionDep,
+    settings: SettingsDep,
+    caller: SubmitterDep,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            alias=idempotency.HEADER,
+            min_length=1,
+            max_length=idempotency.MAX_KEY_LENGTH,
+            pattern=idempotency.KEY_PATTERN,
+            description="Any unique string (a UUID, say). A retry with the same key and body gets the first "
+            "response again instead of filing a second request; keys are scoped to the API key.",
+        ),
+    ] = None,
+) -> JSONResponse:
     """Accept a request to forget a subject's samples; a worker unlearns them in a later batch."""
+    # A key limited to a model files for that model when the body names none.
+    model = body.model or caller.model or settings.default_model
+    check_model_allowed(caller, model)
+    record = None
+    if idempotency_key is not None:
+        outcome = idempotency.claim(
+            session,
+            api_key_id=caller.key_id,
+            key=idempotency_key,
+            fingerprint=idempotency.fingerprint(body.model_dump(mode="json")),
+        )
+        if isinstance(outcome, idempotency.Replay):
+            return JSONResponse(
+                status_code=outcome.status_code, content=outcome.body, headers={"Idempotent-Replayed": "true"}
+            )
+        record = outcome
     request = forget_requests.create_forget_request(
         session,
         subject_id=body.subject_id,
         sample_ids=body.sample_ids,
-        model_name=body.model or settings.default_model,
+        model_name=model,
         deadline_days=settings.deadline_days,
-        # Callers are anonymous until API keys arrive; then the key's name goes here.
-        actor="api",
+        actor=caller.actor,
     )
     sample_ids = forget_requests.request_sample_ids(session, request.id)
+    content = ForgetRequestPublic.of(request, sample_ids).model_dump(mode="json")
+    if record is not None:
+        record.status_code, record.response_body, record.forget_request_id = 202, content, request.id
     session.commit()
-    return ForgetRequestPublic.of(request, sample_ids)
+    # The same serialisation as a replay's, so that a retry's body equals the first, byte for byte.
+    return JSONResponse(status_code=status.HTTP_202_ACCEPTED, content=content)
+
+
+@router.get(
+    "",
+    response_model=ForgetRequestsPublic,
+    responses={422: {"model": ProblemPublic, "description": "A filter or the paging is malformed."}},
+)
+def list_forget_requests(
+    session: SessionDep,
+    caller: ReaderDep,
+    status_: Annotated[RequestStatus | None, Query(alias="status")] = None,
+    subject_id: Annotated[str | None, Query(min_length=1, max_length=128, pattern=NO_NUL)] = None,
+    model: Annotated[str | None, Query(min_length=1, max_length=64, pattern=NO_NUL)] = None,
+    received_after: Annotated[UtcInput | None, Query(description="Received at or after this time.")] = None,
+    received_before: Annotated[UtcInput | None, Query(description="Received before this time.")] = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
+    offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
+) -> ForgetRequestsPublic:
+    """List forget requests, newest first, filtered by status, subject, model and time received."""
+    if model is not None:
+        check_model_allowed(caller, model)
+    model = model or caller.model  # a key limited to a model sees that model's requests only
+    conditions = []
+    if status_ is not None:
+        conditions.append(ForgetRequest.status == status_)
+    if subject_id is not None:
+        conditions.append(ForgetRequest.subject_id == subject_id)
+    if model is not None:
+        conditions.append(ForgetRequest.model_name == model)
+    if received_after is not None:
+        conditions.append(ForgetRequest.received_at >= received_after)
+    if received_before is not None:
+        conditions.append(ForgetRequest.received_at < received_before)
+    count = session.scalar(select(func.count()).select_from(ForgetRequest).where(*conditions))
+    requests = session.scalars(
+        select(ForgetRequest)
+        .where(*conditions)
+        .order_by(ForgetRequest.received_at.desc(), ForgetRequest.id.desc())
+        .limit(limit)
+        .offset(offset)
+    ).all()
+    sample_ids = forget_requests.sample_ids_of_requests(session, [request.id for request in requests])
+    return ForgetRequestsPublic(
+        data=[ForgetRequestPublic.of(request, sample_ids[request.id]) for request in requests], count=count
+    )
 
 
 @router.get(
     "/{request_id}",
     response_model=ForgetRequestPublic,
-    responses={404: {"model": ErrorPublic, "description": "No forget request has this id."}},
+    responses={404: {"model": ErrorPublic, "description": "No forget request has this id (that this key may see)."}},
 )
 def read_forget_request(
-    request_id: Annotated[str, Path(max_length=36, pattern=NO_NUL)], session: SessionDep
+    request_id: Annotated[str, Path(max_length=36, pattern=NO_NUL)], session: SessionDep, caller: ReaderDep
 ) -> ForgetRequestPublic:
     """Get a forget request: its status, deadline and, once completed, the model version that forgot it."""
     request = session.get(ForgetRequest, request_id)
-    if request is None:
+    # Another model's request is "not found" to a key limited to a model, as in its listing.
+    if request is None or (caller.model is not None and request.model_name != caller.model):
         raise HTTPException(status_code=404, detail=f"forget request {request_id!r} not found")
     return ForgetRequestPublic.of(request, forget_requests.request_sample_ids(session, request_id))

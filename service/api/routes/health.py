@@ -1,9 +1,10 @@
-"""Liveness and readiness probes."""
+"""Liveness and readiness probes (no API key needed)."""
 
 from fastapi import APIRouter, Request
-from sqlalchemy import text
+from fastapi.responses import JSONResponse
 
-from service.api.schemas import DATABASE_UNAVAILABLE, HealthPublic, ReadyPublic
+from service import readiness
+from service.api.schemas import HealthPublic, ReadyPublic
 
 router = APIRouter(tags=["health"])
 
@@ -14,10 +15,21 @@ def read_health() -> HealthPublic:
     return HealthPublic(status="ok")
 
 
-@router.get("/ready", response_model=ReadyPublic, responses=DATABASE_UNAVAILABLE)
-def read_ready(request: Request) -> ReadyPublic:
-    """Answer 200 when the database answers a query, 503 otherwise."""
-    # A failure is an OperationalError, which the app answers with 503 (service/api/app.py).
-    with request.app.state.engine.connect() as connection:
-        connection.execute(text("SELECT 1"))
-    return ReadyPublic(status="ready", database="ok")
+@router.get(
+    "/ready",
+    response_model=ReadyPublic,
+    responses={503: {"model": ReadyPublic, "description": "The database or the broker is unreachable; "
+                     "the body says which."}},
+)
+def read_ready(request: Request) -> JSONResponse:
+    """Answer 200 when the database and the broker are reachable, 503 naming what is down otherwise."""
+    database = "ok" if readiness.database_ok(request.app.state.probe_engine) else "down"
+    broker = readiness.broker_state(request.app.state.settings)
+    down = [name for name, state in (("database", database), ("broker", broker)) if state == "down"]
+    body = ReadyPublic(
+        status="not_ready" if down else "ready",
+        database=database,
+        broker=broker,
+        detail=f"unavailable: {', '.join(down)}" if down else None,
+    )
+    return JSONResponse(status_code=503 if down else 200, content=body.model_dump(mode="json"))

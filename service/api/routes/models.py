@@ -1,0 +1,143 @@
+"""Model versions with their lineage, which one is deployed, and the deployed artifact itself."""
+
+import logging
+from typing import Annotated
+
+from fastapi import APIRouter, Header, HTTPException, Path, Query, Response
+from fastapi.responses import StreamingResponse
+from sqlalchemy import Select, func, select
+
+from service import artifacts
+from service.api.deps import AuditorDep, SessionDep, SettingsDep
+from service.api.schemas import (
+    AUTH_ERRORS,
+    DATABASE_UNAVAILABLE,
+    NO_NUL,
+    ErrorPublic,
+    ModelVersionPublic,
+    ModelVersionsPublic,
+    ProblemPublic,
+)
+from service.models import Model, ModelVersion, VersionKind
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/models", tags=["models"], responses={**AUTH_ERRORS, **DATABASE_UNAVAILABLE})
+
+MAX_PAGE = 500
+ModelName = Annotated[str | None, Query(min_length=1, max_length=64, pattern=NO_NUL)]
+
+
+def _versions() -> Select:
+    """(version, whether it is deployed, how many samples it excludes), without loading the id lists."""
+    deployed = (Model.deployed_version_id == ModelVersion.id).label("deployed")
+    excluded = func.coalesce(func.json_array_length(ModelVersion.excluded_sample_ids), 0).label("excluded")
+    return select(ModelVersion, deployed, excluded).join(Model, Model.name == ModelVersion.model_name)
+
+
+def _public(row) -> ModelVersionPublic:
+    version, deployed, excluded = row
+    return ModelVersionPublic.of(version, deployed=bool(deployed), excluded_sample_count=excluded)
+
+
+@router.get(
+    "",
+    response_model=ModelVersionsPublic,
+    responses={422: {"model": ProblemPublic, "description": "A filter or the paging is malformed."}},
+)
+def list_model_versions(
+    session: SessionDep,
+    caller: AuditorDep,
+    model: ModelName = None,
+    kind: VersionKind | None = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
+    offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
+) -> ModelVersionsPublic:
+    """List model versions, newest first, with their lineage and which one each model has deployed."""
+    conditions = []
+    if model is not None:
+        conditions.append(ModelVersion.model_name == model)
+    if kind is not None:
+        conditions.append(ModelVersion.kind == kind)
+    count = session.scalar(select(func.count()).select_from(ModelVersion).where(*conditions))
+    rows = session.execute(
+        _versions().where(*conditions).order_by(ModelVersion.id.desc()).limit(limit).offset(offset)
+    ).all()
+    return ModelVersionsPublic(data=[_public(row) for row in rows], count=count)
+
+
+@router.get(
+    "/deployed/artifact",
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "description": "The deployed version's artifact file; its ETag is the file's sha256.",
+            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+        },
+        304: {"description": "The If-None-Match ETag is the deployed version's: the client's copy is current."},
+        404: {"model": ErrorPublic, "description": "No model has this name, or it has no deployed version."},
+        422: {"model": ProblemPublic, "description": "The model name is malformed."},
+        500: {
+            "model": ErrorPublic,
+            "description": "The artifact is missing or fails its sha256 check: it is never served (and is logged).",
+        },
+    },
+)
+def download_deployed_artifact(
+    session: SessionDep,
+    settings: SettingsDep,
+    caller: AuditorDep,
+    model: ModelName = None,
+    if_none_match: Annotated[str | None, Header(alias="If-None-Match", max_length=1024)] = None,
+) -> Response:
+    """Download the deployed version's artifact, verified against its sha256 (a strong ETag)."""
+    name = model or settings.default_model
+    db_model = session.get(Model, name)
+    if db_model is None:
+        raise HTTPException(status_code=404, detail=f"model {name!r} not found")
+    if db_model.deployed_version_id is None:
+        raise HTTPException(status_code=404, detail=f"model {name!r} has no deployed version")
+    version = session.get(ModelVersion, db_model.deployed_version_id)
+    version_id, sha256, path = version.id, version.sha256, version.artifact_path
+    # End the transaction before the file goes out: on SQLite it holds the write lock, and a
+    # download may take long.
+    session.rollback()
+    etag = f'"{sha256}"'
+    headers = {"ETag": etag, "Cache-Control": "no-cache", "X-Model-Version": str(version_id)}
+    if if_none_match is not None and _etag_matches(if_none_match, etag):
+        return Response(status_code=304, headers=headers)
+    try:
+        file, size = artifacts.open_verified(path, sha256)
+    except artifacts.ArtifactUnavailable as exc:
+        log.error("integrity: model %s deployed version %s not served: %s", name, version_id, exc)
+        raise HTTPException(
+            status_code=500,
+            detail=f"the artifact of model {name!r} version {version_id} is missing or fails its sha256 check; "
+            "it is not served",
+        ) from None
+    headers |= {
+        "Content-Length": str(size),
+        "Content-Disposition": f'attachment; filename="{sha256}.pt"',
+    }
+    return StreamingResponse(artifacts.read_chunks(file), media_type="application/octet-stream", headers=headers)
+
+
+def _etag_matches(if_none_match: str, etag: str) -> bool:
+    # RFC 9110 13.1.2: If-None-Match uses the weak comparison, so W/"x" matches "x"; "*" matches any.
+    candidates = [candidate.strip() for candidate in if_none_match.split(",")]
+    return any(candidate == "*" or candidate.removeprefix("W/") == etag for candidate in candidates)
+
+
+@router.get(
+    "/{version_id}",
+    response_model=ModelVersionPublic,
+    responses={404: {"model": ErrorPublic, "description": "No model version has this id."}},
+)
+def read_model_version(
+    version_id: Annotated[int, Path(ge=1, le=2**31 - 1)], session: SessionDep, caller: AuditorDep
+) -> ModelVersionPublic:
+    """Get a model version: its kind, parent, batch, method, configuration, metrics, sha256, exclusions."""
+    row = session.execute(_versions().where(ModelVersion.id == version_id)).first()
+    if row is None:
+        raise HTTPException(status_code=404, detail=f"model version {version_id} not found")
+    return _public(row)

@@ -1,0 +1,175 @@
+"""GET /forget-requests (filters, paging) and GET /subjects/{id}."""
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from sqlalchemy import inspect, update
+
+from service.db import transaction
+from service.models import ForgetRequest, Model, RequestStatus, Sample, SampleStatus
+
+
+def file(client, subject: str, **body) -> dict:
+    response = client.post("/forget-requests", json={"subject_id": subject, **body})
+    assert response.status_code == 202, response.text
+    return response.json()
+
+
+def set_request(engine, request_id: str, **values) -> None:
+    with transaction(engine) as session:
+        session.execute(update(ForgetRequest).where(ForgetRequest.id == request_id).values(**values))
+
+
+@pytest.fixture
+def three_requests(client, seed, engine) -> dict[str, dict]:
+    """alice (pending, 3 days ago), bob (completed, 2 days ago), carol on model "other" (pending, 1 day ago)."""
+    with transaction(engine) as session:
+        session.add(Model(name="other", dataset="digits", spec={}))
+    requests = {
+        "alice": file(client, "alice"),
+        "bob": file(client, "bob"),
+        "carol": file(client, "carol", model="other"),
+    }
+    now = datetime.now(timezone.utc)
+    for days, subject in ((3, "alice"), (2, "bob"), (1, "carol")):
+        set_request(engine, requests[subject]["id"], received_at=now - timedelta(days=days))
+    set_request(engine, requests["bob"]["id"], status=RequestStatus.completed)
+    return requests
+
+
+def ids(response) -> list[str]:
+    assert response.status_code == 200, response.text
+    return [request["id"] for request in response.json()["data"]]
+
+
+def test_newest_first_with_the_total(client, three_requests):
+    response = client.get("/forget-requests")
+    body = response.json()
+    assert body["count"] == 3
+    assert ids(response) == [three_requests[s]["id"] for s in ("carol", "bob", "alice")]
+    assert body["data"][2]["sample_ids"] == three_requests["alice"]["sample_ids"]
+
+
+@pytest.mark.parametrize(
+    ("params", "expected"),
+    [
+        ({"status": "pending"}, ["carol", "alice"]),
+        ({"status": "completed"}, ["bob"]),
+        ({"status": "failed"}, []),
+        ({"subject_id": "bob"}, ["bob"]),
+        ({"subject_id": "nobody"}, []),
+        ({"model": "other"}, ["carol"]),
+        ({"model": "digits-cnn-4bit", "status": "pending"}, ["alice"]),
+    ],
+)
+def test_filters(client, three_requests, params, expected):
+    response = client.get("/forget-requests", params=params)
+    assert ids(response) == [three_requests[s]["id"] for s in expected]
+    assert response.json()["count"] == len(expected)
+
+
+def test_time_window(client, three_requests):
+    now = datetime.now(timezone.utc)
+    window = {"received_after": (now - timedelta(days=2, hours=1)).isoformat(),
+              "received_before": (now - timedelta(hours=12)).isoformat()}
+    assert ids(client.get("/forget-requests", params=window)) == [three_requests[s]["id"] for s in ("carol", "bob")]
+    # Another offset, the same moment.
+    moment = (now - timedelta(days=2, hours=1)).astimezone(timezone(timedelta(hours=-5))).isoformat()
+    assert len(ids(client.get("/forget-requests", params={"received_after": moment}))) == 2
+    # No offset means UTC.
+    naive = (now - timedelta(days=2, hours=1)).replace(tzinfo=None).isoformat()
+    assert len(ids(client.get("/forget-requests", params={"received_after": naive}))) == 2
+
+
+def test_paging(client, three_requests):
+    newest_first = [three_requests[s]["id"] for s in ("carol", "bob", "alice")]
+    page = client.get("/forget-requests", params={"limit": 2, "offset": 0})
+    assert (ids(page), page.json()["count"]) == (newest_first[:2], 3)
+    page = client.get("/forget-requests", params={"limit": 2, "offset": 2})
+    assert (ids(page), page.json()["count"]) == (newest_first[2:], 3)
+    assert ids(client.get("/forget-requests", params={"offset": 10})) == []
+
+
+@pytest.mark.parametrize(
+    ("params", "loc"),
+    [
+        ({"status": "done"}, ["query", "status"]),
+        ({"limit": 0}, ["query", "limit"]),
+        ({"limit": 501}, ["query", "limit"]),
+        ({"offset": -1}, ["query", "offset"]),
+        ({"received_after": "yesterday"}, ["query", "received_after"]),
+        # Year 1 at +14:00 is before year 1 in UTC: out of range, not a server error.
+        ({"received_before": "0001-01-01T00:00:00+14:00"}, ["query", "received_before"]),
+        ({"subject_id": "a\x00b"}, ["query", "subject_id"]),
+        # A bare number would be Unix time to pydantic; the API documents ISO 8601.
+        ({"received_after": "15"}, ["query", "received_after"]),
+        # A misspelt filter is refused, not ignored (the caller would take the whole list for the filtered one).
+        ({"stauts": "pending"}, ["query", "stauts"]),
+        ({"status": ["pending", "completed"]}, ["query", "status"]),
+    ],
+    ids=["unknown-status", "limit-0", "limit-too-big", "negative-offset", "not-a-time", "time-out-of-range", "nul",
+         "unix-time", "unknown-parameter", "repeated-parameter"],
+)
+def test_malformed_filters_are_422(client, seed, params, loc):
+    response = client.get("/forget-requests", params=params)
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"] == loc
+
+
+def test_an_unknown_query_parameter_is_named_with_what_the_route_takes(client, seed):
+    problem = client.get("/audit/log", params={"actions": "x"}).json()["detail"][0]
+    assert problem == {
+        "type": "extra_forbidden", "loc": ["query", "actions"],
+        "msg": "unknown query parameter; it takes action, limit, object_id, object_type, offset",
+    }
+    # Routes that take no query parameters have none to misspell, and ignore them.
+    assert client.get("/subjects/alice", params={"verbose": "1"}).status_code == 200
+    assert client.get("/health", params={"ts": "1"}).status_code == 200
+
+
+def test_the_filters_have_indexes(engine):
+    indexes = {tuple(index["column_names"]) for index in inspect(engine).get_indexes("forget_requests")}
+    assert {("status", "received_at"), ("received_at",), ("subject_id",), ("model_name", "status")} <= indexes
+    indexes = {tuple(index["column_names"]) for index in inspect(engine).get_indexes("audit_log")}
+    assert {("action",), ("object_type", "object_id")} <= indexes
+
+
+def test_a_subject_with_samples_and_requests(client, seed, engine):
+    alice = seed.samples["alice"]
+    first = file(client, "alice", sample_ids=alice[:2])
+    second = file(client, "alice", sample_ids=alice[2:3])
+    with transaction(engine) as session:
+        session.execute(update(Sample).where(Sample.id == alice[0]).values(
+            status=SampleStatus.forgotten, forgotten_at=datetime.now(timezone.utc),
+            forgotten_by_version_id=seed.version_id,
+        ))
+    response = client.get("/subjects/alice")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["id"] == "alice"
+    assert (body["active_sample_count"], body["forgotten_sample_count"]) == (len(alice) - 1, 1)
+    assert [s["id"] for s in body["samples"]] == alice
+    forgotten = body["samples"][0]
+    assert (forgotten["status"], forgotten["forgotten_by_version_id"]) == ("forgotten", seed.version_id)
+    assert {s["status"] for s in body["samples"][1:]} == {"active"}
+    assert [r["id"] for r in body["requests"]] == [second["id"], first["id"]]
+    assert body["requests"][1]["sample_ids"] == alice[:2]
+
+
+def test_a_subject_without_requests(client, seed):
+    body = client.get("/subjects/carol").json()
+    assert (len(body["samples"]), body["requests"]) == (3, [])
+
+
+def test_an_unknown_subject_is_404(client, seed):
+    response = client.get("/subjects/zed")
+    assert response.status_code == 404
+    assert response.json() == {"detail": "subject 'zed' not found"}
+
+
+def test_a_key_limited_to_a_model_sees_its_data_set_only(anonymous, seed, bearer):
+    # dave owns samples only in "fashion", not in the model's data set "digits".
+    body = anonymous.get("/subjects/dave", headers=bearer("submitter", seed.model)).json()
+    assert body["samples"] == []
+    body = anonymous.get("/subjects/dave", headers=bearer("submitter")).json()
+    assert [s["id"] for s in body["samples"]] == seed.other_dataset_samples["dave"]
