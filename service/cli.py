@@ -11,6 +11,12 @@ def _demo(args) -> int:
     return run_demo(data_dir=args.data_dir, subjects=args.subjects, epochs=args.epochs)
 
 
+def _bench(args) -> int:
+    from workers.engine.bench import main as bench_main
+
+    return bench_main(args.passthrough)
+
+
 def _api(args) -> int:
     import uvicorn
 
@@ -156,6 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--epochs", type=int, default=None, help="QAT epochs for the original and the reference")
     demo.set_defaults(handler=_demo)
 
+    bench = commands.add_parser("bench", add_help=False,
+                                help="compare unlearning methods (workers.engine.bench; `bench --help` for its options)")
+    bench.set_defaults(handler=_bench)
+
     api = commands.add_parser("api", help="serve the REST API (migrates the database first)")
     api.add_argument("--host", default=None, help="bind address (default QFORGET_API_HOST)")
     api.add_argument("--port", type=int, default=None, help="port (default QFORGET_API_PORT)")
@@ -202,7 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # `bench` hands its own options (--help included) to the benchmark's parser.
+    args, passthrough = parser.parse_known_args(argv)
+    if passthrough and args.command != "bench":
+        parser.error(f"unrecognized arguments: {' '.join(passthrough)}")
+    args.passthrough = passthrough
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args.log_level = args.log_level.upper()
     # Alembic and httpx report every revision and request at INFO: noise in the demo's output.

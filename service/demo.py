@@ -44,6 +44,8 @@ def run_demo(data_dir: str = "var/demo", subjects: int = 12, epochs: int | None 
         "QFORGET_MODEL_STORE": str(data_dir / "models"),
         "QFORGET_SCHEDULER_INTERVAL_SECONDS": "2",
         "QFORGET_BATCH_MIN_SAMPLES": "1",  # a demo has no traffic to wait for
+        # The worker shares two cores with the API, the scheduler and this process.
+        "QFORGET_TORCH_THREADS": "1",
         "QFORGET_API_PORT": str(port),
         "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")])),
     }

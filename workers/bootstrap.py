@@ -13,7 +13,7 @@ from service.migrate import upgrade_database
 from service.models import Model, ModelVersion, Sample, Subject, VersionKind
 from service.settings import Settings
 from workers import engine as qf
-from workers.unlearning_runs import artifact_spec, load_data
+from workers.unlearning_runs import artifact_spec, configure_torch, load_data
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +46,14 @@ def bootstrap(
             log.info("model %s already deployed (version %s)", model_name, existing.deployed_version_id)
             return existing.deployed_version_id
 
-    data = load_data(spec.dataset)
+    configure_torch(settings)
+    data = load_data(spec)
     network = qf.train_original(spec, data, device=settings.torch_device, progress=progress)
     metrics = {
         "train_accuracy": qf.accuracy(network, data.train, settings.torch_device),
         "TA": qf.accuracy(network, data.test, settings.torch_device),
     }
-    path, sha256 = qf.save_artifact(network, artifact_spec(spec, data), Path(settings.model_store))
+    path, sha256 = qf.save_artifact(network, artifact_spec(spec), Path(settings.model_store))
 
     with transaction(engine) as session:
         already_registered = session.scalar(

@@ -16,13 +16,6 @@ from workers.celery_app import DISPATCH_TASK, REFERENCE_TASK, UNLEARN_TASK, app
 log = logging.getLogger(__name__)
 
 
-def _configure_torch(settings) -> None:
-    if settings.torch_threads:
-        import torch
-
-        torch.set_num_threads(settings.torch_threads)
-
-
 @app.task(name=DISPATCH_TASK)
 def dispatch() -> list[str]:
     """Wake a GPU worker for every model whose batch policy is met or whose batch was abandoned."""
@@ -46,7 +39,7 @@ def run_unlearning(model_name: str) -> int | None:
     from workers import unlearning_runs
 
     settings = get_settings()
-    _configure_torch(settings)
+    unlearning_runs.configure_torch(settings)
     engine = get_engine(settings, "worker")
     claimed = unlearning_runs.claim_batch(engine, settings, model_name)
     if claimed is None:
@@ -69,7 +62,7 @@ def train_reference(model_name: str) -> int | None:
     from workers import unlearning_runs
 
     settings = get_settings()
-    _configure_torch(settings)
+    unlearning_runs.configure_torch(settings)
     engine = get_engine(settings, "worker")
     reference_id = unlearning_runs.train_reference(engine, settings, model_name)
     log.info("reference version %s trained for model %s", reference_id, model_name)

@@ -11,15 +11,16 @@ The database decides who runs what (DESIGN.md invariants 2, 3, 7):
   transaction, and only by the lease holder, so a batch is never applied twice.
 """
 
+import json
 import logging
 import os
 import socket
 import threading
 from dataclasses import dataclass
 from datetime import timedelta
-from functools import lru_cache
 from pathlib import Path
 
+import torch
 from sqlalchemy import Engine, select, update
 
 from service.audit_log import append_audit
@@ -54,24 +55,27 @@ class ClaimedBatch:
     parent_version_id: int
 
 
-@lru_cache(maxsize=4)
-def load_data(dataset: str) -> qf.DatasetSplits:
-    return qf.load_dataset(dataset)
+def configure_torch(settings: Settings) -> None:
+    """Apply QFORGET_TORCH_THREADS (0 leaves torch's choice). On a small shared CPU one thread is
+    often faster: idle OpenMP threads spin while another process holds the other core."""
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
 
 
-def artifact_spec(spec: qf.ModelSpec, data: qf.DatasetSplits) -> dict:
+_loaded_data: dict[tuple, qf.DatasetSplits] = {}
+
+
+def load_data(spec: qf.ModelSpec) -> qf.DatasetSplits:
+    """The spec's data set (with its seed and options), loaded once per worker process."""
+    key = (spec.dataset, spec.data_seed, json.dumps(spec.data_options, sort_keys=True))
+    if key not in _loaded_data:
+        _loaded_data[key] = spec.load_data()
+    return _loaded_data[key]
+
+
+def artifact_spec(spec: qf.ModelSpec) -> dict:
     """What an artifact records so that it can be rebuilt without the database."""
-    return {
-        "model": {
-            "architecture": spec.architecture,
-            "num_classes": data.num_classes,
-            "in_channels": data.in_channels,
-            "weight_bits": spec.weight_bits,
-            "act_bits": spec.act_bits,
-            "quantizer": spec.quantizer,
-        },
-        "dataset": spec.dataset,
-    }
+    return {"model": spec.model_kwargs(), "dataset": spec.dataset}
 
 
 def claim_batch(engine: Engine, settings: Settings, model_name: str) -> ClaimedBatch | None:
@@ -210,13 +214,13 @@ def run_batch(engine: Engine, settings: Settings, claimed: ClaimedBatch, progres
     keeper = LeaseKeeper(engine, claimed.batch_id, settings.lease_seconds)
     keeper.start()
     try:
-        data = load_data(spec.dataset)
+        data = load_data(spec)
         network, _ = qf.load_artifact(Path(parent_path), parent_sha256, device=settings.torch_device)
         forget, retain = data.train.subset(forget_indices), data.train.subset(retain_indices)
         log.info("batch %s: Q-MUL on %d forget / %d retain samples", claimed.batch_id, len(forget), len(retain))
         result = qf.qmul_unlearn(network, forget, retain, config, device=settings.torch_device, progress=progress)
         metrics = qf.evaluate(result.model, forget, retain, data.test, device=settings.torch_device)
-        path, sha256 = qf.save_artifact(result.model, artifact_spec(spec, data), Path(settings.model_store))
+        path, sha256 = qf.save_artifact(result.model, artifact_spec(spec), Path(settings.model_store))
     finally:
         keeper.stop()
     if keeper.lost:
@@ -334,10 +338,10 @@ def train_reference(engine: Engine, settings: Settings, model_name: str, progres
             select(Sample.id).where(Sample.dataset == model.dataset, Sample.status == SampleStatus.forgotten)
         ).all()
         spec = qf.ModelSpec.from_dict(model.spec)
-    data = load_data(spec.dataset)
+    data = load_data(spec)
     retain = data.train.subset(active_indices)
     reference = qf.retrain_reference(spec, retain, device=settings.torch_device, progress=progress)
-    path, sha256 = qf.save_artifact(reference, artifact_spec(spec, data), Path(settings.model_store))
+    path, sha256 = qf.save_artifact(reference, artifact_spec(spec), Path(settings.model_store))
     with transaction(engine) as session:
         version = ModelVersion(
             model_name=model_name,
@@ -372,9 +376,9 @@ def _audit_splits(session, model: Model, forgotten_ids) -> tuple[list[int], list
     return forget_indices, retain_indices
 
 
-def _evaluate_artifact(settings: Settings, dataset: str, artifact_path: str, sha256: str,
+def _evaluate_artifact(settings: Settings, spec: qf.ModelSpec, artifact_path: str, sha256: str,
                        forget_indices: list[int], retain_indices: list[int]) -> dict:
-    data = load_data(dataset)
+    data = load_data(spec)
     network, _ = qf.load_artifact(Path(artifact_path), sha256, device=settings.torch_device)
     forget, retain = data.train.subset(forget_indices), data.train.subset(retain_indices)
     return qf.evaluate(network, forget, retain, data.test, device=settings.torch_device)
@@ -387,7 +391,7 @@ def evaluate_on_deployment_splits(engine: Engine, settings: Settings, model_name
         deployed = session.get(ModelVersion, model.deployed_version_id)
         version = session.get(ModelVersion, version_id)
         forget_indices, retain_indices = _audit_splits(session, model, deployed.excluded_sample_ids)
-    return _evaluate_artifact(settings, model.dataset, version.artifact_path, version.sha256,
+    return _evaluate_artifact(settings, qf.ModelSpec.from_dict(model.spec), version.artifact_path, version.sha256,
                               forget_indices, retain_indices)
 
 
@@ -412,8 +416,9 @@ def evaluate_deployment(engine: Engine, settings: Settings, model_name: str) -> 
         if reference is None:
             return None
         forget_indices, retain_indices = _audit_splits(session, model, excluded)
+        spec = qf.ModelSpec.from_dict(model.spec)
     results = {
-        version.id: _evaluate_artifact(settings, model.dataset, version.artifact_path, version.sha256,
+        version.id: _evaluate_artifact(settings, spec, version.artifact_path, version.sha256,
                                        forget_indices, retain_indices)
         for version in (deployed, reference)
     }
@@ -426,7 +431,7 @@ def evaluate_deployment(engine: Engine, settings: Settings, model_name: str) -> 
             gaps=qf.gaps(results[deployed.id], results[reference.id]),
             forget_count=len(forget_indices),
             retain_count=len(retain_indices),
-            test_count=len(load_data(model.dataset).test),
+            test_count=len(load_data(spec).test),
         )
         session.add(evaluation)
         session.flush()
