@@ -4,7 +4,12 @@ import torch
 
 from workers.engine import ModelSpec, Split, TrainConfig, accuracy, evaluate, gaps, mia_efficacy
 from workers.engine import train_model
-from workers.engine.metrics import mia_from_confidences
+from workers.engine.metrics import (
+    auc_percent,
+    evaluate_with_membership,
+    membership_auc,
+    mia_from_confidences,
+)
 
 
 def test_mia_attack_on_separable_confidences():
@@ -50,3 +55,35 @@ def test_gaps_and_average_gap():
     metrics = {"FA": 90.0, "RA": 99.0, "TA": 95.0, "MIA": 10.0}
     reference = {"FA": 94.0, "RA": 100.0, "TA": 96.0, "MIA": 14.0}
     assert gaps(metrics, reference) == {"FA": 4.0, "RA": 1.0, "TA": 1.0, "MIA": 4.0, "AG": 2.5}
+
+
+def test_auc_percent_orders_members_above_non_members():
+    assert auc_percent(np.array([3.0, 4.0]), np.array([1.0, 2.0])) == 100.0
+    assert auc_percent(np.array([1.0, 2.0]), np.array([3.0, 4.0])) == 0.0
+    assert auc_percent(np.array([1.0, 1.0]), np.array([1.0, 1.0])) == 50.0
+    with pytest.raises(ValueError):
+        auc_percent(np.array([]), np.array([1.0]))
+
+
+def test_membership_auc_uses_low_loss_as_member_and_calibrates_per_sample():
+    forget_loss, test_loss = np.array([0.1, 0.2, 0.3]), np.array([1.0, 2.0])
+    assert membership_auc(forget_loss, test_loss) == 100.0
+    # Calibrated against itself, a model is indistinguishable from its reference.
+    assert membership_auc(forget_loss, test_loss, forget_loss, test_loss) == 50.0
+    # Easy forget samples that the reference finds just as easy carry no membership signal...
+    assert membership_auc(forget_loss, test_loss, forget_loss + 0.05, test_loss + 0.05) == 50.0
+    # ...while a loss far below the reference's does.
+    assert membership_auc(forget_loss, test_loss, forget_loss + 2.0, test_loss) == 100.0
+
+
+def test_membership_aucs_separate_memorised_from_unseen_samples(memorised, digits):
+    model, members = memorised
+    unseen = digits.train.subset(range(100, 300))
+    on_members = evaluate_with_membership(model, members, members, digits.test)
+    on_unseen = evaluate_with_membership(model, unseen, members, digits.test, reference=model)
+    assert on_members["MIA-AUC"] >= 95.0
+    assert 30.0 <= on_unseen["MIA-AUC"] <= 70.0
+    assert on_unseen["MIA-AUC-cal"] == 50.0
+    assert "MIA-AUC-cal" not in on_members
+    plain = evaluate(model, unseen, members, digits.test)
+    assert {k: on_unseen[k] for k in plain} == plain

@@ -13,8 +13,9 @@ from workers.engine import (
     qmul_unlearn,
     similar_labels,
 )
+from workers.engine.methods import unlearn
 from workers.engine.training import shuffled_batches
-from workers.engine.unlearning import random_other_labels
+from workers.engine.unlearning import qmul_steps, random_other_labels
 
 
 def test_similar_labels_hand_built_rows():
@@ -104,21 +105,28 @@ def test_qmul_forgets_a_class_and_keeps_the_rest(small_model, small_train):
         assert {"forget_loss", "retain_loss", "loss"} <= entry.keys()
 
 
-def test_qmul_moves_random_forget_samples_to_their_similar_labels(small_model, small_train):
-    """Random forgetting, where fine-tuning on the retain set alone leaves FA where it was (the
-    classes are still represented): only the forget loss can push these samples to their similar
-    labels. Measured: 27.5% reach it (FA 100 -> 72.5, RA 87); retain-only fine-tuning: 0%."""
+def test_qmul_pulls_random_forget_samples_towards_their_similar_labels(small_model, small_train):
+    """Random forgetting: fine-tuning on the retain set alone makes the model surer of the true
+    classes, so the cross-entropy of the forget samples against their similar labels rises; only
+    Q-MUL's forget loss holds it back. Measured (5 epochs): original 2.86, Q-MUL 3.57, FT 4.29.
+
+    Changed deliberately with the default schedule: the first version paired every retain batch
+    with the (cycled) forget set, 30 forget steps on these 40 samples in 5 epochs, and 27.5% of
+    them reached their similar label; one pass over the forget set per epoch takes 5 steps and
+    moves samples that the retrain reference still classifies much less, as it should (see the
+    module docstring for the measurements behind the change)."""
     order = torch.randperm(len(small_train), generator=torch.Generator().manual_seed(0))
     forget, retain = small_train.subset(order[:40]), small_train.subset(order[40:])
     targets = similar_labels(predict_probs(small_model, forget.x), forget.y)
-    fa_before = accuracy(small_model, forget)
 
-    model = qmul_unlearn(small_model, forget, retain, QMulConfig(epochs=5), progress=False).model
+    def similar_label_loss(model):
+        probs = predict_probs(model, forget.x)
+        return F.nll_loss(probs.clamp_min(1e-12).log(), targets).item()
 
-    reached = (predict_probs(model, forget.x).argmax(dim=1) == targets).float().mean().item()
-    assert 100 * reached >= 15.0
-    assert accuracy(model, forget) <= fa_before - 10.0
-    assert accuracy(model, retain) >= 75.0
+    qmul = qmul_unlearn(small_model, forget, retain, QMulConfig(epochs=5), progress=False).model
+    fine_tuned = unlearn("ft", small_model, forget, retain, {"epochs": 5}, progress=False).model
+    assert similar_label_loss(qmul) < similar_label_loss(fine_tuned) - 0.3
+    assert accuracy(qmul, retain) >= 90.0
 
 
 def test_qmul_ablations_switch_their_component_off(small_model, small_train):
@@ -128,3 +136,32 @@ def test_qmul_ablations_switch_their_component_off(small_model, small_train):
     assert (result.history[0]["w_f"], result.history[0]["w_r"]) == (1.0, 1.0)
     with pytest.raises(ValueError):
         qmul_unlearn(small_model, forget.subset([]), retain, config, progress=False)
+
+
+def occurrences(steps, position):
+    index = [step[position] for step in steps if step[position] is not None]
+    return torch.cat(index).bincount() if index else torch.zeros(0, dtype=torch.long)
+
+
+@pytest.mark.parametrize("schedule", ["interleaved", "proportional", "sequential"])
+@pytest.mark.parametrize("n_forget, n_retain", [(20, 1400), (144, 1293), (300, 100)])
+def test_one_pass_schedules_see_every_sample_once_per_epoch(schedule, n_forget, n_retain):
+    steps = qmul_steps(schedule, n_forget, n_retain, 64, torch.Generator().manual_seed(0))
+    assert torch.equal(occurrences(steps, 0), torch.ones(n_forget, dtype=torch.long))
+    assert torch.equal(occurrences(steps, 1), torch.ones(n_retain, dtype=torch.long))
+    if schedule == "interleaved":  # the smaller set's batches are spread over the larger's
+        assert len(steps) == max(-(-n_forget // 64), -(-n_retain // 64))
+        forget_steps = [i for i, (f, _) in enumerate(steps) if f is not None]
+        if len(forget_steps) > 1:
+            spacing = torch.diff(torch.tensor(forget_steps))
+            assert spacing.max() - spacing.min() <= 1
+    if schedule == "sequential":  # RL's order: the forget pass first
+        assert all(f is not None for f, _ in steps[: -(-n_forget // 64)])
+
+
+def test_cycled_schedule_repeats_a_small_forget_set():
+    steps = qmul_steps("cycled", 20, 1400, 64, torch.Generator().manual_seed(0))
+    assert len(steps) == 22 and all(f is not None and r is not None for f, r in steps)
+    assert torch.equal(occurrences(steps, 0), torch.full((20,), 22))
+    with pytest.raises(ValueError, match="unknown schedule"):
+        qmul_steps("nope", 20, 1400, 64, torch.Generator())

@@ -1,13 +1,46 @@
 """The unlearning engine: quantized models, data, QAT, Q-MUL, metrics and artifacts.
 
-Depends only on torch, numpy, scikit-learn and tqdm, so it runs without the service.
+Depends only on torch, torchvision, numpy, scikit-learn and tqdm, so it runs without the service.
 """
 
 from .artifacts import load_artifact, save_artifact
-from .data import DATASETS, DatasetSplits, Split, load_dataset
-from .metrics import evaluate, gaps, mia_efficacy
-from .models import MODELS, DigitsCNN, build_model
-from .quantization import QUANTIZERS, LsqPlusQuantizer, QuantConv2d, QuantLinear, quantize_model
+from .data import (
+    DATASETS,
+    CropFlip,
+    DatasetSplits,
+    Split,
+    classwise_forget_split,
+    load_dataset,
+    random_forget_split,
+)
+from .export import export_integer, integer_model, load_integer_model, save_integer_artifact
+from .methods import (
+    UNLEARNING_METHODS,
+    FTConfig,
+    GAConfig,
+    IUConfig,
+    L1SparseConfig,
+    QMulNoAGRConfig,
+    QMulNoSLConfig,
+    RetrainConfig,
+    RLConfig,
+    SalUnConfig,
+    method_config,
+    unlearn,
+)
+from .metrics import evaluate, evaluate_with_membership, gaps, membership_auc, mia_efficacy
+from .models import MODELS, CifarCNN, DigitsCNN, build_model
+from .quantization import (
+    QUANTIZERS,
+    DoReFaWeightQuantizer,
+    DsqQuantizer,
+    FakeQuantizer,
+    LsqPlusQuantizer,
+    PactQuantizer,
+    QuantConv2d,
+    QuantLinear,
+    quantize_model,
+)
 from .recipes import ModelSpec, retrain_reference, train_original
 from .training import TrainConfig, accuracy, predict_probs, train_model
 from .unlearning import (
@@ -27,4 +60,12 @@ __all__ = [
     "load_artifact", "load_dataset", "mia_efficacy", "predict_probs", "qmul_unlearn",
     "quantize_model", "retrain_reference", "save_artifact", "similar_labels", "train_model",
     "train_original",
+    # quantizers, models, data and export (issue 4)
+    "CifarCNN", "CropFlip", "DoReFaWeightQuantizer", "DsqQuantizer", "FakeQuantizer",
+    "PactQuantizer", "classwise_forget_split", "export_integer", "integer_model",
+    "load_integer_model", "random_forget_split", "save_integer_artifact",
+    # unlearning methods and metrics (issue 4)
+    "UNLEARNING_METHODS", "FTConfig", "GAConfig", "IUConfig", "L1SparseConfig", "QMulNoAGRConfig",
+    "QMulNoSLConfig", "RLConfig", "RetrainConfig", "SalUnConfig", "evaluate_with_membership",
+    "membership_auc", "method_config", "unlearn",
 ]

@@ -4,6 +4,8 @@ An artifact holds {"spec": spec, "state_dict": ...}. spec is plain data (dicts, 
 numbers) and must contain "model": the keyword arguments of `build_model`, so the artifact can be
 rebuilt without any other record. The quantizers' `initialized` flags travel in the state dict, so
 a loaded model keeps its learned step sizes and offsets.
+
+Integer exports (`workers.engine.export`) use the same writer and checks, named `<sha256>.int.pt`.
 """
 
 import hashlib
@@ -21,25 +23,19 @@ from .models import build_model
 SHA256_NAME = re.compile(r"[0-9a-f]{64}")
 
 
-def save_artifact(model: nn.Module, spec: dict, directory: Path) -> tuple[Path, str]:
-    """Write the artifact atomically (temp file, fsync, rename); return (path, sha256)."""
-    if "model" not in spec:
-        raise ValueError('spec needs a "model" entry with the build_model arguments')
+def write_content_addressed(data: bytes, directory: Path, suffix: str = ".pt") -> tuple[Path, str]:
+    """Write data atomically (temp file, fsync, rename) as <sha256><suffix>; return
+    (path, sha256)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state_dict = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
-    buffer = io.BytesIO()
-    torch.save({"spec": spec, "state_dict": state_dict}, buffer)
-    data = buffer.getvalue()
     digest = hashlib.sha256(data).hexdigest()
-
-    fd, temp_name = tempfile.mkstemp(dir=directory, prefix=".incoming-", suffix=".pt")
+    fd, temp_name = tempfile.mkstemp(dir=directory, prefix=".incoming-", suffix=suffix)
     try:
         with os.fdopen(fd, "wb") as file:
             file.write(data)
             file.flush()
             os.fsync(file.fileno())
-        path = directory / f"{digest}.pt"
+        path = directory / f"{digest}{suffix}"
         os.replace(temp_name, path)  # same content, same name: replacing is harmless
     except BaseException:
         Path(temp_name).unlink(missing_ok=True)
@@ -52,6 +48,29 @@ def save_artifact(model: nn.Module, spec: dict, directory: Path) -> tuple[Path, 
     return path, digest
 
 
+def read_verified(path: Path, expected_sha256: str | None = None) -> dict:
+    """The torch payload of a content-addressed file, after checking its sha256 against
+    expected_sha256 when given, else against the file name when that starts with a sha256."""
+    path = Path(path)
+    data = path.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    stem = path.name.split(".", 1)[0]
+    expected = expected_sha256 or (stem if SHA256_NAME.fullmatch(stem) else None)
+    if expected is not None and digest != expected.lower():
+        raise ValueError(f"artifact {path} has sha256 {digest}, expected {expected}")
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def save_artifact(model: nn.Module, spec: dict, directory: Path) -> tuple[Path, str]:
+    """Write the artifact atomically (temp file, fsync, rename); return (path, sha256)."""
+    if "model" not in spec:
+        raise ValueError('spec needs a "model" entry with the build_model arguments')
+    state_dict = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
+    buffer = io.BytesIO()
+    torch.save({"spec": spec, "state_dict": state_dict}, buffer)
+    return write_content_addressed(buffer.getvalue(), directory)
+
+
 def load_artifact(
     path: Path, expected_sha256: str | None = None, device: str | torch.device = "cpu"
 ) -> tuple[nn.Module, dict]:
@@ -60,13 +79,10 @@ def load_artifact(
     The bytes must hash to expected_sha256 when given, and to the file name when it is a sha256
     (as save_artifact names it); otherwise ValueError.
     """
-    path = Path(path)
-    data = path.read_bytes()
-    digest = hashlib.sha256(data).hexdigest()
-    expected = expected_sha256 or (path.stem if SHA256_NAME.fullmatch(path.stem) else None)
-    if expected is not None and digest != expected.lower():
-        raise ValueError(f"artifact {path} has sha256 {digest}, expected {expected}")
-    payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    payload = read_verified(path, expected_sha256)
+    if "state_dict" not in payload:
+        raise ValueError(f"{path} is not a state-dict artifact (an integer export? see "
+                         "workers.engine.export.load_integer_model)")
     spec = payload["spec"]
     model = build_model(**spec["model"])
     model.load_state_dict(payload["state_dict"])

@@ -1,13 +1,31 @@
-"""Unlearning metrics: FA, RA, TA, MIA-efficacy and the gaps to the retrain reference.
+"""Unlearning metrics: FA, RA, TA, MIA-efficacy and the gaps to the retrain reference, plus two
+threshold-free membership tests.
 
 MIA-efficacy follows SalUn / l1-sparse: a membership-inference attacker (an RBF SVM on the softmax
 probability of the true class) is fitted on retain samples (members) versus test samples
 (non-members); the score is the share of forget samples it calls non-members, in percent. Higher
 means more forgotten; the target is the retrain reference's value, not 100.
+
+That number hangs on one classifier's one threshold: a forget sample only counts if it crosses
+it, so a model whose forget confidences moved halfway scores the same as one that did not move.
+The membership AUCs look at the whole distributions instead:
+
+- MIA-AUC: the ROC AUC, in percent, of a loss attack (score = -CE, lower loss = "member") that
+  separates forget samples (positives) from test samples (negatives). 50 = the forget samples
+  look like unseen data; 100 = every forget sample has a lower loss than every test sample. For
+  random forgetting the retrain reference sits near 50; for class-wise forgetting it does not
+  (a forgotten class is hard for the reference too), so compare with the reference's value.
+- MIA-AUC-cal: the same AUC on a per-sample difficulty-calibrated score,
+  loss_reference(x) - loss_model(x) (Watson et al. 2022; offline LiRA with one OUT model). The
+  retrain reference is the calibration model: it never saw the forget or the test samples, so
+  what remains is how much more the model "knows" x than a model that never saw it. The
+  reference itself scores exactly 50; an attacker rarely has such a model, so this is a strong,
+  attacker-favouring test. Neither AUC enters AG (the paper's average of four gaps).
 """
 
 import numpy as np
 import torch
+from sklearn.metrics import roc_auc_score
 from sklearn.svm import SVC
 from torch import nn
 
@@ -52,6 +70,42 @@ def mia_efficacy(
     return mia_from_confidences(*confidences, seed=seed)
 
 
+def per_sample_loss(probs: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
+    """Cross-entropy of each sample, from softmax outputs (clamped: a saturated p_y = 1 gives 0)."""
+    return -torch.log(probs.gather(1, labels[:, None]).squeeze(1).clamp_min(1e-12)).numpy()
+
+
+def auc_percent(member_scores: np.ndarray, non_member_scores: np.ndarray) -> float:
+    """ROC AUC in percent of scores that should be higher for members (ties count one half)."""
+    if len(member_scores) == 0 or len(non_member_scores) == 0:
+        raise ValueError("an AUC needs scores on both sides")
+    labels = np.r_[np.ones(len(member_scores)), np.zeros(len(non_member_scores))]
+    return 100.0 * float(roc_auc_score(labels, np.r_[member_scores, non_member_scores]))
+
+
+def membership_auc(
+    forget_loss: np.ndarray,
+    test_loss: np.ndarray,
+    reference_forget_loss: np.ndarray | None = None,
+    reference_test_loss: np.ndarray | None = None,
+) -> float:
+    """MIA-AUC from per-sample losses; with the reference's losses, MIA-AUC-cal."""
+    if reference_forget_loss is None:
+        return auc_percent(-forget_loss, -test_loss)
+    return auc_percent(reference_forget_loss - forget_loss, reference_test_loss - test_loss)
+
+
+def _metrics_from_probs(probs, forget, retain, test, seed):
+    splits = {"FA": forget, "RA": retain, "TA": test}
+    metrics = {
+        key: 100.0 * (probs[key].argmax(dim=1) == split.y).float().mean().item()
+        for key, split in splits.items()
+    }
+    conf = {key: true_class_probs(probs[key], split.y) for key, split in splits.items()}
+    metrics["MIA"] = mia_from_confidences(conf["RA"], conf["TA"], conf["FA"], seed)
+    return metrics
+
+
 def evaluate(
     model: nn.Module,
     forget: Split,
@@ -63,12 +117,29 @@ def evaluate(
     """FA, RA, TA (accuracy in percent) and MIA (efficacy in percent), one inference per split."""
     splits = {"FA": forget, "RA": retain, "TA": test}
     probs = {key: predict_probs(model, split.x, device) for key, split in splits.items()}
-    metrics = {
-        key: 100.0 * (probs[key].argmax(dim=1) == split.y).float().mean().item()
-        for key, split in splits.items()
-    }
-    conf = {key: true_class_probs(probs[key], split.y) for key, split in splits.items()}
-    metrics["MIA"] = mia_from_confidences(conf["RA"], conf["TA"], conf["FA"], seed)
+    return _metrics_from_probs(probs, forget, retain, test, seed)
+
+
+def evaluate_with_membership(
+    model: nn.Module,
+    forget: Split,
+    retain: Split,
+    test: Split,
+    reference: nn.Module | None = None,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+) -> dict[str, float]:
+    """evaluate()'s four metrics plus MIA-AUC, and MIA-AUC-cal when a reference (the retrain
+    reference) is given."""
+    splits = {"FA": forget, "RA": retain, "TA": test}
+    probs = {key: predict_probs(model, split.x, device) for key, split in splits.items()}
+    metrics = _metrics_from_probs(probs, forget, retain, test, seed)
+    forget_loss, test_loss = per_sample_loss(probs["FA"], forget.y), per_sample_loss(probs["TA"], test.y)
+    metrics["MIA-AUC"] = membership_auc(forget_loss, test_loss)
+    if reference is not None:
+        ref_forget = per_sample_loss(predict_probs(reference, forget.x, device), forget.y)
+        ref_test = per_sample_loss(predict_probs(reference, test.x, device), test.y)
+        metrics["MIA-AUC-cal"] = membership_auc(forget_loss, test_loss, ref_forget, ref_test)
     return metrics
 
 

@@ -10,19 +10,29 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .data import DatasetSplits, Split, dataset_info
+from .data import DatasetSplits, Split, dataset_info, load_dataset
 from .models import build_model
 from .training import TrainConfig, train_model
 
 
 @dataclass
 class ModelSpec:
+    """What a model is and how it is trained; plain data, stored by the service (to_dict).
+
+    Fields added after the first release have defaults that reproduce the earlier behaviour, so
+    older stored dicts load unchanged. weight_bits / act_bits None (or 32) mean full precision.
+    """
+
     architecture: str = "digits-cnn"
     dataset: str = "digits"
-    weight_bits: int = 4
-    act_bits: int = 4
+    weight_bits: int | None = 4
+    act_bits: int | None = 4
     quantizer: str = "lsq+"
     train: TrainConfig = field(default_factory=TrainConfig)
+    per_channel: bool = False  # one weight scale per output channel
+    first_last_bits: int | None = 8  # None: first and last layer stay float
+    data_seed: int = 0  # seed of the validation split and per-class subsets
+    data_options: dict = field(default_factory=dict)  # load_dataset options (root, subsets...)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -41,7 +51,13 @@ class ModelSpec:
             "weight_bits": self.weight_bits,
             "act_bits": self.act_bits,
             "quantizer": self.quantizer,
+            "per_channel": self.per_channel,
+            "first_last_bits": self.first_last_bits,
         }
+
+    def load_data(self) -> DatasetSplits:
+        """The spec's data set, with its seed and options."""
+        return load_dataset(self.dataset, self.data_seed, **self.data_options)
 
     def build(self) -> nn.Module:
         """A fresh model whose initial weights depend only on the seed (global RNG untouched)."""
