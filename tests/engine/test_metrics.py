@@ -2,8 +2,16 @@ import numpy as np
 import pytest
 import torch
 
-from workers.engine import ModelSpec, Split, TrainConfig, accuracy, evaluate, gaps, mia_efficacy
-from workers.engine import train_model
+from workers.engine import (
+    ModelSpec,
+    Split,
+    TrainConfig,
+    accuracy,
+    evaluate,
+    gaps,
+    mia_efficacy,
+    train_model,
+)
 from workers.engine.metrics import (
     auc_percent,
     evaluate_with_membership,

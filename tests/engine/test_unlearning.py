@@ -8,8 +8,8 @@ from workers.engine import (
     Split,
     accuracy,
     expected_grad_norm,
-    predict_probs,
     gradient_reweighting,
+    predict_probs,
     qmul_unlearn,
     similar_labels,
 )

@@ -28,7 +28,13 @@ from .methods import (
     method_config,
     unlearn,
 )
-from .metrics import evaluate, evaluate_with_membership, gaps, membership_auc, mia_efficacy
+from .metrics import (
+    evaluate,
+    evaluate_with_membership,
+    gaps,
+    membership_auc,
+    mia_efficacy,
+)
 from .models import MODELS, CifarCNN, DigitsCNN, build_model
 from .quantization import (
     QUANTIZERS,

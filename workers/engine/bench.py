@@ -34,7 +34,7 @@ import os
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 
 import numpy as np
@@ -53,27 +53,29 @@ ALL_METHODS = [name for name in UNLEARNING_METHODS if name != "retrain"]
 PRESETS = {
     # Sized on the shared two-core CPU this project develops on (see docs/engine.md, Benchmark):
     # a 1-seed run took about a third of the budget, three seeds stay under 30 minutes.
-    "cpu-cifar10": dict(
-        dataset="cifar10",
-        dataset_options={"train_per_class": 250, "test_per_class": 100},
-        model="cifar-cnn", quantizer="lsq+", weight_bits=4, act_bits=4,
-        forget_ratio=0.1, seeds=[0, 1, 2],
-        original_epochs=15, retrain_epochs=15, unlearn_epochs=5,
-        lr=0.05, batch_size=64, threads=1,
-        method_overrides={"qmul": {"grad_norm_batches": 8}, "qmul-no-sl": {"grad_norm_batches": 8},
-                          "qmul-no-agr": {"grad_norm_batches": 8}, "iu": {"fisher_samples": 200}},
-    ),
+    "cpu-cifar10": {
+        "dataset": "cifar10",
+        "dataset_options": {"train_per_class": 250, "test_per_class": 100},
+        "model": "cifar-cnn", "quantizer": "lsq+", "weight_bits": 4, "act_bits": 4,
+        "forget_ratio": 0.1, "seeds": [0, 1, 2],
+        "original_epochs": 15, "retrain_epochs": 15, "unlearn_epochs": 5,
+        "lr": 0.05, "batch_size": 64, "threads": 1,
+        "method_overrides": {
+            "qmul": {"grad_norm_batches": 8}, "qmul-no-sl": {"grad_norm_batches": 8},
+            "qmul-no-agr": {"grad_norm_batches": 8}, "iu": {"fisher_samples": 200},
+        },
+    },
     # The SalUn / Q-MUL setting: full CIFAR-10 (45k train after the 5k validation split, 10k
     # test), ResNet-18, LSQ+ W4A4, 10% random forgetting, original 182 epochs and retrain 160 at
     # lr 0.1, unlearning 10 epochs, batch 256.
-    "gpu-paper": dict(
-        dataset="cifar10", dataset_options={},
-        model="resnet18", quantizer="lsq+", weight_bits=4, act_bits=4,
-        forget_ratio=0.1, seeds=[0, 1, 2],
-        original_epochs=182, retrain_epochs=160, unlearn_epochs=10,
-        lr=0.1, batch_size=256, unlearn_batch_size=256,
-        method_overrides={"iu": {"fisher_memory_gib": 24.0}},
-    ),
+    "gpu-paper": {
+        "dataset": "cifar10", "dataset_options": {},
+        "model": "resnet18", "quantizer": "lsq+", "weight_bits": 4, "act_bits": 4,
+        "forget_ratio": 0.1, "seeds": [0, 1, 2],
+        "original_epochs": 182, "retrain_epochs": 160, "unlearn_epochs": 10,
+        "lr": 0.1, "batch_size": 256, "unlearn_batch_size": 256,
+        "method_overrides": {"iu": {"fisher_memory_gib": 24.0}},
+    },
 }
 
 
@@ -377,8 +379,9 @@ def verdict(table: dict[str, dict], n_seeds: int) -> tuple[str, dict]:
         return "No unlearning method was run.", {}
     best = min(methods, key=lambda r: table[r]["AG_per_seed"][0])
     if n_seeds < 2:
-        return (f"One seed: no spread to compare differences with, so this table cannot tell "
-                f"the methods apart (lowest AG: {method_label(best)}).", {"best": best})
+        text = ("One seed: no spread to compare differences with, so this table cannot tell "
+                f"the methods apart (lowest AG: {method_label(best)}).")
+        return text, {"best": best}
 
     def tied(a, b):
         spread = max(table[a]["AG_per_seed"][1], table[b]["AG_per_seed"][1])
@@ -429,22 +432,22 @@ def markdown(config: BenchConfig, table: dict, per_seed: dict, summary: dict, co
     n_forget, n_retain, n_test = first["sizes"]
     memory_kind = ("CUDA max_memory_allocated" if device.startswith("cuda")
                    else "peak RSS increase, sampled every 20 ms")
+    subset = f" (subset: {json.dumps(config.dataset_options)})" if config.dataset_options else ""
     lines = [
-        f"## {config.name}: {config.dataset} {config.model}, {config.quantizer.upper()} "
-        f"W{config.weight_bits}A{config.act_bits}, {config.forget_label()}",
+        (f"## {config.name}: {config.dataset} {config.model}, {config.quantizer.upper()} "
+         f"W{config.weight_bits}A{config.act_bits}, {config.forget_label()}"),
         "",
-        f"- Data: {n_forget} forget / {n_retain} retain / {n_test} test samples"
-        f"{' (subset: ' + json.dumps(config.dataset_options) + ')' if config.dataset_options else ''}; "
-        f"seeds {seeds}; epochs: original {config.original_epochs}, retrain "
-        f"{config.retrain_epochs or config.original_epochs}, unlearning "
-        f"{config.unlearn_epochs or 'method defaults'}; device {device}.",
-        f"- Original model: train accuracy {fmt(train_acc)} %, test accuracy {fmt(test_acc)} % "
-        f"(train - test = {train_acc[0] - test_acc[0]:.1f} points).",
-        f"- Retrain reference: FA {fmt(table['retrain']['cells']['FA'])}, TA "
-        f"{fmt(table['retrain']['cells']['TA'])}.",
+        (f"- Data: {n_forget} forget / {n_retain} retain / {n_test} test samples{subset}; "
+         f"seeds {seeds}; epochs: original {config.original_epochs}, retrain "
+         f"{config.retrain_epochs or config.original_epochs}, unlearning "
+         f"{config.unlearn_epochs or 'method defaults'}; device {device}."),
+        (f"- Original model: train accuracy {fmt(train_acc)} %, test accuracy {fmt(test_acc)} % "
+         f"(train - test = {train_acc[0] - test_acc[0]:.1f} points)."),
+        (f"- Retrain reference: FA {fmt(table['retrain']['cells']['FA'])}, TA "
+         f"{fmt(table['retrain']['cells']['TA'])}."),
         "",
-        "| Method | FA | RA | TA | MIA | AG ↓ | AG/seed | MIA-AUC | MIA-AUC-cal | Time (s) "
-        f"| Memory (MiB, {memory_kind}) |",
+        ("| Method | FA | RA | TA | MIA | AG ↓ | AG/seed | MIA-AUC | MIA-AUC-cal | Time (s) "
+         f"| Memory (MiB, {memory_kind}) |"),
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row, entry in table.items():
@@ -460,9 +463,9 @@ def markdown(config: BenchConfig, table: dict, per_seed: dict, summary: dict, co
         lines.append(f"- Q-MUL time / Retrain time: {table['qmul']['time_s'][0]:.1f} s / "
                      f"{table['retrain']['time_s'][0]:.1f} s = {ratio:.3f}.")
     lines += [
-        "- Cells: mean ± std over seeds (gap to Retrain's mean). AG: mean of the four gaps "
-        "(FA, RA, TA, MIA); AG/seed: AG against each seed's own reference. MIA-AUC(-cal): "
-        "threshold-free membership tests, not in AG (docs/engine.md, Metrics).",
+        ("- Cells: mean ± std over seeds (gap to Retrain's mean). AG: mean of the four gaps "
+         "(FA, RA, TA, MIA); AG/seed: AG against each seed's own reference. MIA-AUC(-cal): "
+         "threshold-free membership tests, not in AG (docs/engine.md, Metrics)."),
         f"- Benchmark wall time: {wall_s / 60:.1f} min (cached stages count zero).",
         f"- Command: `{command}`",
     ]

@@ -27,8 +27,9 @@ weight decay 5e-4 at a constant learning rate, as the reference loop does for 5-
 """
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -261,7 +262,7 @@ def _random_labels_loop(model, forget, retain, config, device, progress, desc, m
                 if buffer is not None:
                     buffer.mul_(keep)
 
-    hooks = dict(after_backward=after_backward, after_step=after_step)
+    hooks = {"after_backward": after_backward, "after_step": after_step}
     history = []
     for epoch in tqdm(range(config.epochs), desc=desc, disable=not progress, leave=False):
         forget_loss = _one_pass(model, optimizer, forget, config.batch_size, generator, device,
@@ -321,6 +322,13 @@ def salun(model, forget, retain, config: SalUnConfig, device="cpu", progress=Tru
                                mask_ratio=config.mask_ratio)
 
 
+def _l1_penalised(params: list[nn.Parameter], alpha: float):
+    def loss(logits, y):
+        return F.cross_entropy(logits, y) + alpha * sum(p.abs().sum() for p in params)
+
+    return loss
+
+
 def l1_sparse(model, forget, retain, config: L1SparseConfig, device="cpu", progress=True):
     """CE on the retain set + alpha_t * ||theta||_1 over all parameters (biases, BatchNorm and
     quantizer parameters included, as in the reference), alpha_t = alpha * (1 - epoch / epochs)."""
@@ -331,11 +339,8 @@ def l1_sparse(model, forget, retain, config: L1SparseConfig, device="cpu", progr
     history = []
     for epoch in tqdm(range(config.epochs), desc="l1-sparse", disable=not progress, leave=False):
         alpha_t = config.alpha * (1 - epoch / config.epochs)
-
-        def loss_fn(logits, y):
-            return F.cross_entropy(logits, y) + alpha_t * sum(p.abs().sum() for p in params)
-
-        loss = _one_pass(model, optimizer, retain, config.batch_size, generator, device, loss_fn)
+        loss = _one_pass(model, optimizer, retain, config.batch_size, generator, device,
+                         _l1_penalised(params, alpha_t))
         with torch.no_grad():
             l1 = sum(p.abs().sum() for p in params).item()
         history.append({"epoch": epoch, "alpha": alpha_t, "loss": loss, "l1_norm": l1})
@@ -506,9 +511,29 @@ def unlearn(
 
 
 __all__ = [
-    "FTConfig", "GAConfig", "IUConfig", "L1SparseConfig", "QMulNoAGRConfig", "QMulNoSLConfig",
-    "RLConfig", "RetrainConfig", "SGDConfig", "SalUnConfig", "UNLEARNING_METHODS",
-    "UnlearningMethod", "fine_tune", "gradient_ascent", "influence_unlearning", "l1_sparse",
-    "method_config", "method_info", "random_labels", "retrain", "salun", "saliency_mask",
-    "unlearn", "woodfisher_ifvp", "influence_direction",
+    "UNLEARNING_METHODS",
+    "FTConfig",
+    "GAConfig",
+    "IUConfig",
+    "L1SparseConfig",
+    "QMulNoAGRConfig",
+    "QMulNoSLConfig",
+    "RLConfig",
+    "RetrainConfig",
+    "SGDConfig",
+    "SalUnConfig",
+    "UnlearningMethod",
+    "fine_tune",
+    "gradient_ascent",
+    "influence_direction",
+    "influence_unlearning",
+    "l1_sparse",
+    "method_config",
+    "method_info",
+    "random_labels",
+    "retrain",
+    "saliency_mask",
+    "salun",
+    "unlearn",
+    "woodfisher_ifvp",
 ]

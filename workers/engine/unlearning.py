@@ -225,8 +225,8 @@ def qmul_unlearn(
     generator = torch.Generator().manual_seed(config.seed)
     history = []
     for epoch in tqdm(range(config.epochs), desc="q-mul", disable=not progress, leave=False):
-        norm_args = dict(device=device, batch_size=config.batch_size,
-                         max_batches=config.grad_norm_batches, seed=config.seed + epoch)
+        norm_args = {"device": device, "batch_size": config.batch_size,
+                     "max_batches": config.grad_norm_batches, "seed": config.seed + epoch}
         forget_norm = expected_grad_norm(model, forget, forget_labels, **norm_args)
         retain_norm = expected_grad_norm(model, retain, retain.y, **norm_args)
         if config.gradient_reweighting:
