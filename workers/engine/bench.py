@@ -21,9 +21,12 @@ seed's reference), mean +- std: the spread that says whether two methods differ 
 MIA-AUC and MIA-AUC-cal (metrics.py) sit beside MIA and do not enter AG.
 
 Time is wall-clock seconds of the method alone (for Retrain: its training). Memory is, on CUDA,
-torch.cuda.max_memory_allocated during the stage (tensors only, not the allocator's cache); on
-the CPU, the peak increase of the process's resident set size over its size at the start of the
-stage, sampled every 20 ms from /proc (coarse: the allocator may reuse memory freed earlier).
+torch.cuda.max_memory_allocated during the stage (tensors only, not the allocator's cache, and
+the data held on the GPU included); on the CPU, the peak resident set size of the whole process
+during the stage, sampled every 20 ms from /proc (data, models and Python included, so it reads
+as "this stage needed at most so much", not as the method's own share). Each record also keeps
+the increase over the stage's start, which on the CPU is mostly zero: the allocator reuses memory
+that earlier stages freed.
 """
 
 import argparse
@@ -355,16 +358,17 @@ def aggregate(per_seed: dict[int, dict[str, dict]], row_names: list[str]) -> dic
         records = [per_seed[s][row] for s in per_seed]
         cells = {k: mean_std([r["metrics"][k] for r in records]) for k in keys}
         gaps = {k: abs(cells[k][0] - reference[k]) for k in keys}
-        per_seed_ag = [
-            sum(abs(per_seed[s][row]["metrics"][k] - per_seed[s]["retrain"]["metrics"][k])
-                for k in METRIC_KEYS) / len(METRIC_KEYS)
-            for s in per_seed
-        ]
+        seed_gaps = {k: [abs(per_seed[s][row]["metrics"][k] - per_seed[s]["retrain"]["metrics"][k])
+                         for s in per_seed] for k in keys}
+        per_seed_ag = [sum(seed_gaps[k][i] for k in METRIC_KEYS) / len(METRIC_KEYS)
+                       for i in range(len(per_seed))]
         table[row] = {
             "cells": cells, "gaps": gaps,
+            "gaps_per_seed": {k: mean_std(v) for k, v in seed_gaps.items()},
             "AG": sum(gaps[k] for k in METRIC_KEYS) / len(METRIC_KEYS),
             "AG_per_seed": mean_std(per_seed_ag), "AG_seeds": per_seed_ag,
             "time_s": mean_std([r.get("time_s", float("nan")) for r in records]),
+            "peak_mib": mean_std([r.get("peak_mib", float("nan")) for r in records]),
             "peak_increase_mib": mean_std([r.get("peak_increase_mib", float("nan"))
                                            for r in records]),
         }
@@ -430,8 +434,8 @@ def markdown(config: BenchConfig, table: dict, per_seed: dict, summary: dict, co
     train_acc = mean_std([r["train_accuracy"] for r in originals])
     test_acc = mean_std([r["test_accuracy"] for r in originals])
     n_forget, n_retain, n_test = first["sizes"]
-    memory_kind = ("CUDA max_memory_allocated" if device.startswith("cuda")
-                   else "peak RSS increase, sampled every 20 ms")
+    memory_kind = ("peak CUDA max_memory_allocated" if device.startswith("cuda")
+                   else "peak process RSS, sampled every 20 ms")
     subset = f" (subset: {json.dumps(config.dataset_options)})" if config.dataset_options else ""
     lines = [
         (f"## {config.name}: {config.dataset} {config.model}, {config.quantizer.upper()} "
@@ -454,7 +458,7 @@ def markdown(config: BenchConfig, table: dict, per_seed: dict, summary: dict, co
         cells = [f"{fmt(entry['cells'][k])} ({entry['gaps'][k]:.2f})"
                  for k in METRIC_KEYS + EXTRA_KEYS]
         cost = ["-", "-"] if row == "original" else [
-            fmt(entry["time_s"]), f"{entry['peak_increase_mib'][0]:.0f}"]
+            fmt(entry["time_s"]), f"{entry['peak_mib'][0]:.0f}"]
         lines.append(" | ".join(["", method_label(row), *cells[:4], f"{entry['AG']:.2f}",
                                  fmt(entry["AG_per_seed"]), *cells[4:], *cost, ""]).strip())
     lines += ["", f"**Verdict.** {summary['text']}", ""]
@@ -466,10 +470,22 @@ def markdown(config: BenchConfig, table: dict, per_seed: dict, summary: dict, co
         ("- Cells: mean ± std over seeds (gap to Retrain's mean). AG: mean of the four gaps "
          "(FA, RA, TA, MIA); AG/seed: AG against each seed's own reference. MIA-AUC(-cal): "
          "threshold-free membership tests, not in AG (docs/engine.md, Metrics)."),
-        f"- Benchmark wall time: {wall_s / 60:.1f} min (cached stages count zero).",
+        (f"- Compute recorded by the stages (originals, references, methods; evaluations not "
+         f"included): {stage_seconds(per_seed) / 60:.1f} min. Wall time of this invocation: "
+         f"{wall_s / 60:.1f} min (stages found in the cache cost nothing)."),
         f"- Command: `{command}`",
     ]
     return "\n".join(lines) + "\n"
+
+
+def stage_seconds(per_seed: dict) -> float:
+    """Training and unlearning time recorded by every stage of the run, cached or not."""
+    total = 0.0
+    for rows in per_seed.values():
+        total += rows["original_record"]["time_s"]
+        total += sum(record.get("time_s", 0.0) for name, record in rows.items()
+                     if name not in ("original", "original_record", "sizes"))
+    return total
 
 
 def plot(table: dict, path: Path, title: str) -> None:
@@ -483,12 +499,11 @@ def plot(table: dict, path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(max(7, 1.1 * len(rows)), 4))
     width = 0.8 / len(keys)
     for i, key in enumerate(keys):
-        if key == "AG":
-            values = [table[r]["AG_per_seed"][0] for r in rows]
-            errors = [table[r]["AG_per_seed"][1] for r in rows]
-        else:
-            values = [table[r]["gaps"][key] for r in rows]
-            errors = [table[r]["cells"][key][1] for r in rows]
+        cells = [table[r]["AG_per_seed"] if key == "AG" else table[r]["gaps_per_seed"][key]
+                 for r in rows]
+        values = [mean for mean, _ in cells]
+        # Gaps are non-negative: the lower whisker stops at zero.
+        errors = [[min(std, mean) for mean, std in cells], [std for _, std in cells]]
         positions = np.arange(len(rows)) + (i - (len(keys) - 1) / 2) * width
         ax.bar(positions, values, width, yerr=errors, capsize=2, label=key)
     ax.set_xticks(np.arange(len(rows)))
@@ -533,7 +548,7 @@ def run(config: BenchConfig, out: Path, progress: bool = True, command: str = ""
     wall = time.perf_counter() - started
     report = markdown(config, table, per_seed, summary, command, wall, device)
     plot(table, run_dir / "gaps.png",
-         f"{config.name}: |gap to Retrain|, mean over seeds {config.seeds} (error bars: std)")
+         f"{config.name}: |gap to each seed's Retrain|, mean ± std over seeds {config.seeds}")
     results = {
         "config": config, "device": device, "wall_time_s": wall, "verdict": summary,
         "table": table, "command": command,
