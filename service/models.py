@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 
 from sqlalchemy import (
     JSON,
+    Boolean,
     DateTime,
     Enum,
     ForeignKey,
@@ -239,6 +240,53 @@ class Evaluation(Base):
     retain_count: Mapped[int]
     test_count: Mapped[int]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Histograms of the membership score (per-sample loss, -ln of the true label's softmax
+    # probability) on the forget and test splits, of the version and of the reference:
+    # {"bin_edges": [...], "version": {"forget": [...], "test": [...]}, "reference": {...}}.
+    # None for evaluations recorded before they were kept.
+    score_histograms: Mapped[dict | None]
+
+
+class SampleScore(Base):
+    """A version's figures on one training sample, computed by a worker (the API holds no model).
+
+    Written when a batch runs (its parent version and its new version, on the batch's samples)
+    and when an evaluation runs (the evaluated version and its reference, on every forgotten
+    sample); a later computation replaces an earlier one. The evidence for a forget request.
+    """
+
+    __tablename__ = "sample_scores"
+
+    version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"), primary_key=True)
+    sample_id: Mapped[int] = mapped_column(ForeignKey("samples.id"), primary_key=True, index=True)
+    correct: Mapped[bool] = mapped_column(Boolean)  # the version predicts the sample's label
+    confidence: Mapped[float]  # softmax probability of the true label
+    member: Mapped[bool] = mapped_column(Boolean)  # the membership attacker calls it a training member
+    computed_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ReferenceRequest(Base):
+    """A retrain reference asked for, by an admin or by the schedule, until a worker records it.
+
+    The scheduler sends the training task for an open request, and sends it again only after the
+    broker's redelivery time (the task was lost); an open request also stops the schedule from
+    asking twice for the same state.
+    """
+
+    __tablename__ = "reference_requests"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_name: Mapped[str] = mapped_column(ForeignKey("models.name"), index=True)
+    requested_at: Mapped[datetime] = mapped_column(default=utcnow)
+    requested_by: Mapped[str] = mapped_column(String(128))
+    reason: Mapped[str] = mapped_column(Text)
+    # The deployment when it was asked for, and how many samples that version excludes.
+    deployed_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
+    excluded_sample_count: Mapped[int]
+    sent_at: Mapped[datetime | None]  # the last time the scheduler sent the task
+    reference_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
+    finished_at: Mapped[datetime | None]
+    error: Mapped[str | None] = mapped_column(Text)  # the last attempt's error; the request stays open
 
 
 class AuditEntry(Base):
