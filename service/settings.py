@@ -64,6 +64,10 @@ class Settings(BaseSettings):
     # Request bodies larger than this are refused with 413 (service/api/body_limit.py).
     api_max_body_bytes: int = 1 << 20
 
+    # Log lines: "json" (one object a line, for a log collector), "text" (readable), or "auto":
+    # JSON in production, text otherwise (service/logging_setup.py).
+    log_format: Literal["auto", "json", "text"] = "auto"
+
     @model_validator(mode="after")
     def _fill_embedded_defaults(self) -> "Settings":
         if not self.database_url:
@@ -75,6 +79,10 @@ class Settings(BaseSettings):
         if self.environment == "production" and self.database_url.startswith("sqlite"):
             raise ValueError("QFORGET_DATABASE_URL: production needs a server database, not SQLite")
         return self
+
+    @property
+    def log_json(self) -> bool:
+        return self.log_format == "json" or (self.log_format == "auto" and self.environment == "production")
 
     @property
     def torch_device(self) -> str:

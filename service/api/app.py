@@ -11,7 +11,9 @@ from sqlalchemy.exc import OperationalError
 
 from service.api.body_limit import BodySizeLimit
 from service.api.deps import reject_unknown_query_parameters
+from service.api.request_logging import RequestLogging
 from service.api.routes import audit, datasets, deployments, forget_requests, health, metrics, models, subjects
+from service.api.routes import dashboard
 from service.api.schemas import ErrorPublic
 from service.db import get_engine, session_factory
 from service.forget_requests import RequestValidationProblem
@@ -44,6 +46,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.session_factory = session_factory(engine)
     app.state.probe_engine = probe_engine
     app.add_middleware(BodySizeLimit, max_bytes=settings.api_max_body_bytes)
+    # Added last, so outermost: it sees every answer, the size limit's 413 included.
+    app.add_middleware(RequestLogging)
     app.add_exception_handler(RequestValidationProblem, _request_problem)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(OperationalError, _database_unavailable)
@@ -56,6 +60,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(deployments.router)
     app.include_router(health.router)
     app.include_router(metrics.router)
+    app.include_router(dashboard.router)
     _document_body_errors(app, settings.api_max_body_bytes)
     return app
 

@@ -1,0 +1,61 @@
+"""The operations dashboard: a static page that draws the /metrics figures as charts.
+
+A browser cannot add an `Authorization` header to a page it navigates to, so the page itself holds
+no data and needs no key: `GET /dashboard` and its two assets are static files. The page asks for
+an auditor (or admin) API key once, keeps it in the tab's sessionStorage (gone when the tab
+closes; never in a cookie, so no other site can make the browser send it), and fetches
+`GET /dashboard/data` with `Authorization: Bearer <key>`, as any other client would. The charts are
+SVG drawn by the page's own script; nothing is loaded from another origin (the Content Security
+Policy forbids it).
+"""
+
+from pathlib import Path
+
+from fastapi import APIRouter, Depends, HTTPException
+from fastapi.responses import FileResponse, JSONResponse
+
+from service.api.deps import SessionDep, SettingsDep, require_role
+from service.api.routes.metrics import read_figures
+from service.api.schemas import AUTH_ERRORS, DATABASE_UNAVAILABLE
+from service.models import Role
+
+router = APIRouter(tags=["operations"])
+
+# Beside the package's code, so it is found both from a clone and from an installed package.
+STATIC_FOLDER = Path(__file__).resolve().parent.parent / "static"
+ASSETS = {"dashboard.js": "text/javascript; charset=utf-8", "dashboard.css": "text/css; charset=utf-8"}
+PAGE_HEADERS = {
+    # Own scripts, styles and fetches only; no framing (clickjacking), no plugins.
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+@router.get("/dashboard", include_in_schema=False)
+def dashboard_page() -> FileResponse:
+    """The dashboard page (no data in it; it asks for an API key and fetches /dashboard/data)."""
+    return FileResponse(STATIC_FOLDER / "dashboard.html", media_type="text/html; charset=utf-8",
+                        headers={**PAGE_HEADERS, "Cache-Control": "no-cache"})
+
+
+@router.get("/dashboard/assets/{name}", include_in_schema=False)
+def dashboard_asset(name: str) -> FileResponse:
+    """The page's script and style sheet."""
+    if name not in ASSETS:
+        raise HTTPException(status_code=404, detail=f"no dashboard asset {name!r}; there are {', '.join(ASSETS)}")
+    return FileResponse(STATIC_FOLDER / name, media_type=ASSETS[name],
+                        headers={**PAGE_HEADERS, "Cache-Control": "no-cache"})
+
+
+@router.get(
+    "/dashboard/data",
+    responses={**AUTH_ERRORS, **DATABASE_UNAVAILABLE},
+    dependencies=[Depends(require_role(Role.auditor))],
+)
+def dashboard_data(session: SessionDep, settings: SettingsDep) -> JSONResponse:
+    """The figures behind /metrics as JSON: requests, due dates, batches and their durations, queues,
+    leases, held batches, batch events, deployments with their newest evaluation (auditor, admin)."""
+    figures = read_figures(session, settings)
+    return JSONResponse(figures, headers={"Cache-Control": "no-store"})
