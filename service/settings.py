@@ -9,7 +9,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import model_validator
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -58,6 +58,12 @@ class Settings(BaseSettings):
 
     # GDPR Art. 12(3): one month to act on a request.
     deadline_days: int = 30
+
+    # Retrain reference schedule (service/references.py): a new reference once this many unlearned
+    # versions were deployed since the newest one, or once the newest one is this many days old,
+    # whenever the deployment has forgotten samples the newest reference still holds. 0: off.
+    reference_every_versions: int = Field(default=0, ge=0)
+    reference_every_days: float = Field(default=0.0, ge=0)
 
     api_host: str = "127.0.0.1"
     api_port: int = 8000

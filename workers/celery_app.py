@@ -17,6 +17,13 @@ UNLEARN_TASK = "qforget.run_unlearning"
 REFERENCE_TASK = "qforget.train_reference"
 
 
+def redelivery_seconds(settings: Settings) -> int:
+    """How long the broker keeps an unacknowledged task before delivering it again (Redis). It must
+    outlast the longest run, or a healthy long run would be started a second time; a task sent
+    longer ago than this and still not done was lost."""
+    return max(3600, 4 * settings.lease_seconds)
+
+
 def broker_transport_options(settings: Settings) -> dict:
     if settings.broker_url.startswith("filesystem://"):
         # kombu's filesystem transport: producers and consumers share one folder of messages.
@@ -26,9 +33,8 @@ def broker_transport_options(settings: Settings) -> dict:
             folder.mkdir(parents=True, exist_ok=True)
         return {"data_folder_in": str(queue_folder), "data_folder_out": str(queue_folder),
                 "control_folder": str(control_folder)}
-    # Redis redelivers an unacknowledged message after the visibility timeout: it must outlast
-    # the longest run, or a healthy long run would be started a second time.
-    return {"visibility_timeout": max(3600, 4 * settings.lease_seconds)}
+    # Redis redelivers an unacknowledged message after the visibility timeout.
+    return {"visibility_timeout": redelivery_seconds(settings)}
 
 
 def create_celery(settings: Settings) -> Celery:

@@ -7,11 +7,12 @@ sends dispatches, never loads it.
 import logging
 from datetime import timedelta
 
-from service.db import get_engine
+from service.db import get_engine, transaction
 from service.models import utcnow
+from service.references import claim_requests_to_send, schedule_references
 from service.settings import get_settings
 from workers.batching import BatchPolicy, due_models
-from workers.celery_app import DISPATCH_TASK, REFERENCE_TASK, UNLEARN_TASK, app
+from workers.celery_app import DISPATCH_TASK, REFERENCE_TASK, UNLEARN_TASK, app, redelivery_seconds
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,23 @@ def dispatch() -> list[str]:
                          timedelta(seconds=settings.failed_batch_cooldown_seconds))
     for model_name in due:
         run_unlearning.delay(model_name)
+    dispatch_references()
     return due
+
+
+def dispatch_references() -> list[int]:
+    """Ask for the retrain references the schedule says are due, and send the training task for
+    every open reference request not sent yet (or lost). Returns the request ids sent."""
+    settings = get_settings()
+    now = utcnow()
+    with transaction(get_engine(settings, "scheduler")) as session:
+        schedule_references(session, settings.reference_every_versions, settings.reference_every_days, now)
+        to_send = claim_requests_to_send(session, now, timedelta(seconds=redelivery_seconds(settings)))
+    # Sent after the commit: a worker must find the request. A send that fails leaves the request
+    # marked sent; it goes again after the redelivery time.
+    for request_id, model_name in to_send:
+        train_reference.delay(model_name, request_id)
+    return [request_id for request_id, _ in to_send]
 
 
 @app.task(name=UNLEARN_TASK)
@@ -57,13 +74,25 @@ def run_unlearning(model_name: str) -> int | None:
 
 
 @app.task(name=REFERENCE_TASK)
-def train_reference(model_name: str) -> int | None:
-    """Train a retrain reference on the active samples and evaluate the deployment against it."""
+def train_reference(model_name: str, reference_request_id: int | None = None) -> int | None:
+    """Train a retrain reference on the active samples and evaluate the deployment against it.
+
+    With a reference request id (the scheduler's sends), the request is closed with the reference,
+    and a request already closed is not trained again (a duplicate delivery).
+    """
     from workers import unlearning_runs
 
     settings = get_settings()
     unlearning_runs.configure_torch(settings)
     engine = get_engine(settings, "worker")
-    reference_id = unlearning_runs.train_reference(engine, settings, model_name)
+    try:
+        reference_id = unlearning_runs.train_reference(engine, settings, model_name, reference_request_id)
+    except Exception as error:  # recorded on the request, which stays open: sent again later
+        log.exception("reference for model %s failed", model_name)
+        if reference_request_id is not None:
+            unlearning_runs.record_reference_failure(engine, reference_request_id, error)
+        return None
+    if reference_id is None:
+        return None
     log.info("reference version %s trained for model %s", reference_id, model_name)
     return unlearning_runs.evaluate_deployment(engine, settings, model_name)

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
+import numpy as np
 import torch
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, delete, insert, select, update
 
 from service.audit_log import append_audit
 from service.db import transaction
@@ -33,8 +34,10 @@ from service.models import (
     ForgetRequest,
     Model,
     ModelVersion,
+    ReferenceRequest,
     RequestStatus,
     Sample,
+    SampleScore,
     SampleStatus,
     VersionKind,
     as_utc,
@@ -42,6 +45,7 @@ from service.models import (
 )
 from service.settings import Settings
 from workers import engine as qf
+from workers.engine.metrics import membership_attacker, per_sample_loss, true_class_probs
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +80,62 @@ def load_data(spec: qf.ModelSpec) -> qf.DatasetSplits:
 def artifact_spec(spec: qf.ModelSpec) -> dict:
     """What an artifact records so that it can be rebuilt without the database."""
     return {"model": spec.model_kwargs(), "dataset": spec.dataset}
+
+
+@dataclass(frozen=True)
+class SampleAssessment:
+    """A version's per-sample figures on a forget split (in the split's order), and the membership
+    scores (per-sample loss, -ln p of the true label) of the forget and test splits."""
+
+    correct: np.ndarray
+    confidence: np.ndarray
+    member: np.ndarray
+    forget_loss: np.ndarray
+    test_loss: np.ndarray
+
+
+def assess_samples(network, forget: qf.Split, retain: qf.Split, test: qf.Split, device: str,
+                   seed: int = 0) -> SampleAssessment:
+    """Per forget sample: predicted right, the true label's softmax probability, and the MIA
+    attacker's call (the classifier behind MIA, fitted on this version's retain vs test)."""
+    probs = {name: qf.predict_probs(network, split.x, device)
+             for name, split in (("forget", forget), ("retain", retain), ("test", test))}
+    confidence = {name: true_class_probs(probs[name], split.y)
+                  for name, split in (("forget", forget), ("retain", retain), ("test", test))}
+    attacker = membership_attacker(confidence["retain"], confidence["test"], seed)
+    return SampleAssessment(
+        correct=(probs["forget"].argmax(dim=1) == forget.y).numpy(),
+        confidence=confidence["forget"][:, 0],
+        member=attacker.predict(confidence["forget"]) == 1,
+        forget_loss=per_sample_loss(probs["forget"], forget.y),
+        test_loss=per_sample_loss(probs["test"], test.y),
+    )
+
+
+# Membership score histograms: the loss spans many decades (a memorised sample has ~1e-6), so
+# the bins are log-spaced, with a first bin [0, 1e-6) for saturated confidences.
+SCORE_BIN_EDGES = [0.0, *np.geomspace(1e-6, 30.0, 31).round(8).tolist()]
+
+
+def score_histogram(losses: np.ndarray) -> list[int]:
+    clipped = np.clip(losses, 0.0, SCORE_BIN_EDGES[-1])
+    return np.histogram(clipped, bins=SCORE_BIN_EDGES)[0].astype(int).tolist()
+
+
+def record_sample_scores(session, version_id: int, sample_ids: list[int], assessment: SampleAssessment) -> None:
+    """Store (replacing earlier ones) a version's figures on the given samples, in the split's order."""
+    now = utcnow()
+    for start in range(0, len(sample_ids), 5000):  # bounded statement size on both databases
+        chunk = sample_ids[start:start + 5000]
+        session.execute(delete(SampleScore).where(SampleScore.version_id == version_id,
+                                                  SampleScore.sample_id.in_(chunk)))
+    if sample_ids:
+        session.execute(insert(SampleScore), [
+            {"version_id": version_id, "sample_id": sample_id, "correct": bool(assessment.correct[i]),
+             "confidence": float(assessment.confidence[i]), "member": bool(assessment.member[i]),
+             "computed_at": now}
+            for i, sample_id in enumerate(sample_ids)
+        ])
 
 
 def claim_batch(engine: Engine, settings: Settings, model_name: str) -> ClaimedBatch | None:
@@ -210,6 +270,7 @@ def run_batch(engine: Engine, settings: Settings, claimed: ClaimedBatch, progres
         config = unlearn_config(settings, model)
         parent_path, parent_sha256 = parent.artifact_path, parent.sha256
     forget_indices = sorted({row.dataset_index for row in forget_rows})
+    id_of_index = {row.dataset_index: row.id for row in forget_rows}
 
     keeper = LeaseKeeper(engine, claimed.batch_id, settings.lease_seconds)
     keeper.start()
@@ -220,13 +281,20 @@ def run_batch(engine: Engine, settings: Settings, claimed: ClaimedBatch, progres
         log.info("batch %s: Q-MUL on %d forget / %d retain samples", claimed.batch_id, len(forget), len(retain))
         result = qf.qmul_unlearn(network, forget, retain, config, device=settings.torch_device, progress=progress)
         metrics = qf.evaluate(result.model, forget, retain, data.test, device=settings.torch_device)
+        # Per-request evidence: the batch's samples before (the parent) and after (the new version).
+        evidence = BatchEvidence(
+            sample_ids=[id_of_index[index] for index in forget_indices],
+            before=assess_samples(network, forget, retain, data.test, settings.torch_device),
+            after=assess_samples(result.model, forget, retain, data.test, settings.torch_device),
+        )
         path, sha256 = qf.save_artifact(result.model, artifact_spec(spec), Path(settings.model_store))
     finally:
         keeper.stop()
     if keeper.lost:
         log.warning("batch %s: lease lost during the run; another worker owns it now", claimed.batch_id)
         return None
-    return _record_result(engine, settings, claimed, forget_ids, path, sha256, config, metrics, result.history)
+    return _record_result(engine, settings, claimed, forget_ids, path, sha256, config, metrics, result.history,
+                          evidence)
 
 
 def unlearn_config(settings: Settings, model: Model) -> qf.QMulConfig:
@@ -235,8 +303,17 @@ def unlearn_config(settings: Settings, model: Model) -> qf.QMulConfig:
                             **(model.unlearn_config or {})})
 
 
-def _record_result(engine, settings, claimed, forget_ids, path, sha256, config, metrics, history) -> int | None:
-    """One transaction: the new version, then either its deployment or a hold by the quality gate."""
+@dataclass(frozen=True)
+class BatchEvidence:
+    sample_ids: list[int]  # in the order of the assessments' arrays
+    before: SampleAssessment  # the parent version
+    after: SampleAssessment  # the new version
+
+
+def _record_result(engine, settings, claimed, forget_ids, path, sha256, config, metrics, history,
+                   evidence: BatchEvidence | None = None) -> int | None:
+    """One transaction: the new version and its evidence, then either its deployment or a hold by
+    the quality gate."""
     actor = f"worker:{WORKER_ID}"
     with transaction(engine) as session:
         batch = session.get(Batch, claimed.batch_id, with_for_update=True)
@@ -262,6 +339,9 @@ def _record_result(engine, settings, claimed, forget_ids, path, sha256, config, 
         session.add(version)
         session.flush()
         batch.result_version_id = version.id
+        if evidence is not None:
+            record_sample_scores(session, batch.parent_version_id, evidence.sample_ids, evidence.before)
+            record_sample_scores(session, version.id, evidence.sample_ids, evidence.after)
         drop = parent.metrics.get("TA", metrics["TA"]) - metrics["TA"]
         if drop > settings.quality_gate_max_ta_drop:
             batch.status = BatchStatus.held
@@ -323,12 +403,22 @@ def prune_artifacts(engine: Engine, settings: Settings, model_name: str) -> list
     return pruned
 
 
-def train_reference(engine: Engine, settings: Settings, model_name: str, progress: bool = False) -> int:
-    """Train a retrain reference from scratch on the samples still active. Returns its version id."""
+def train_reference(engine: Engine, settings: Settings, model_name: str, reference_request_id: int | None = None,
+                    progress: bool = False) -> int | None:
+    """Train a retrain reference from scratch on the samples still active. Returns its version id.
+
+    With a reference request, the request is closed in the transaction that records the reference;
+    a request already closed (a duplicate delivery) trains nothing and returns None.
+    """
     with transaction(engine) as session:
         model = session.get(Model, model_name)
         if model is None:
             raise ValueError(f"unknown model {model_name!r}")
+        if reference_request_id is not None:
+            request = session.get(ReferenceRequest, reference_request_id)
+            if request is None or request.finished_at is not None:
+                log.info("reference request %s is closed already: nothing to train", reference_request_id)
+                return None
         active_indices = session.scalars(
             select(Sample.dataset_index)
             .where(Sample.dataset == model.dataset, Sample.status == SampleStatus.active)
@@ -356,24 +446,45 @@ def train_reference(engine: Engine, settings: Settings, model_name: str, progres
         )
         session.add(version)
         session.flush()
+        details = {"model": model_name, "excluded_samples": len(excluded),
+                   "retain_samples": len(active_indices), "sha256": sha256}
+        if reference_request_id is not None:
+            request = session.get(ReferenceRequest, reference_request_id, with_for_update=True)
+            request.reference_version_id, request.finished_at, request.error = version.id, utcnow(), None
+            details["reference_request_id"] = reference_request_id
         append_audit(session, actor=f"worker:{WORKER_ID}", action="reference.trained",
-                     object_type="model_version", object_id=str(version.id),
-                     details={"model": model_name, "excluded_samples": len(excluded),
-                              "retain_samples": len(active_indices), "sha256": sha256})
+                     object_type="model_version", object_id=str(version.id), details=details)
         return version.id
+
+
+def record_reference_failure(engine: Engine, reference_request_id: int, error: BaseException) -> None:
+    """A reference run raised: the error goes on the request, which stays open (sent again later)."""
+    with transaction(engine) as session:
+        request = session.get(ReferenceRequest, reference_request_id, with_for_update=True)
+        if request is None or request.finished_at is not None:
+            return
+        request.error = f"{type(error).__name__}: {error}"
+        append_audit(session, actor=f"worker:{WORKER_ID}", action="reference.failed", object_type="model",
+                     object_id=request.model_name,
+                     details={"reference_request_id": reference_request_id, "error": request.error})
 
 
 def _audit_splits(session, model: Model, forgotten_ids) -> tuple[list[int], list[int]]:
     """Dataset indices of the forget split (the given forgotten samples) and of the retain split."""
-    forget_indices = session.scalars(
-        select(Sample.dataset_index).where(Sample.id.in_(forgotten_ids)).order_by(Sample.dataset_index)
-    ).all()
+    forget_indices = [index for _, index in _forget_samples(session, forgotten_ids)]
     retain_indices = session.scalars(
         select(Sample.dataset_index)
         .where(Sample.dataset == model.dataset, Sample.status == SampleStatus.active)
         .order_by(Sample.dataset_index)
     ).all()
     return forget_indices, retain_indices
+
+
+def _forget_samples(session, forgotten_ids) -> list[tuple[int, int]]:
+    """(sample id, dataset index) of the given samples, in the forget split's order."""
+    return [tuple(row) for row in session.execute(
+        select(Sample.id, Sample.dataset_index).where(Sample.id.in_(forgotten_ids)).order_by(Sample.dataset_index)
+    )]
 
 
 def _evaluate_artifact(settings: Settings, spec: qf.ModelSpec, artifact_path: str, sha256: str,
@@ -416,12 +527,15 @@ def evaluate_deployment(engine: Engine, settings: Settings, model_name: str) -> 
         if reference is None:
             return None
         forget_indices, retain_indices = _audit_splits(session, model, excluded)
+        forget_sample_ids = [sample_id for sample_id, _ in _forget_samples(session, excluded)]
         spec = qf.ModelSpec.from_dict(model.spec)
-    results = {
-        version.id: _evaluate_artifact(settings, spec, version.artifact_path, version.sha256,
-                                       forget_indices, retain_indices)
-        for version in (deployed, reference)
-    }
+    data = load_data(spec)
+    forget, retain = data.train.subset(forget_indices), data.train.subset(retain_indices)
+    results, assessments = {}, {}
+    for version in (deployed, reference):
+        network, _ = qf.load_artifact(Path(version.artifact_path), version.sha256, device=settings.torch_device)
+        results[version.id] = qf.evaluate(network, forget, retain, data.test, device=settings.torch_device)
+        assessments[version.id] = assess_samples(network, forget, retain, data.test, settings.torch_device)
     with transaction(engine) as session:
         evaluation = Evaluation(
             version_id=deployed.id,
@@ -431,10 +545,19 @@ def evaluate_deployment(engine: Engine, settings: Settings, model_name: str) -> 
             gaps=qf.gaps(results[deployed.id], results[reference.id]),
             forget_count=len(forget_indices),
             retain_count=len(retain_indices),
-            test_count=len(load_data(spec).test),
+            test_count=len(data.test),
+            score_histograms={
+                "score": "per-sample loss, -ln p(true label)",
+                "bin_edges": SCORE_BIN_EDGES,
+                **{role: {"forget": score_histogram(assessments[version.id].forget_loss),
+                          "test": score_histogram(assessments[version.id].test_loss)}
+                   for role, version in (("version", deployed), ("reference", reference))},
+            },
         )
         session.add(evaluation)
         session.flush()
+        for version in (deployed, reference):
+            record_sample_scores(session, version.id, forget_sample_ids, assessments[version.id])
         append_audit(session, actor=f"worker:{WORKER_ID}", action="evaluation.recorded",
                      object_type="model_version", object_id=str(evaluation.version_id),
                      details={"evaluation_id": evaluation.id, "reference_id": evaluation.reference_id,

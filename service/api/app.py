@@ -13,6 +13,7 @@ from service.api.body_limit import BodySizeLimit
 from service.api.deps import reject_unknown_query_parameters
 from service.api.request_logging import RequestLogging
 from service.api.routes import audit, datasets, deployments, forget_requests, health, metrics, models, subjects
+from service.api.routes import evidence
 from service.api.routes import dashboard
 from service.api.schemas import ErrorPublic
 from service.db import get_engine, session_factory
@@ -53,6 +54,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(OperationalError, _database_unavailable)
     app.add_exception_handler(Exception, _unexpected_error)
     app.include_router(forget_requests.router)
+    app.include_router(evidence.router)
     app.include_router(subjects.router)
     app.include_router(models.router)
     app.include_router(datasets.router)

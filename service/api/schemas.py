@@ -284,6 +284,9 @@ class AuditPublic(BaseModel):
     )
     message: str
     evaluation: EvaluationPublic | None
+    reference: "ReferenceStatePublic | None" = Field(
+        default=None, description="The deployed version against the retrain references; None when nothing is deployed."
+    )
 
 
 class HealthPublic(BaseModel):
@@ -328,3 +331,118 @@ class ProblemPublic(BaseModel):
     """Problems with named fields: the same shape as FastAPI's validation errors."""
 
     detail: list[ProblemItem]
+
+
+# Issue 7, audit: a version against its retrain reference, per-request evidence, reference requests.
+
+
+class ReferenceStatePublic(BaseModel):
+    """How a version stands against the model's retrain references."""
+
+    status: Literal["matching", "stale", "missing"] = Field(
+        description="matching: a reference excludes exactly the version's samples; stale: the newest reference "
+        "excludes a different set (it is given, with the differences); missing: no reference at all."
+    )
+    message: str
+    reference_id: int | None
+    created_at: UtcDatetime | None
+    excluded_sample_count: int | None = Field(description="How many samples the reference was trained without.")
+    excluded_sample_ids: list[int] | None = Field(description="The exact samples the reference was trained without.")
+    missing_from_reference: list[int] = Field(
+        description="Samples the version excludes that the reference was still trained on (stale only)."
+    )
+    extra_in_reference: list[int] = Field(description="Samples the reference excludes and the version does not.")
+
+
+AuditPublic.model_rebuild()  # its `reference` field names ReferenceStatePublic, defined above
+
+
+class VersionAuditPublic(BaseModel):
+    """One version's FA, RA, TA, MIA against the newest reference that excludes the same samples."""
+
+    version_id: int
+    model: str
+    kind: VersionKind
+    deployed: bool
+    method: str = Field(description="How the version was made (qat, qmul, retrain).")
+    config: dict[str, Any] = Field(description="With what settings.")
+    created_at: UtcDatetime
+    excluded_sample_count: int
+    status: Literal["current", "not_evaluated", "stale_reference", "missing_reference", "not_applicable"] = Field(
+        description="current: evaluated against a reference that excludes the same samples; not_evaluated: such a "
+        "reference exists, this version was not evaluated against it; stale_reference: the newest reference "
+        "excludes a different set; missing_reference: no reference yet; not_applicable: a reference itself, or "
+        "a version that excludes nothing."
+    )
+    message: str
+    reference: ReferenceStatePublic | None
+    evaluation: EvaluationPublic | None
+
+
+class ReferenceRequestPublic(BaseModel):
+    """A retrain reference asked for; the scheduler sends the training task, a worker records it."""
+
+    id: int
+    model: str
+    requested_at: UtcDatetime
+    requested_by: str
+    reason: str
+    deployed_version_id: int | None = Field(description="The deployment when it was asked for.")
+    excluded_sample_count: int = Field(description="How many samples that deployment excludes.")
+    queue: str = Field(description="The Celery queue its training task goes to.")
+    sent_at: UtcDatetime | None = Field(description="When the scheduler last sent the task; None: not yet.")
+    reference_version_id: int | None = Field(description="The reference, once trained.")
+    finished_at: UtcDatetime | None
+    error: str | None = Field(description="The last attempt's error; the request stays open and is sent again.")
+    created: bool = Field(description="False: an open request for the same deployment existed and is given instead.")
+
+
+class SampleFiguresPublic(BaseModel):
+    """One version on one sample, computed by a worker."""
+
+    version_id: int
+    correct: bool = Field(description="The version predicts the sample's label.")
+    confidence: float = Field(description="The softmax probability of the true label (0 to 1).")
+    member: bool = Field(description="The MIA attacker (fitted on the version's retain vs test) calls it a member.")
+    computed_at: UtcDatetime
+
+
+class FiguresSummaryPublic(BaseModel):
+    """One version on the request's samples."""
+
+    version_id: int
+    sample_count: int = Field(description="How many of the request's samples have figures.")
+    accuracy: float = Field(description="Percent of them the version predicts right.")
+    mean_confidence: float = Field(description="Mean softmax probability of the true label.")
+    member_share: float = Field(description="Percent of them the MIA attacker calls training members.")
+
+
+class EvidenceSamplePublic(BaseModel):
+    sample_id: int
+    dataset_index: int
+    before: SampleFiguresPublic | None
+    after: SampleFiguresPublic | None
+    reference: SampleFiguresPublic | None
+
+
+class EvidencePublic(BaseModel):
+    """A forget request's samples before (the batch's parent version) and after (the version that
+    completed it), against a retrain reference that never saw them."""
+
+    request_id: str
+    model: str
+    request_status: RequestStatus
+    status: Literal[
+        "pending", "not_applicable", "figures_missing", "reference_missing", "reference_stale", "complete"
+    ] = Field(
+        description="pending: not completed yet, no figures; not_applicable: rejected or failed; figures_missing: "
+        "completed but the worker recorded no figures for its versions; reference_missing: no reference excluding "
+        "these samples has figures yet; reference_stale: the reference given excludes these samples but not the "
+        "same set as the version after; complete: before, after and a matching reference."
+    )
+    message: str
+    sample_count: int
+    before: FiguresSummaryPublic | None
+    after: FiguresSummaryPublic | None
+    reference: FiguresSummaryPublic | None
+    samples: list[EvidenceSamplePublic]

@@ -46,13 +46,20 @@ def mia_from_confidences(
     each drawn with a seeded permutation; return 100 * share of forget samples predicted 0."""
     if len(forget_conf) == 0:
         raise ValueError("MIA-efficacy of an empty forget set is undefined")
+    attacker = membership_attacker(retain_conf, test_conf, seed)
+    return 100.0 * float((attacker.predict(forget_conf) == 0).mean())
+
+
+def membership_attacker(retain_conf: np.ndarray, test_conf: np.ndarray, seed: int = 0) -> SVC:
+    """The MIA-efficacy attacker, fitted; its predict() gives 1 for "member", 0 for "non-member".
+    Public so that per-sample membership calls use the very classifier behind MIA."""
     rng = np.random.default_rng(seed)
     n = min(len(retain_conf), len(test_conf))
     members = retain_conf[rng.permutation(len(retain_conf))[:n]]
     non_members = test_conf[rng.permutation(len(test_conf))[:n]]
     attacker = SVC(C=3, gamma="auto", kernel="rbf")
     attacker.fit(np.concatenate([members, non_members]), np.r_[np.ones(n), np.zeros(n)])
-    return 100.0 * float((attacker.predict(forget_conf) == 0).mean())
+    return attacker
 
 
 def mia_efficacy(

@@ -1,8 +1,9 @@
-"""The audit: a deployment's newest evaluation against the retrain reference, and the audit log."""
+"""The audit: evaluations of versions against retrain references, the printable report, and the audit log."""
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException, Query
+from fastapi import APIRouter, Depends, HTTPException, Path, Query
+from fastapi.responses import HTMLResponse
 from sqlalchemy import func, select
 
 from service.api.deps import SessionDep, SettingsDep, require_role
@@ -17,9 +18,12 @@ from service.api.schemas import (
     ErrorPublic,
     EvaluationPublic,
     ProblemPublic,
+    ReferenceStatePublic,
+    VersionAuditPublic,
 )
 from service.audit_log import verify_chain
-from service.models import AuditEntry, Evaluation, Model, ModelVersion, Role
+from service.models import AuditEntry, Evaluation, Model, ModelVersion, Role, VersionKind
+from service.references import compare_with_references
 
 router = APIRouter(
     prefix="/audit",
@@ -79,48 +83,161 @@ def read_audit(
     model: Annotated[str | None, Query(min_length=1, max_length=64, pattern=NO_NUL)] = None,
 ) -> AuditPublic:
     """Get how far the deployed version is from a model retrained without the forgotten samples."""
-    name = model or settings.default_model
+    return deployment_audit(session, _model(session, model or settings.default_model))
+
+
+@router.get(
+    "/report",
+    response_class=HTMLResponse,
+    responses={
+        200: {"description": "A printable HTML report with inline SVG plots.", "content": {"text/html": {}}},
+        404: {"model": ErrorPublic, "description": "No model has this name."},
+        422: {"model": ProblemPublic, "description": "The model name is malformed."},
+    },
+)
+def read_audit_report(
+    session: SessionDep,
+    settings: SettingsDep,
+    model: Annotated[str | None, Query(min_length=1, max_length=64, pattern=NO_NUL)] = None,
+) -> HTMLResponse:
+    """Get the audit as a printable HTML page: gaps over time, membership scores, requests against the deadline."""
+    from service import reports  # matplotlib: loaded by the first report, not by every API process
+
+    db_model = _model(session, model or settings.default_model)
+    page = reports.build_report(session, db_model, deployment_audit(session, db_model), settings.deadline_days)
+    return HTMLResponse(page)
+
+
+@router.get(
+    "/versions/{version_id}",
+    response_model=VersionAuditPublic,
+    responses={
+        404: {"model": ErrorPublic, "description": "No model version has this id."},
+        422: {"model": ProblemPublic, "description": "The version id is not a positive integer."},
+    },
+)
+def read_version_audit(
+    version_id: Annotated[int, Path(ge=1, le=2**31 - 1)], session: SessionDep
+) -> VersionAuditPublic:
+    """Get one version's FA, RA, TA, MIA against the newest reference that excludes the same samples."""
+    version = session.get(ModelVersion, version_id)
+    if version is None:
+        raise HTTPException(status_code=404, detail=f"model version {version_id} not found")
+    return version_audit(session, version)
+
+
+def _model(session, name: str) -> Model:
     db_model = session.get(Model, name)
     if db_model is None:
         raise HTTPException(status_code=404, detail=f"model {name!r} not found")
-    deployed = db_model.deployed_version_id
-    # An evaluation of the deployed version if there is one, else the newest of any version.
-    evaluation = session.scalars(
+    return db_model
+
+
+def _evaluation_public(evaluation: Evaluation) -> EvaluationPublic:
+    return EvaluationPublic(
+        id=evaluation.id,
+        version_id=evaluation.version_id,
+        reference_id=evaluation.reference_id,
+        metrics=evaluation.metrics,
+        reference_metrics=evaluation.reference_metrics,
+        gaps=evaluation.gaps,
+        forget_count=evaluation.forget_count,
+        retain_count=evaluation.retain_count,
+        test_count=evaluation.test_count,
+        computed_at=evaluation.created_at,
+    )
+
+
+def reference_state_public(session, version: ModelVersion) -> ReferenceStatePublic:
+    comparison = compare_with_references(session, version)
+    reference = comparison.reference
+    return ReferenceStatePublic(
+        status=comparison.status,
+        message=comparison.describe(version),
+        reference_id=None if reference is None else reference.id,
+        created_at=None if reference is None else reference.created_at,
+        excluded_sample_count=None if reference is None else len(reference.excluded_sample_ids),
+        excluded_sample_ids=None if reference is None else sorted(reference.excluded_sample_ids),
+        missing_from_reference=comparison.missing_from_reference,
+        extra_in_reference=comparison.extra_in_reference,
+    )
+
+
+def _matching_evaluation(session, version: ModelVersion) -> Evaluation | None:
+    """The version's newest evaluation against a reference that excludes exactly its samples."""
+    excluded = set(version.excluded_sample_ids)
+    evaluations = session.execute(
+        select(Evaluation, ModelVersion.excluded_sample_ids)
+        .join(ModelVersion, ModelVersion.id == Evaluation.reference_id)
+        .where(Evaluation.version_id == version.id)
+        .order_by(Evaluation.created_at.desc(), Evaluation.id.desc())
+    ).all()
+    return next((evaluation for evaluation, reference_excluded in evaluations
+                 if set(reference_excluded) == excluded), None)
+
+
+def deployment_audit(session, db_model: Model) -> AuditPublic:
+    """The deployed version's newest evaluation (else the newest of an earlier version), and where
+    the deployed version stands against the references."""
+    name, deployed_id = db_model.name, db_model.deployed_version_id
+    deployed = session.get(ModelVersion, deployed_id) if deployed_id is not None else None
+    reference = reference_state_public(session, deployed) if deployed is not None else None
+    evaluation = _matching_evaluation(session, deployed) if deployed is not None else None
+    if evaluation is not None:
+        return AuditPublic(model=name, deployed_version_id=deployed_id, status="current",
+                           message=f"evaluation of the deployed version {deployed_id} against reference "
+                           f"{evaluation.reference_id}, trained without the same "
+                           f"{len(deployed.excluded_sample_ids)} samples",
+                           evaluation=_evaluation_public(evaluation), reference=reference)
+    why = "" if reference is None else f"; {reference.message}"
+    earlier = session.scalars(
         select(Evaluation)
         .join(ModelVersion, ModelVersion.id == Evaluation.version_id)
         .where(ModelVersion.model_name == name)
-        .order_by((Evaluation.version_id == deployed).desc(), Evaluation.created_at.desc(), Evaluation.id.desc())
+        .order_by(Evaluation.created_at.desc(), Evaluation.id.desc())
         .limit(1)
     ).first()
-    if evaluation is None:
-        return AuditPublic(
-            model=name,
-            deployed_version_id=deployed,
-            status="missing",
-            message=f"no version of model {name!r} has been evaluated against a retrain reference yet",
-            evaluation=None,
-        )
-    current = evaluation.version_id == deployed
+    if earlier is None:
+        return AuditPublic(model=name, deployed_version_id=deployed_id, status="missing",
+                           message=f"no version of model {name!r} has been evaluated against a retrain reference "
+                           f"yet{why}", evaluation=None, reference=reference)
     return AuditPublic(
-        model=name,
-        deployed_version_id=deployed,
-        status="current" if current else "stale",
-        message=(
-            f"evaluation of the deployed version {deployed}"
-            if current
-            else f"the deployed version {deployed} has not been evaluated yet; this is the evaluation of "
-            f"the earlier version {evaluation.version_id}"
-        ),
-        evaluation=EvaluationPublic(
-            id=evaluation.id,
-            version_id=evaluation.version_id,
-            reference_id=evaluation.reference_id,
-            metrics=evaluation.metrics,
-            reference_metrics=evaluation.reference_metrics,
-            gaps=evaluation.gaps,
-            forget_count=evaluation.forget_count,
-            retain_count=evaluation.retain_count,
-            test_count=evaluation.test_count,
-            computed_at=evaluation.created_at,
-        ),
+        model=name, deployed_version_id=deployed_id, status="stale",
+        message=f"the deployed version {deployed_id} has not been evaluated yet; this is the evaluation of the "
+        f"earlier version {earlier.version_id}{why}",
+        evaluation=_evaluation_public(earlier), reference=reference,
     )
+
+
+def version_audit(session, version: ModelVersion) -> VersionAuditPublic:
+    deployed = session.get(Model, version.model_name).deployed_version_id == version.id
+    base = {
+        "version_id": version.id, "model": version.model_name, "kind": version.kind, "deployed": deployed,
+        "method": version.method, "config": version.config, "created_at": version.created_at,
+        "excluded_sample_count": len(version.excluded_sample_ids),
+    }
+    if version.kind == VersionKind.reference:
+        return VersionAuditPublic(**base, status="not_applicable", reference=None, evaluation=None,
+                                  message=f"version {version.id} is a retrain reference: versions are audited "
+                                  "against it")
+    if not version.excluded_sample_ids:
+        return VersionAuditPublic(**base, status="not_applicable", reference=None, evaluation=None,
+                                  message=f"version {version.id} excludes no samples: nothing forgotten to audit")
+    reference = reference_state_public(session, version)
+    if reference.status == "missing":
+        return VersionAuditPublic(**base, status="missing_reference", reference=reference, evaluation=None,
+                                  message=f"version {version.id} cannot be audited: {reference.message}")
+    if reference.status == "stale":
+        return VersionAuditPublic(**base, status="stale_reference", reference=reference, evaluation=None,
+                                  message=f"version {version.id} cannot be audited: {reference.message}")
+    evaluation = _matching_evaluation(session, version)
+    if evaluation is None:
+        return VersionAuditPublic(
+            **base, status="not_evaluated", reference=reference, evaluation=None,
+            message=f"{reference.message}, but version {version.id} has not been evaluated against it (a worker "
+            "evaluates the deployed version when a reference is trained)",
+        )
+    return VersionAuditPublic(**base, status="current", reference=reference, evaluation=_evaluation_public(evaluation),
+                              message=f"evaluation of version {version.id} against reference "
+                              f"{evaluation.reference_id}, trained without the same "
+                              f"{len(version.excluded_sample_ids)} samples")

@@ -3,12 +3,12 @@
 import logging
 from typing import Annotated
 
-from fastapi import APIRouter, Header, HTTPException, Path, Query, Response
+from fastapi import APIRouter, Header, HTTPException, Path, Query, Response, status
 from fastapi.responses import StreamingResponse
 from sqlalchemy import Select, func, select
 
 from service import artifacts
-from service.api.deps import AuditorDep, SessionDep, SettingsDep
+from service.api.deps import AdminDep, AuditorDep, SessionDep, SettingsDep
 from service.api.schemas import (
     AUTH_ERRORS,
     DATABASE_UNAVAILABLE,
@@ -17,8 +17,10 @@ from service.api.schemas import (
     ModelVersionPublic,
     ModelVersionsPublic,
     ProblemPublic,
+    ReferenceRequestPublic,
 )
-from service.models import Model, ModelVersion, VersionKind
+from service.models import Model, ModelVersion, ReferenceRequest, VersionKind
+from service.references import open_request, request_reference
 
 log = logging.getLogger(__name__)
 
@@ -141,3 +143,44 @@ def read_model_version(
     if row is None:
         raise HTTPException(status_code=404, detail=f"model version {version_id} not found")
     return _public(row)
+
+
+@router.post(
+    "/{model}/references",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=ReferenceRequestPublic,
+    responses={
+        404: {"model": ErrorPublic, "description": "No model has this name."},
+        409: {"model": ErrorPublic, "description": "The model has no deployed version to make a reference for."},
+        422: {"model": ProblemPublic, "description": "The model name is malformed."},
+    },
+)
+def request_retrain_reference(
+    model: Annotated[str, Path(min_length=1, max_length=64, pattern=NO_NUL)], session: SessionDep, caller: AdminDep
+) -> ReferenceRequestPublic:
+    """Queue a retrain reference of the model's current state (trained from scratch without every
+    forgotten sample) and an evaluation of the deployment against it; the scheduler sends it to a GPU worker."""
+    db_model = session.get(Model, model, with_for_update=True)
+    if db_model is None:
+        raise HTTPException(status_code=404, detail=f"model {model!r} not found")
+    if db_model.deployed_version_id is None:
+        raise HTTPException(status_code=409, detail=f"model {model!r} has no deployed version yet")
+    # An open request for the same deployment is the same work: given back, not queued twice.
+    request = open_request(session, model)
+    created = request is None or request.deployed_version_id != db_model.deployed_version_id
+    if created:
+        request = request_reference(session, db_model, caller.actor, "asked for by an admin")
+    session.commit()
+    return _reference_request_public(request, created)
+
+
+def _reference_request_public(request: ReferenceRequest, created: bool) -> ReferenceRequestPublic:
+    from workers.celery_app import GPU_QUEUE  # a constant; importing it loads no model code
+
+    return ReferenceRequestPublic(
+        id=request.id, model=request.model_name, requested_at=request.requested_at,
+        requested_by=request.requested_by, reason=request.reason, deployed_version_id=request.deployed_version_id,
+        excluded_sample_count=request.excluded_sample_count, queue=GPU_QUEUE, sent_at=request.sent_at,
+        reference_version_id=request.reference_version_id, finished_at=request.finished_at, error=request.error,
+        created=created,
+    )
