@@ -1,8 +1,9 @@
 """The `qforget` command line: demo, api, worker, scheduler, bootstrap, migrate, reference, keys."""
 
 import argparse
-import logging
 import sys
+
+from service.logging_setup import configure_logging, logging_config
 
 
 def _demo(args) -> int:
@@ -24,17 +25,24 @@ def _api(args) -> int:
     from service.settings import get_settings
 
     settings = get_settings()
+    configure_logging(args.log_level, settings.log_json)
     upgrade_database(settings.database_url)
+    # uvicorn applies the same logging set-up in each worker process; its access log is off because
+    # the API's own middleware logs each request (with its id, without the query string).
     uvicorn.run(
         "service.api.app:create_app", factory=True,
         host=args.host or settings.api_host, port=args.port or settings.api_port,
         workers=args.workers, log_level=args.log_level.lower(),
+        log_config=logging_config(args.log_level, settings.log_json), access_log=False,
     )
     return 0
 
 
 def _worker(args) -> int:
+    from service.settings import get_settings
     from workers.celery_app import app
+
+    configure_logging(args.log_level, get_settings().log_json)
 
     app.worker_main([
         "worker", "--loglevel", args.log_level, "--queues", args.queues,
@@ -48,6 +56,7 @@ def _scheduler(args) -> int:
     from workers.celery_app import app
 
     settings = get_settings()
+    configure_logging(args.log_level, settings.log_json)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     app.start(["beat", "--loglevel", args.log_level,
                "--schedule", str(settings.data_dir / "celerybeat-schedule")])
@@ -218,11 +227,13 @@ def main(argv: list[str] | None = None) -> int:
     if passthrough and args.command != "bench":
         parser.error(f"unrecognized arguments: {' '.join(passthrough)}")
     args.passthrough = passthrough
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args.log_level = args.log_level.upper()
-    # Alembic and httpx report every revision and request at INFO: noise in the demo's output.
-    for chatty in ("alembic", "httpx"):
-        logging.getLogger(chatty).setLevel(max(logging.WARNING, logging.getLogger().level))
+    # Readable text until a command has read its settings (api, worker and scheduler then switch
+    # to JSON in production: service/logging_setup.py).
+    try:
+        configure_logging(args.log_level)
+    except ValueError as exc:
+        parser.error(f"--log-level: {exc}")
     return args.handler(args)
 
 

@@ -11,7 +11,7 @@ Only ids go into the context: never API keys, request bodies, subject ids or que
 
 import json
 import logging
-import sys
+import logging.config
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -120,20 +120,32 @@ class TextFormatter(logging.Formatter):
         return f"{first} [{suffix}]{newline}{rest}"
 
 
+def logging_config(level: str | int = "INFO", json_format: bool = False) -> dict:
+    """The whole set-up as a `logging.config.dictConfig` dictionary: one stderr handler on the root
+    logger in the chosen format. uvicorn takes it as its `log_config` and applies it in each of
+    its worker processes too."""
+    level_number = logging.getLevelName(level.upper()) if isinstance(level, str) else level
+    if not isinstance(level_number, int):
+        raise ValueError(f"unknown log level {level!r}")  # noqa: TRY004 -- a bad name, not a bad type
+    formatter = "service.logging_setup.JsonFormatter" if json_format else "service.logging_setup.TextFormatter"
+    # Alembic and httpx report every revision and request at INFO: noise in the output.
+    quiet = logging.getLevelName(max(logging.WARNING, level_number))
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"qforget": {"()": formatter}},
+        "filters": {"context": {"()": "service.logging_setup.ContextFilter"}},
+        "handlers": {"stderr": {"class": "logging.StreamHandler", "stream": "ext://sys.stderr",
+                                "formatter": "qforget", "filters": ["context"]}},
+        "root": {"level": logging.getLevelName(level_number), "handlers": ["stderr"]},
+        "loggers": {name: {"level": quiet} for name in ("alembic", "httpx")},
+    }
+
+
 def configure_logging(level: str | int = "INFO", json_format: bool = False) -> None:
     """Send every logger's records to stderr in the chosen format, replacing earlier handlers.
 
     Called once at start by the CLI (text), and again by `api`, `worker` and `scheduler` once
     their settings are read (see `Settings.log_json`). Safe to call more than once.
     """
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if json_format else TextFormatter())
-    handler.addFilter(ContextFilter())
-    root = logging.getLogger()
-    for old in list(root.handlers):
-        root.removeHandler(old)
-    root.addHandler(handler)
-    root.setLevel(level.upper() if isinstance(level, str) else level)
-    # Alembic and httpx report every revision and request at INFO: noise in the output.
-    for chatty in ("alembic", "httpx"):
-        logging.getLogger(chatty).setLevel(max(logging.WARNING, root.level))
+    logging.config.dictConfig(logging_config(level, json_format))

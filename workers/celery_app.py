@@ -5,8 +5,9 @@ database, so a lost or duplicated message costs at most a no-op run, and the sch
 what is due every `scheduler_interval_seconds`.
 """
 
-from celery import Celery
+from celery import Celery, signals
 
+from service.logging_setup import bind_log_context, clear_log_context, configure_logging
 from service.settings import Settings, get_settings
 
 GPU_QUEUE = "gpu"  # unlearning runs and retrain references: long, one model per worker slot
@@ -65,3 +66,17 @@ def create_celery(settings: Settings) -> Celery:
 
 
 app = create_celery(get_settings())
+
+
+@signals.setup_logging.connect
+def _configure_logging(loglevel=None, **_kwargs) -> None:
+    # With a receiver connected Celery leaves logging alone: worker and beat log as the API does
+    # (JSON in production, service/logging_setup.py).
+    configure_logging(loglevel or "INFO", get_settings().log_json)
+
+
+@signals.task_prerun.connect
+def _bind_task_log_context(task_id=None, **_kwargs) -> None:
+    # Ids a previous task bound in this process must not leak into this task's lines.
+    clear_log_context()
+    bind_log_context(task_id=task_id)

@@ -8,6 +8,7 @@ import logging
 from datetime import timedelta
 
 from service.db import get_engine, transaction
+from service.logging_setup import bind_log_context
 from service.models import utcnow
 from service.references import claim_requests_to_send, schedule_references
 from service.settings import get_settings
@@ -61,6 +62,8 @@ def run_unlearning(model_name: str) -> int | None:
     claimed = unlearning_runs.claim_batch(engine, settings, model_name)
     if claimed is None:
         return None
+    # Every line logged from here on in this task (unlearning_runs' too) carries the ids.
+    bind_log_context(model=model_name, batch_id=claimed.batch_id)
     log.info("batch %s claimed for model %s", claimed.batch_id, model_name)
     try:
         version_id = unlearning_runs.run_batch(engine, settings, claimed)
@@ -68,7 +71,7 @@ def run_unlearning(model_name: str) -> int | None:
         log.exception("batch %s failed", claimed.batch_id)
         unlearning_runs.record_failure(engine, settings, claimed, error)
         return None
-    log.info("batch %s finished: deployed version %s", claimed.batch_id, version_id)
+    log.info("batch %s finished: deployed version %s", claimed.batch_id, version_id, extra={"version_id": version_id})
     unlearning_runs.prune_artifacts(engine, settings, model_name)
     return version_id
 
@@ -94,5 +97,6 @@ def train_reference(model_name: str, reference_request_id: int | None = None) ->
         return None
     if reference_id is None:
         return None
-    log.info("reference version %s trained for model %s", reference_id, model_name)
+    log.info("reference version %s trained for model %s", reference_id, model_name,
+             extra={"model": model_name, "version_id": reference_id})
     return unlearning_runs.evaluate_deployment(engine, settings, model_name)

@@ -63,5 +63,5 @@ class RequestLogging:
                 path = getattr(route, "path_format", None) or getattr(route, "path", None) or scope.get("path", "")
                 duration_ms = round((time.perf_counter() - started) * 1000, 1)
                 log.info("%s %s %s %.1fms", scope["method"], path, status, duration_ms,
-                         extra={"method": scope["method"], "path": path, "status": status,
+                         extra={"request_id": request_id, "method": scope["method"], "path": path, "status": status,
                                 "duration_ms": duration_ms})
