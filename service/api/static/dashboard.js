@@ -39,7 +39,7 @@
   }
 
   function number(value) {
-    return Number.isInteger(value) ? String(value) : value.toFixed(2);
+    return String(Number(value.toFixed(2))); // 2, 1.5, 0.25: no trailing zeros
   }
 
   function sum(rows, field) {
