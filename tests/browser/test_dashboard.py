@@ -2,7 +2,6 @@
 
 from selenium.webdriver.common.by import By
 
-from service.db import transaction
 from service.models import Role
 from tests.api.operations_seed import GAPS, HOLD_REASON, METRICS, REFERENCE_METRICS, seed_operations
 
