@@ -1,0 +1,327 @@
+"""Issue 7's audit routes: POST /models/{model}/references, GET /audit/versions/{id}, the reference
+state in GET /audit, GET /forget-requests/{id}/evidence and GET /audit/report.
+
+Versions, references, evaluations and per-sample figures are inserted as the workers would write
+them (the figures themselves are computed by a real run in tests/workers/test_audit_evidence.py).
+"""
+
+import re
+
+import pytest
+from sqlalchemy import func, select
+
+from service.db import transaction
+from service.forget_requests import create_forget_request
+from service.models import (
+    AuditEntry,
+    Batch,
+    BatchStatus,
+    Evaluation,
+    ForgetRequest,
+    Model,
+    ModelVersion,
+    ReferenceRequest,
+    RequestStatus,
+    SampleScore,
+    VersionKind,
+    utcnow,
+)
+
+METRICS = {"FA": 97.5, "RA": 99.0, "TA": 96.0, "MIA": 20.0}
+REFERENCE = {"FA": 95.0, "RA": 99.5, "TA": 96.5, "MIA": 15.0}
+GAPS = {"FA": 2.5, "RA": 0.5, "TA": 0.5, "MIA": 5.0, "AG": 2.125}
+
+
+def add_version(engine, model, kind, excluded=(), deploy=False) -> int:
+    with transaction(engine) as session:
+        version = ModelVersion(model_name=model, kind=kind, method="qmul" if kind == VersionKind.unlearned else "x",
+                               config={"epochs": 3}, sha256="1" * 64, artifact_path="/nonexistent",
+                               excluded_sample_ids=sorted(excluded))
+        session.add(version)
+        session.flush()
+        if deploy:
+            session.get(Model, model).deployed_version_id = version.id
+        return version.id
+
+
+def add_evaluation(engine, version_id, reference_id, histograms=None) -> int:
+    with transaction(engine) as session:
+        evaluation = Evaluation(version_id=version_id, reference_id=reference_id, metrics=METRICS,
+                                reference_metrics=REFERENCE, gaps=GAPS, forget_count=6, retain_count=9,
+                                test_count=360, score_histograms=histograms)
+        session.add(evaluation)
+        session.flush()
+        return evaluation.id
+
+
+def counts(engine, *tables) -> list[int]:
+    with engine.connect() as connection:
+        return [connection.scalar(select(func.count()).select_from(table)) for table in tables]
+
+
+# POST /models/{model}/references
+
+
+def test_an_admin_queues_a_reference_once_per_deployment(client, engine, seed):
+    response = client.post(f"/models/{seed.model}/references")
+    assert response.status_code == 202, response.text
+    body = response.json()
+    assert body["model"] == seed.model and body["created"] is True and body["queue"] == "gpu"
+    assert (body["deployed_version_id"], body["excluded_sample_count"]) == (seed.version_id, 0)
+    assert body["sent_at"] is None and body["reference_version_id"] is None
+    assert body["requested_by"].startswith("key:")
+
+    again = client.post(f"/models/{seed.model}/references").json()
+    assert (again["id"], again["created"]) == (body["id"], False)
+    with transaction(engine) as session:
+        assert session.scalar(select(func.count()).select_from(ReferenceRequest)) == 1
+        assert session.scalar(select(func.count()).select_from(AuditEntry)
+                              .where(AuditEntry.action == "reference.requested")) == 1
+
+    # A new deployment is a new state: a new request, even with the old one still open.
+    add_version(engine, seed.model, VersionKind.unlearned, seed.samples["alice"], deploy=True)
+    third = client.post(f"/models/{seed.model}/references").json()
+    assert third["created"] is True and third["excluded_sample_count"] == 6
+
+
+@pytest.mark.parametrize("role", ["auditor", "submitter"])
+def test_only_an_admin_queues_a_reference(client, engine, seed, bearer, role):
+    response = client.post(f"/models/{seed.model}/references", headers=bearer(role))
+    assert response.status_code == 403
+    assert counts(engine, ReferenceRequest) == [0]
+
+
+def test_a_reference_for_an_unknown_or_malformed_model_is_refused(client, engine, seed):
+    response = client.post("/models/nope/references")
+    assert (response.status_code, response.json()) == (404, {"detail": "model 'nope' not found"})
+    response = client.post("/models/" + "m" * 65 + "/references")
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"] == ["path", "model"]
+    with transaction(engine) as session:
+        session.add(Model(name="untrained", dataset="digits", spec={}))
+    response = client.post("/models/untrained/references")
+    assert response.status_code == 409 and "no deployed version" in response.json()["detail"]
+    assert counts(engine, ReferenceRequest) == [0]
+
+
+# GET /audit/versions/{id}
+
+
+def test_version_audit_404_and_422(client, seed):
+    response = client.get("/audit/versions/9999")
+    assert (response.status_code, response.json()) == (404, {"detail": "model version 9999 not found"})
+    for bad in ("abc", "0", "-1", str(2**31)):
+        response = client.get(f"/audit/versions/{bad}")
+        assert response.status_code == 422, bad
+        assert response.json()["detail"][0]["loc"] == ["path", "version_id"]
+
+
+def test_version_audit_roles(client, seed, bearer):
+    assert client.get(f"/audit/versions/{seed.version_id}", headers=bearer("auditor")).status_code == 200
+    assert client.get(f"/audit/versions/{seed.version_id}", headers=bearer("submitter")).status_code == 403
+
+
+def test_version_audit_states(client, engine, seed):
+    alice, bob = seed.samples["alice"], seed.samples["bob"]
+    original = client.get(f"/audit/versions/{seed.version_id}").json()
+    assert original["status"] == "not_applicable" and "excludes no samples" in original["message"]
+
+    version = add_version(engine, seed.model, VersionKind.unlearned, alice + bob, deploy=True)
+    body = client.get(f"/audit/versions/{version}").json()
+    assert (body["status"], body["reference"]["status"], body["evaluation"]) == ("missing_reference", "missing", None)
+    assert "no retrain reference" in body["message"]
+    assert (body["method"], body["config"], body["excluded_sample_count"]) == ("qmul", {"epochs": 3}, 12)
+
+    stale = add_version(engine, seed.model, VersionKind.reference, alice)
+    body = client.get(f"/audit/versions/{version}").json()
+    assert body["status"] == "stale_reference" and body["evaluation"] is None
+    assert body["reference"]["reference_id"] == stale
+    assert body["reference"]["missing_from_reference"] == sorted(bob)
+    assert body["reference"]["excluded_sample_ids"] == sorted(alice)
+    assert "stale" in body["message"] and f"POST /models/{seed.model}/references" in body["message"]
+
+    matching = add_version(engine, seed.model, VersionKind.reference, alice + bob)
+    body = client.get(f"/audit/versions/{version}").json()
+    assert (body["status"], body["reference"]["status"]) == ("not_evaluated", "matching")
+    assert body["reference"]["reference_id"] == matching
+
+    evaluation = add_evaluation(engine, version, matching)
+    body = client.get(f"/audit/versions/{version}").json()
+    assert body["status"] == "current"
+    assert (body["evaluation"]["id"], body["evaluation"]["reference_id"]) == (evaluation, matching)
+    assert body["evaluation"]["metrics"] == METRICS and body["evaluation"]["gaps"] == GAPS
+    assert (body["evaluation"]["forget_count"], body["evaluation"]["test_count"]) == (6, 360)
+
+    reference_audit = client.get(f"/audit/versions/{matching}").json()
+    assert reference_audit["status"] == "not_applicable" and reference_audit["kind"] == "reference"
+
+
+def test_an_evaluation_against_a_reference_of_another_set_is_not_current(client, engine, seed):
+    # Never papered over: such an evaluation (not one the workers make) does not make a version current.
+    version = add_version(engine, seed.model, VersionKind.unlearned, seed.samples["alice"], deploy=True)
+    other = add_version(engine, seed.model, VersionKind.reference, seed.samples["bob"])
+    add_evaluation(engine, version, other)
+    assert client.get(f"/audit/versions/{version}").json()["status"] == "stale_reference"
+    audit = client.get("/audit").json()
+    assert (audit["status"], audit["reference"]["status"]) == ("stale", "stale")
+    assert "stale" in audit["message"]
+
+
+def test_audit_names_the_reference_state_of_the_deployment(client, engine, seed):
+    version = add_version(engine, seed.model, VersionKind.unlearned, seed.samples["alice"], deploy=True)
+    audit = client.get("/audit").json()
+    assert (audit["status"], audit["reference"]["status"]) == ("missing", "missing")
+    assert "no retrain reference has been trained" in audit["message"]
+    reference = add_version(engine, seed.model, VersionKind.reference, seed.samples["alice"])
+    add_evaluation(engine, version, reference)
+    audit = client.get("/audit").json()
+    assert (audit["status"], audit["reference"]["status"]) == ("current", "matching")
+
+
+# GET /forget-requests/{id}/evidence
+
+
+def file_request(engine, seed, subject) -> str:
+    with transaction(engine) as session:
+        return create_forget_request(session, subject_id=subject, sample_ids=None, model_name=seed.model,
+                                     deadline_days=30, actor="test").id
+
+
+def complete(engine, seed, request_id, version_id) -> None:
+    """Mark the request completed by version_id, through a batch run from the seed's original."""
+    with transaction(engine) as session:
+        batch = Batch(model_name=seed.model, status=BatchStatus.completed, parent_version_id=seed.version_id,
+                      result_version_id=version_id, finished_at=utcnow())
+        session.add(batch)
+        session.flush()
+        request = session.get(ForgetRequest, request_id)
+        request.status, request.batch_id = RequestStatus.completed, batch.id
+        request.completed_version_id, request.completed_at = version_id, utcnow()
+
+
+def add_scores(engine, version_id, sample_ids, correct, confidence, member) -> None:
+    with transaction(engine) as session:
+        session.add_all(SampleScore(version_id=version_id, sample_id=sample_id, correct=correct[i],
+                                    confidence=confidence[i], member=member[i])
+                        for i, sample_id in enumerate(sample_ids))
+
+
+def test_a_pending_request_has_no_figures(client, engine, seed):
+    request_id = file_request(engine, seed, "carol")
+    body = client.get(f"/forget-requests/{request_id}/evidence").json()
+    assert (body["status"], body["request_status"], body["sample_count"]) == ("pending", "pending", 3)
+    assert body["before"] is None and body["after"] is None and body["reference"] is None and body["samples"] == []
+    assert "no version has forgotten" in body["message"]
+
+
+def test_evidence_404_422_and_roles(client, engine, seed, bearer):
+    response = client.get("/forget-requests/nope/evidence")
+    assert (response.status_code, response.json()) == (404, {"detail": "forget request 'nope' not found"})
+    response = client.get("/forget-requests/" + "x" * 37 + "/evidence")
+    assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["path", "request_id"]
+    request_id = file_request(engine, seed, "carol")
+    for role in ("submitter", "auditor"):
+        assert client.get(f"/forget-requests/{request_id}/evidence", headers=bearer(role)).status_code == 200
+    with transaction(engine) as session:
+        session.add(Model(name="other", dataset="digits", spec={}))
+    limited = bearer("submitter", model="other")
+    assert client.get(f"/forget-requests/{request_id}/evidence", headers=limited).status_code == 404
+
+
+def test_evidence_before_after_and_reference(client, engine, seed):
+    carol = seed.samples["carol"]
+    request_id = file_request(engine, seed, "carol")
+    version = add_version(engine, seed.model, VersionKind.unlearned, carol, deploy=True)
+    complete(engine, seed, request_id, version)
+    add_scores(engine, seed.version_id, carol, [True, True, True], [0.9, 0.8, 1.0], [True, True, False])
+    add_scores(engine, version, carol, [False, True, False], [0.2, 0.5, 0.2], [False, True, False])
+
+    body = client.get(f"/forget-requests/{request_id}/evidence").json()
+    assert body["status"] == "reference_missing" and body["reference"] is None
+    before, after = body["before"], body["after"]
+    assert (before["version_id"], before["sample_count"], before["accuracy"]) == (seed.version_id, 3, 100.0)
+    assert before["mean_confidence"] == pytest.approx(0.9) and before["member_share"] == pytest.approx(200 / 3)
+    assert (after["version_id"], after["accuracy"]) == (version, pytest.approx(100 / 3))
+    assert after["mean_confidence"] == pytest.approx(0.3) and after["member_share"] == pytest.approx(100 / 3)
+    first = body["samples"][0]
+    assert first["sample_id"] == carol[0] and first["before"]["confidence"] == pytest.approx(0.9)
+    assert first["after"]["correct"] is False and first["reference"] is None
+
+    # A reference that never saw carol's samples but excludes more than the version: stale, said so.
+    stale = add_version(engine, seed.model, VersionKind.reference, carol + seed.samples["alice"])
+    add_scores(engine, stale, carol, [False, False, True], [0.1, 0.3, 0.6], [False, False, False])
+    body = client.get(f"/forget-requests/{request_id}/evidence").json()
+    assert body["status"] == "reference_stale" and body["reference"]["version_id"] == stale
+    assert "stale" in body["message"]
+
+    matching = add_version(engine, seed.model, VersionKind.reference, carol)
+    add_scores(engine, matching, carol, [True, False, False], [0.6, 0.3, 0.3], [False, False, True])
+    body = client.get(f"/forget-requests/{request_id}/evidence").json()
+    assert body["status"] == "complete" and body["reference"]["version_id"] == matching
+    assert body["reference"]["mean_confidence"] == pytest.approx(0.4)
+
+
+def test_evidence_says_when_the_worker_recorded_no_figures(client, engine, seed):
+    request_id = file_request(engine, seed, "carol")
+    version = add_version(engine, seed.model, VersionKind.unlearned, seed.samples["carol"], deploy=True)
+    complete(engine, seed, request_id, version)
+    body = client.get(f"/forget-requests/{request_id}/evidence").json()
+    assert body["status"] == "figures_missing" and f"version {seed.version_id}" in body["message"]
+
+
+# GET /audit/report
+
+SECTION_IDS = ("audit-summary", "audit-status", "reference-state", "gaps-over-time", "mia-distribution",
+               "request-timeline")
+
+
+def test_the_report_is_semantic_html_with_inline_svg(client, engine, seed):
+    carol = seed.samples["carol"]
+    request_id = file_request(engine, seed, "carol")
+    file_request(engine, seed, "alice")
+    version = add_version(engine, seed.model, VersionKind.unlearned, carol, deploy=True)
+    complete(engine, seed, request_id, version)
+    reference = add_version(engine, seed.model, VersionKind.reference, carol)
+    histograms = {"bin_edges": [0.0, 0.01, 0.1, 1.0, 10.0],
+                  "version": {"forget": [1, 1, 1, 0], "test": [10, 50, 30, 10]},
+                  "reference": {"forget": [0, 1, 1, 1], "test": [10, 50, 30, 10]}}
+    add_evaluation(engine, version, reference, histograms)
+
+    response = client.get("/audit/report", params={"model": seed.model})
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/html")
+    page = response.text
+    for element_id in SECTION_IDS:
+        assert f'id="{element_id}"' in page, element_id
+    assert '<th scope="col">AG</th>' in page and "<script" not in page.lower()
+    assert 'data-status="current"' in page and 'data-reference-status="matching"' in page
+    # Three plots, inline, no external references.
+    assert page.count("<svg") == 3 and "<?xml" not in page
+    assert not re.search(r'(src|href)="https?://', page)
+    mia = page[page.index('id="mia-distribution"'):page.index('id="request-timeline"')]
+    assert "<svg" in mia and "forget samples" in mia
+    assert "@media print" in page
+
+
+def test_the_report_says_plainly_when_the_reference_is_stale_or_missing(client, engine, seed):
+    page = client.get("/audit/report").text
+    assert 'data-status="missing"' in page and "Status: missing evaluation, matching reference" not in page
+    assert "No evaluations yet." in page and "No evaluation with membership score histograms yet." in page
+    version = add_version(engine, seed.model, VersionKind.unlearned, seed.samples["alice"], deploy=True)
+    page = client.get("/audit/report").text
+    assert "Status: missing evaluation, missing reference." in page
+    add_version(engine, seed.model, VersionKind.reference, seed.samples["bob"])
+    page = client.get("/audit/report").text
+    assert 'data-reference-status="stale"' in page and "Retrain reference: stale." in page
+    assert "still in the reference&#x27;s training data" in page or "still in the reference's training data" in page
+    assert str(version) in page
+
+
+def test_the_report_roles_and_bad_input(client, seed, bearer):
+    assert client.get("/audit/report", headers=bearer("auditor")).status_code == 200
+    assert client.get("/audit/report", headers=bearer("submitter")).status_code == 403
+    response = client.get("/audit/report", params={"model": "nope"})
+    assert (response.status_code, response.json()) == (404, {"detail": "model 'nope' not found"})
+    response = client.get("/audit/report", params={"model": "a\x00"})
+    assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["query", "model"]
+    response = client.get("/audit/report", params={"modle": seed.model})
+    assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["query", "modle"]
