@@ -1,0 +1,77 @@
+"""Per-request evidence computed by a real run: bootstrap a small digits model, unlearn one
+subject's samples with Q-MUL, train the retrain reference, evaluate; then read it through the API.
+
+PostgreSQL only (the database the workers run on in production); about 20 s on one CPU thread.
+"""
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+
+from service.api.app import create_app
+from service.api_keys import create_api_key
+from service.db import get_engine, transaction
+from service.forget_requests import create_forget_request
+from service.models import Evaluation, ModelVersion, SampleScore
+from workers import unlearning_runs as runs
+from workers.bootstrap import bootstrap, default_spec
+
+
+@pytest.fixture
+def one_torch_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_evidence_before_and_after_a_real_run(settings, one_torch_thread):
+    settings = settings.model_copy(update={"unlearn_epochs": 2, "quality_gate_max_ta_drop": 100})
+    original = bootstrap(settings, settings.default_model, default_spec(epochs=3), progress=False)
+    engine = get_engine(settings, "tests")
+    with transaction(engine) as session:
+        request_id = create_forget_request(session, subject_id="subject-0001", sample_ids=None,
+                                           model_name=settings.default_model, deadline_days=30, actor="test").id
+        _, key = create_api_key(session, role="auditor", name="tests", actor="tests")
+    claimed = runs.claim_batch(engine, settings, settings.default_model)
+    version_id = runs.run_batch(engine, settings, claimed)
+    assert version_id is not None
+    reference_id = runs.train_reference(engine, settings, settings.default_model)
+    evaluation_id = runs.evaluate_deployment(engine, settings, settings.default_model)
+    assert evaluation_id is not None
+
+    with transaction(engine) as session:
+        version = session.get(ModelVersion, version_id)
+        reference = session.get(ModelVersion, reference_id)
+        evaluation = session.get(Evaluation, evaluation_id)
+        # The reference was trained without exactly the forgotten samples, and says so.
+        assert reference.excluded_sample_ids == version.excluded_sample_ids and len(reference.excluded_sample_ids) == 10
+        version_metrics, reference_metrics = dict(evaluation.metrics), dict(evaluation.reference_metrics)
+        histograms = evaluation.score_histograms
+        scored = set(session.scalars(select(SampleScore.version_id)))
+    assert scored == {original, version_id, reference_id}
+    assert sum(histograms["version"]["forget"]) == 10 and sum(histograms["reference"]["test"]) == evaluation.test_count
+
+    client = TestClient(create_app(settings), headers={"Authorization": f"Bearer {key}"})
+    body = client.get(f"/forget-requests/{request_id}/evidence").json()
+    assert body["status"] == "complete", body["message"]
+    assert (body["before"]["version_id"], body["after"]["version_id"], body["reference"]["version_id"]) == (
+        original, version_id, reference_id)
+    # The request is the whole forget split here: its figures are the evaluation's FA and MIA, per sample.
+    assert body["after"]["accuracy"] == pytest.approx(version_metrics["FA"])
+    assert body["after"]["member_share"] == pytest.approx(100 - version_metrics["MIA"])
+    assert body["reference"]["accuracy"] == pytest.approx(reference_metrics["FA"])
+    assert body["reference"]["member_share"] == pytest.approx(100 - reference_metrics["MIA"])
+    # The original was trained on these samples: it gets them right, and the unlearned version moved.
+    assert body["before"]["accuracy"] >= 80
+    before = [sample["before"]["confidence"] for sample in body["samples"]]
+    after = [sample["after"]["confidence"] for sample in body["samples"]]
+    assert before != after and all(0 <= c <= 1 for c in before + after)
+
+    audit = client.get(f"/audit/versions/{version_id}").json()
+    assert audit["status"] == "current" and audit["evaluation"]["reference_id"] == reference_id
+    page = client.get("/audit/report").text
+    mia = page[page.index('id="mia-distribution"'):page.index('id="request-timeline"')]
+    assert "<svg" in mia
