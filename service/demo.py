@@ -2,7 +2,8 @@
 
 Bootstraps the digits model (QAT, with progress), starts the API, a real Celery worker and the
 scheduler, files deletion requests as a client would, waits for them to be unlearned, trains the
-retrain reference and prints the audit.
+retrain reference (POST /models/{model}/references), prints the audit and saves the audit report
+(GET /audit/report) as audit-report.html in the data folder.
 """
 
 import os
@@ -111,12 +112,17 @@ def run_demo(data_dir: str = "var/demo", subjects: int = 12, epochs: int | None 
         print(f"  all {len(statuses)} requests completed by model version(s) {versions}")
 
         print("5/5 training the retrain reference (from scratch, without the forgotten samples) and auditing")
-        from workers.tasks import train_reference
-
-        train_reference.delay(settings.default_model)
+        queued = client.post(f"/models/{settings.default_model}/references")
+        queued.raise_for_status()
+        print(f"  POST /models/{settings.default_model}/references -> {queued.status_code}, reference request "
+              f"{queued.json()['id']} for version {queued.json()['deployed_version_id']} (the scheduler sends it)")
         audit = processes.wait_until(lambda: (a := client.get("/audit").json())["status"] == "current" and a,
                                      "the audit evaluation", timeout=600, interval=1)
         evaluation = audit["evaluation"]
+        report = client.get("/audit/report", params={"model": settings.default_model})
+        report.raise_for_status()
+        report_path = data_dir / "audit-report.html"
+        report_path.write_text(report.text, encoding="utf-8")
     finally:
         processes.stop()
 
@@ -138,6 +144,7 @@ def run_demo(data_dir: str = "var/demo", subjects: int = 12, epochs: int | None 
     print(_row("gap |deployed - reference|", evaluation["gaps"]))
     print(_row(f"original, no unlearning (v{original_id})", original_metrics, f"{original_gap:>8.2f}"))
     print()
+    print(f"Audit report (printable HTML): {report_path}")
     print(f"Artifacts: model store {settings.model_store}, database {settings.database_url}, logs {data_dir / 'logs'}")
     print(f"Demo finished in {time.monotonic() - started:.0f} s")
     return 0
