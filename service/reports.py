@@ -103,9 +103,9 @@ def _summary_section(audit: AuditPublic) -> str:
     reference_status = audit.reference.status if audit.reference is not None else "missing"
     # One plain word a reader sees first, then the sentences behind it.
     verdict = "current" if audit.status == "current" else f"{audit.status} evaluation, {reference_status} reference"
-    body = [f'<p id="audit-status" class="status status-{escape(audit.status)}" data-status="{escape(audit.status)}" '
-            f'data-reference-status="{escape(reference_status)}"><strong>Status: {escape(verdict)}.</strong> '
-            f"{escape(audit.message)}</p>"]
+    body = [(f'<p id="audit-status" class="status status-{escape(audit.status)}" data-status="{escape(audit.status)}" '
+             f'data-reference-status="{escape(reference_status)}"><strong>Status: {escape(verdict)}.</strong> '
+             f"{escape(audit.message)}</p>")]
     if evaluation is None:
         body.append("<p>No figures: nothing has been evaluated against a retrain reference.</p>")
     else:
@@ -140,8 +140,8 @@ def _reference_section(audit: AuditPublic, references: list[ModelVersion],
     if state is None:
         body = ["<p>No version is deployed.</p>"]
     else:
-        body = [f'<p class="status status-{escape(state.status)}" data-reference-status="{escape(state.status)}">'
-                f"<strong>Retrain reference: {escape(state.status)}.</strong> {escape(state.message)}</p>"]
+        body = [(f'<p class="status status-{escape(state.status)}" data-reference-status="{escape(state.status)}">'
+                 f"<strong>Retrain reference: {escape(state.status)}.</strong> {escape(state.message)}</p>")]
         if state.status == "stale":
             body.append(f"<p>Forgotten by the deployed version but still in the reference's training data: "
                         f"{_id_list(state.missing_from_reference)}.</p>")
