@@ -83,6 +83,7 @@ def seed_operations(engine, seed) -> Operations:
         completed = create_forget_request(session, subject_id="carol", sample_ids=None, model_name=seed.model,
                                           deadline_days=30, actor="test")
         completed.status, completed.completed_version_id = RequestStatus.completed, deployed.id
+        completed.received_at, completed.due_at = now - timedelta(days=3), now + timedelta(days=27)
         completed.completed_at = now - timedelta(hours=2)
 
         # A batch the quality gate held, and a running one whose lease has 300 s left.
