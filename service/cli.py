@@ -18,6 +18,16 @@ def _bench(args) -> int:
     return bench_main(args.passthrough)
 
 
+def _loadtest(args) -> int:
+    from service.loadtest import LoadtestArgumentError, run_loadtest
+
+    try:
+        return run_loadtest(args)
+    except LoadtestArgumentError as exc:
+        print(f"qforget loadtest: {exc}", file=sys.stderr)
+        return 2
+
+
 def _api(args) -> int:
     import uvicorn
 
@@ -174,6 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", add_help=False,
                                 help="compare unlearning methods (workers.engine.bench; `bench --help` for its options)")
     bench.set_defaults(handler=_bench)
+
+    loadtest = commands.add_parser("loadtest", help="measure request intake under load (loopback; starts its own "
+                                   "API and PostgreSQL database unless given --url)")
+    from service.loadtest import add_arguments as add_loadtest_arguments
+
+    add_loadtest_arguments(loadtest)
+    loadtest.set_defaults(handler=_loadtest)
 
     api = commands.add_parser("api", help="serve the REST API (migrates the database first)")
     api.add_argument("--host", default=None, help="bind address (default QFORGET_API_HOST)")

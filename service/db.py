@@ -15,10 +15,18 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.settings import Settings, get_settings
 
+# Connections per engine (and process): the API lets at most its settings.api_database_sessions
+# requests hold one at once, which must not exceed POOL_SIZE + MAX_OVERFLOW.
+POOL_SIZE = 10
+MAX_OVERFLOW = 20
+
 
 def make_engine(database_url: str, name: str = "qforget") -> Engine:
     if database_url.startswith("sqlite"):
-        engine = create_engine(database_url, connect_args={"timeout": 30, "check_same_thread": False})
+        engine = create_engine(
+            database_url, pool_size=POOL_SIZE, max_overflow=MAX_OVERFLOW,
+            connect_args={"timeout": 30, "check_same_thread": False},
+        )
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_connection, _record):
@@ -37,8 +45,8 @@ def make_engine(database_url: str, name: str = "qforget") -> Engine:
     return create_engine(
         database_url,
         pool_pre_ping=True,
-        pool_size=10,
-        max_overflow=20,
+        pool_size=POOL_SIZE,
+        max_overflow=MAX_OVERFLOW,
         connect_args={"application_name": f"qforget-{name}"},
     )
 

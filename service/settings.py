@@ -67,6 +67,12 @@ class Settings(BaseSettings):
 
     api_host: str = "127.0.0.1"
     api_port: int = 8000
+    # Requests that hold a database session at once, per API process; the others wait in the event
+    # loop, holding nothing. At most the connection pool (service/db.py: 10 + 20 overflow), so that
+    # a request thread never waits for a connection held by a request that itself waits for a thread
+    # (that deadlocked until the pool's 30 s timeout under 200 connections). Fewer also means less
+    # contention for the GIL, hence lower latency at the same throughput (docs/performance.md).
+    api_database_sessions: int = Field(10, ge=1, le=30)
     # Request bodies larger than this are refused with 413 (service/api/body_limit.py).
     api_max_body_bytes: int = 1 << 20
 

@@ -6,7 +6,8 @@ checks the role (admin passes every check). Use them in a signature or in a rout
 `dependencies=[Depends(require_role(Role.auditor))]`.
 """
 
-from collections.abc import Callable, Iterator
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Annotated, get_args, get_origin
 
 from fastapi import Depends, HTTPException, Request, status
@@ -18,14 +19,29 @@ from service.api_keys import Caller, authenticate
 from service.models import Role
 from service.settings import Settings
 
+# Dependencies that do no I/O are `async def`: FastAPI runs a plain `def` dependency in its thread
+# pool, a hand-off that costs more than the few lines they run.
 
-def get_session(request: Request) -> Iterator[Session]:
+
+async def hold_database_slot(request: Request) -> AsyncIterator[None]:
+    """Wait (in the event loop) until fewer than settings.api_database_sessions requests of this
+    process hold a database session; hold the slot until the request's session is closed."""
+    slots = getattr(request.app.state, "database_slots", None)
+    if slots is None:  # one per app, made on first use: uvicorn runs one event loop per process
+        slots = request.app.state.database_slots = asyncio.Semaphore(request.app.state.settings.api_database_sessions)
+    async with slots:
+        yield
+
+
+def get_session(request: Request, _slot: Annotated[None, Depends(hold_database_slot)]) -> Iterator[Session]:
     """A session per request; routes commit what they change, anything else is rolled back."""
+    # A plain generator on purpose: FastAPI closes it in a thread outside the thread pool's limit,
+    # so a request waiting to give its connection back never waits behind requests waiting for one.
     with request.app.state.session_factory() as session:
         yield session
 
 
-def get_app_settings(request: Request) -> Settings:
+async def get_app_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
@@ -49,7 +65,7 @@ def _query_parameters(route) -> dict[str, bool]:
     return parameters
 
 
-def reject_unknown_query_parameters(request: Request) -> None:
+async def reject_unknown_query_parameters(request: Request) -> None:
     """422 for a query parameter the route does not take, or a single-valued one given twice, on
     routes that take query parameters (the app applies it to every route).
 
@@ -110,7 +126,7 @@ def get_caller(
 CallerDep = Annotated[Caller, Depends(get_caller)]
 
 
-def get_actor(caller: CallerDep) -> str:
+async def get_actor(caller: CallerDep) -> str:
     return caller.actor
 
 
@@ -122,7 +138,7 @@ def require_role(*roles: Role | str) -> Callable[[Caller], Caller]:
     allowed = frozenset(Role(role) for role in roles) | {Role.admin}
     names = " or ".join(sorted(role.value for role in allowed))
 
-    def check_role(caller: CallerDep) -> Caller:
+    async def check_role(caller: CallerDep) -> Caller:
         if caller.role not in allowed:
             raise HTTPException(
                 status_code=status.HTTP_403_FORBIDDEN,

@@ -88,7 +88,7 @@ def create_forget_request(
                 status_code=outcome.status_code, content=outcome.body, headers={"Idempotent-Replayed": "true"}
             )
         record = outcome
-    request = forget_requests.create_forget_request(
+    filed = forget_requests.file_forget_request(
         session,
         subject_id=body.subject_id,
         sample_ids=body.sample_ids,
@@ -96,10 +96,9 @@ def create_forget_request(
         deadline_days=settings.deadline_days,
         actor=caller.actor,
     )
-    sample_ids = forget_requests.request_sample_ids(session, request.id)
-    content = ForgetRequestPublic.of(request, sample_ids).model_dump(mode="json")
+    content = ForgetRequestPublic.of(filed.request, filed.sample_ids).model_dump(mode="json")
     if record is not None:
-        record.status_code, record.response_body, record.forget_request_id = 202, content, request.id
+        record.status_code, record.response_body, record.forget_request_id = 202, content, filed.request.id
     session.commit()
     # The same serialisation as a replay's, so that a retry's body equals the first, byte for byte.
     return JSONResponse(status_code=status.HTTP_202_ACCEPTED, content=content)
@@ -159,8 +158,8 @@ def read_forget_request(
     request_id: Annotated[str, Path(max_length=36, pattern=NO_NUL)], session: SessionDep, caller: ReaderDep
 ) -> ForgetRequestPublic:
     """Get a forget request: its status, deadline and, once completed, the model version that forgot it."""
-    request = session.get(ForgetRequest, request_id)
+    filed = forget_requests.request_with_sample_ids(session, request_id)
     # Another model's request is "not found" to a key limited to a model, as in its listing.
-    if request is None or (caller.model is not None and request.model_name != caller.model):
+    if filed is None or (caller.model is not None and filed.request.model_name != caller.model):
         raise HTTPException(status_code=404, detail=f"forget request {request_id!r} not found")
-    return ForgetRequestPublic.of(request, forget_requests.request_sample_ids(session, request_id))
+    return ForgetRequestPublic.of(filed.request, filed.sample_ids)

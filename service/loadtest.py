@@ -1,0 +1,483 @@
+"""A bounded load test of request intake: `POST /forget-requests` and `GET /forget-requests/{id}`.
+
+    qforget loadtest [--duration 20] [--requests N] [--connections 64] [--api-workers 2]
+
+By default it builds everything it measures and removes it afterwards: a fresh PostgreSQL database
+(`qforget_load_<random>`, created through --postgres-url, migrated, then seeded with one model,
+subjects and samples and a submitter key), and `qforget api` serving it on a free loopback port.
+With --url it drives an API that is already running instead; --database-url must then name that
+API's database, which gets the seed (its own model, subjects and key; nothing is removed: the
+audit log keeps what happened).
+
+Each connection alternates: POST a request for one sample nobody asked for yet (expects 202),
+then GET a request it created (expects 200), `--get-share` deciding the mix. Every other status,
+and every connection error, is an error. The client is a small HTTP/1.1 keep-alive client on
+asyncio streams rather than httpx: on a two-core box the generator competes with the server for
+the CPU, and a cheaper client leaves the server more of it. It still takes most of a core: read
+the figures as those of the server with one core or so to itself.
+
+The report: requests/s, latency percentiles (p50, p95, p99, max, in ms) per endpoint and overall,
+the errors by kind, and the peak resident memory of the API's processes (sampled from /proc).
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from sqlalchemy import create_engine, insert, make_url, text
+from sqlalchemy.pool import NullPool
+
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+SAMPLES_PER_SUBJECT = 10
+
+
+# ------------------------------------------------------------------------------------------------
+# The data the load needs
+
+
+@dataclass
+class Seeded:
+    model: str
+    key: str
+    subject_of_sample: dict[int, str]  # every sample the load may ask to forget -> its subject
+
+
+def seed_database(database_url: str, samples: int) -> Seeded:
+    """A model with a deployed version, subjects owning `samples` fresh samples, a submitter key."""
+    from service.api_keys import create_api_key
+    from service.db import make_engine, transaction
+    from service.models import Model, ModelVersion, Sample, Subject, VersionKind
+
+    tag = secrets.token_hex(3)
+    model, dataset = f"loadtest-{tag}", f"loadtest-{tag}"
+    engine = make_engine(database_url, "loadtest")
+    try:
+        with transaction(engine) as session:
+            session.add(Model(name=model, dataset=dataset, spec={"architecture": "loadtest"}))
+            session.flush()
+            version = ModelVersion(
+                model_name=model, kind=VersionKind.original, method="qat", config={}, metrics={},
+                sha256="0" * 64, artifact_path="/nonexistent/loadtest.pt", excluded_sample_ids=[],
+            )
+            session.add(version)
+            session.flush()
+            session.get(Model, model).deployed_version_id = version.id
+            subjects = [f"load-{tag}-{i}" for i in range(-(-samples // SAMPLES_PER_SUBJECT))]
+            session.execute(insert(Subject), [{"id": subject} for subject in subjects])
+            rows = [{"dataset": dataset, "dataset_index": i, "subject_id": subjects[i // SAMPLES_PER_SUBJECT]}
+                    for i in range(samples)]
+            ids = session.execute(insert(Sample).returning(Sample.id, Sample.subject_id, sort_by_parameter_order=True),
+                                  rows).all()
+            _row, key = create_api_key(session, role="submitter", name=f"loadtest {tag}", model=model,
+                                       actor="cli:loadtest")
+    finally:
+        engine.dispose()
+    return Seeded(model=model, key=key, subject_of_sample=dict(ids))
+
+
+def create_database(postgres_url: str) -> str:
+    """A new, empty database on the server of `postgres_url`; returns its URL."""
+    admin = create_engine(postgres_url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
+    name = f"qforget_load_{secrets.token_hex(4)}"
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    return make_url(postgres_url).set(database=name).render_as_string(hide_password=False)
+
+
+def drop_database(postgres_url: str, database_url: str) -> None:
+    admin = create_engine(postgres_url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
+    with admin.connect() as connection:
+        connection.execute(text(f'DROP DATABASE IF EXISTS "{make_url(database_url).database}" WITH (FORCE)'))
+    admin.dispose()
+
+
+# ------------------------------------------------------------------------------------------------
+# The API under test, when the load test starts it
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_api(database_url: str, port: int, workers: int, log_path: Path) -> subprocess.Popen:
+    """`qforget api` on 127.0.0.1:port, as a process group of its own (uvicorn forks its workers)."""
+    env = {**os.environ, "QFORGET_DATABASE_URL": database_url, "QFORGET_DATA_DIR": str(log_path.parent)}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent),
+                                                      env.get("PYTHONPATH")]))
+    command = [sys.executable, "-m", "service.cli", "--log-level", "WARNING", "api", "--host", "127.0.0.1",
+               "--port", str(port), "--workers", str(workers)]
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop_api(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def wait_until_up(host: str, port: int, process: subprocess.Popen | None, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"the API exited with status {process.returncode} before answering")
+        try:
+            status, _ = asyncio.run(_one_request(host, port, "GET", "/health", {}, None))
+            if status == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"the API on {host}:{port} did not answer /health within {timeout:.0f} s")
+
+
+def process_tree(root_pid: int) -> list[int]:
+    """A process and all its descendants (uvicorn's workers), from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    tree, todo = [], [root_pid]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, []))
+    return tree
+
+
+def tree_rss_and_cpu(root_pid: int) -> tuple[int, float]:
+    """(resident bytes, CPU seconds used so far) of a process tree."""
+    rss, cpu, ticks = 0, 0.0, os.sysconf("SC_CLK_TCK")
+    for pid in process_tree(root_pid):
+        try:
+            rss += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            cpu += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+        except (OSError, IndexError, ValueError):
+            continue  # it exited meanwhile
+    return rss, cpu
+
+
+# ------------------------------------------------------------------------------------------------
+# The load
+
+
+class LoadtestArgumentError(ValueError):
+    """An option out of range; the message names it."""
+
+
+class HttpError(Exception):
+    """A response this client cannot read (no Content-Length, a closed connection)."""
+
+
+def _request_bytes(host: str, method: str, path: str, headers: dict[str, str], body: bytes | None) -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {host}", *(f"{k}: {v}" for k, v in headers.items())]
+    if body is not None:
+        lines += ["Content-Type: application/json", f"Content-Length: {len(body)}"]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + (body or b"")
+
+
+async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    status = int(status_line.split(" ", 2)[1])
+    length = None
+    for line in header_lines:
+        name, _, value = line.partition(":")
+        if name.strip().lower() == "content-length":
+            length = int(value)
+    if length is None:
+        raise HttpError(f"response {status} without Content-Length")
+    return status, await reader.readexactly(length)
+
+
+async def _one_request(host, port, method, path, headers, body) -> tuple[int, bytes]:
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(_request_bytes(host, method, path, headers, body))
+        await writer.drain()
+        return await _read_response(reader)
+    finally:
+        writer.close()
+
+
+@dataclass
+class Results:
+    latencies: dict[str, list[float]] = field(default_factory=lambda: {"POST": [], "GET": []})
+    errors: Counter = field(default_factory=Counter)
+    seconds: float = 0.0
+    generator_cpu_seconds: float = 0.0  # this process, over the measured window
+    api_cpu_seconds: float | None = None  # the API's processes, over the measured window (None: not ours)
+    api_peak_rss: int | None = None
+
+
+@dataclass
+class Load:
+    host: str
+    port: int
+    key: str
+    samples: list[tuple[int, str]]  # (sample id, subject id), each asked for at most once
+    duration: float
+    max_requests: int | None
+    get_share: float
+    warmup: float
+    seed: int = 0
+
+    async def run(self, connections: int) -> Results:
+        self.results = Results()
+        self.sent = 0
+        self.created: list[str] = []
+        self.next_sample = 0
+        self.last_sent = 0.0
+        self.random = random.Random(self.seed)
+        self.start = time.perf_counter()
+        self.stop_at = self.start + self.warmup + self.duration
+        await asyncio.gather(*(self._connection() for _ in range(connections)))
+        # Requests are only sent until the deadline (or the count): the window is up to the last one sent.
+        self.results.seconds = min(self.last_sent, self.stop_at) - (self.start + self.warmup)
+        return self.results
+
+    def _more(self) -> bool:
+        if time.perf_counter() >= self.stop_at:
+            return False
+        return self.max_requests is None or self.sent < self.max_requests
+
+    def _next(self) -> tuple[str, str, bytes | None]:
+        if self.created and self.random.random() < self.get_share:
+            return "GET", f"/forget-requests/{self.random.choice(self.created)}", None
+        if self.next_sample >= len(self.samples):
+            raise RuntimeError(f"all {len(self.samples)} seeded samples were used: raise --samples")
+        sample_id, subject_id = self.samples[self.next_sample]
+        self.next_sample += 1
+        body = json.dumps({"subject_id": subject_id, "sample_ids": [sample_id]}).encode()
+        return "POST", "/forget-requests", body
+
+    async def _connection(self) -> None:
+        headers = {"Authorization": f"Bearer {self.key}"}
+        reader = writer = None
+        while self._more():
+            method, path, body = self._next()
+            self.sent += 1
+            started = self.last_sent = time.perf_counter()
+            try:
+                if writer is None:
+                    reader, writer = await asyncio.open_connection(self.host, self.port)
+                writer.write(_request_bytes(self.host, method, path, headers, body))
+                await writer.drain()
+                status, payload = await _read_response(reader)
+                error = None if status == (202 if method == "POST" else 200) else f"{method} {status}"
+            except (OSError, asyncio.IncompleteReadError, HttpError, ValueError) as exc:
+                status, payload, error = 0, b"", f"{method} {type(exc).__name__}"
+                if writer is not None:
+                    writer.close()
+                reader = writer = None
+            finished = time.perf_counter()
+            if status == 202:
+                self.created.append(json.loads(payload)["id"])
+            if started < self.start + self.warmup:
+                continue  # warm-up: not counted
+            # A request sent before the deadline counts with its whole latency, even when its
+            # answer comes after it: dropping the slowest answers would flatter the tail.
+            if error is not None:
+                self.results.errors[error] += 1
+            else:
+                self.results.latencies[method].append(finished - started)
+        if writer is not None:
+            writer.close()
+
+
+def percentile(sorted_values: list[float], share: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    return sorted_values[min(len(sorted_values) - 1, int(share * len(sorted_values)))]
+
+
+def report(results: Results) -> str:
+    if results.seconds <= 0:
+        return "no request was sent after the warm-up: lower --warmup or raise --requests"
+    rows = [("POST", results.latencies["POST"]), ("GET", results.latencies["GET"]),
+            ("all", results.latencies["POST"] + results.latencies["GET"])]
+    lines = [f"{'endpoint':<9}{'ok':>8}{'req/s':>9}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'max ms':>9}"]
+    for name, values in rows:
+        ordered = sorted(values)
+        cells = [percentile(ordered, q) * 1000 for q in (0.50, 0.95, 0.99)] + [
+            (ordered[-1] if ordered else float("nan")) * 1000]
+        lines.append(f"{name:<9}{len(ordered):>8}{len(ordered) / results.seconds:>9.0f}"
+                     + "".join(f"{cell:>9.1f}" for cell in cells))
+    errors = sum(results.errors.values())
+    detail = f" ({', '.join(f'{kind}: {n}' for kind, n in results.errors.most_common())})" if errors else ""
+    lines.append(f"errors: {errors}{detail}; measured over {results.seconds:.1f} s")
+    answered = max(len(rows[2][1]) + errors, 1)
+    cpu = [f"load generator {results.generator_cpu_seconds / results.seconds:.2f} cores"]
+    if results.api_cpu_seconds is not None:
+        cpu.append(f"API {results.api_cpu_seconds / results.seconds:.2f} cores, "
+                   f"{1000 * results.api_cpu_seconds / answered:.2f} ms of API CPU per request")
+    lines.append("CPU: " + "; ".join(cpu))
+    if results.api_peak_rss is not None:
+        lines.append(f"API peak RSS (all its processes): {results.api_peak_rss / 2**20:.0f} MiB")
+    return "\n".join(lines)
+
+
+async def _drive(load: Load, connections: int, api_pid: int | None) -> Results:
+    loop = asyncio.get_running_loop()
+    marks: dict[str, tuple[float, float | None]] = {}
+    peak = 0
+
+    def mark(name: str) -> None:
+        nonlocal peak
+        api_cpu = None
+        if api_pid is not None:
+            rss, api_cpu = tree_rss_and_cpu(api_pid)
+            peak = max(peak, rss)
+        marks[name] = (time.process_time(), api_cpu)
+
+    async def watch() -> None:
+        nonlocal peak
+        await asyncio.sleep(load.warmup)
+        mark("start")
+        while True:  # the peak memory, every half second
+            await asyncio.sleep(0.5)
+            if api_pid is not None:
+                peak = max(peak, tree_rss_and_cpu(api_pid)[0])
+
+    watcher = loop.create_task(watch())
+    results = await load.run(connections)
+    mark("end")
+    watcher.cancel()
+    start = marks.get("start", marks["end"])
+    results.generator_cpu_seconds = marks["end"][0] - start[0]
+    if api_pid is not None:
+        results.api_cpu_seconds = marks["end"][1] - start[1]
+        results.api_peak_rss = peak
+    return results
+
+
+def drive(load: Load, connections: int, api_pid: int | None) -> Results:
+    try:
+        import uvloop  # uvicorn[standard] brings it: a cheaper event loop for the generator as well
+    except ImportError:
+        return asyncio.run(_drive(load, connections, api_pid))
+    return uvloop.run(_drive(load, connections, api_pid))
+
+
+# ------------------------------------------------------------------------------------------------
+# The command
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Raise LoadtestArgumentError naming the option at fault."""
+    if args.duration <= 0 or args.duration > 3600:
+        raise LoadtestArgumentError(f"--duration must be in (0, 3600] seconds, got {args.duration}")
+    if args.requests is not None and args.requests < 1:
+        raise LoadtestArgumentError(f"--requests must be at least 1, got {args.requests}")
+    if not 1 <= args.connections <= 1000:
+        raise LoadtestArgumentError(f"--connections must be 1 to 1000, got {args.connections}")
+    if not 1 <= args.api_workers <= 64:
+        raise LoadtestArgumentError(f"--api-workers must be 1 to 64, got {args.api_workers}")
+    if not 0 <= args.get_share < 1:
+        raise LoadtestArgumentError(f"--get-share must be in [0, 1), got {args.get_share}")
+    if args.warmup < 0:
+        raise LoadtestArgumentError(f"--warmup must be >= 0, got {args.warmup}")
+    if args.url is not None:
+        parts = urlsplit(args.url)
+        if parts.scheme != "http" or parts.hostname not in LOCAL_HOSTS or parts.port is None:
+            raise LoadtestArgumentError(f"--url must be http://127.0.0.1:<port> or another loopback address, got {args.url!r}")
+        if args.api_pid is not None and not Path(f"/proc/{args.api_pid}").exists():
+            raise LoadtestArgumentError(f"--api-pid: no process {args.api_pid} on this machine")
+        if args.database_url is None:
+            raise LoadtestArgumentError("--url needs --database-url: the API's database, where the load's data is seeded")
+
+
+def samples_needed(args: argparse.Namespace) -> int:
+    if args.samples is not None:
+        return args.samples
+    # Enough POSTs for 3,000 requests/s over the whole run, or the requested count.
+    budget = args.requests if args.requests is not None else int(3000 * (args.duration + args.warmup))
+    return max(1000, budget)
+
+
+def run_loadtest(args: argparse.Namespace) -> int:
+    from service.migrate import upgrade_database
+
+    check_arguments(args)
+    created_database = None
+    api = None
+    try:
+        if args.url is None:
+            database_url = created_database = create_database(args.postgres_url)
+            upgrade_database(database_url)
+        else:
+            database_url = args.database_url
+        samples = samples_needed(args)
+        print(f"seeding {samples} samples ...", file=sys.stderr, flush=True)
+        seeded = seed_database(database_url, samples)
+        if args.url is None:
+            host, port = "127.0.0.1", free_port()
+            log_path = Path(args.log_dir or Path.cwd() / "var" / "loadtest") / f"api-{port}.log"
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            api = start_api(database_url, port, args.api_workers, log_path)
+            print(f"qforget api ({args.api_workers} workers) on {host}:{port}, log {log_path}", file=sys.stderr)
+        else:
+            host, port = urlsplit(args.url).hostname, urlsplit(args.url).port
+        wait_until_up(host, port, api)
+        bound = f"{args.duration:g} s" + (f" or {args.requests} requests" if args.requests else "")
+        print(f"load: {args.connections} connections, GET share {args.get_share:g}, {bound} "
+              f"after {args.warmup:g} s of warm-up", file=sys.stderr, flush=True)
+        load = Load(host=host, port=port, key=seeded.key, samples=list(seeded.subject_of_sample.items()),
+                    duration=args.duration, max_requests=args.requests, get_share=args.get_share,
+                    warmup=args.warmup)
+        results = drive(load, args.connections, api.pid if api is not None else args.api_pid)
+        if api is not None and api.poll() is not None:
+            print(f"the API exited with status {api.returncode} during the load", file=sys.stderr)
+            return 1
+        print(report(results))
+        return 1 if results.errors else 0
+    finally:
+        if api is not None:
+            stop_api(api)
+        if created_database is not None and not args.keep_database:
+            drop_database(args.postgres_url, created_database)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds of measured load (default 20)")
+    parser.add_argument("--requests", type=int, default=None, help="stop after this many requests as well")
+    parser.add_argument("--warmup", type=float, default=2.0, help="seconds of load not counted first (default 2)")
+    parser.add_argument("--connections", type=int, default=64, help="concurrent keep-alive connections (default 64)")
+    parser.add_argument("--get-share", type=float, default=0.5,
+                        help="share of GETs of a created request, the rest are POSTs (default 0.5)")
+    parser.add_argument("--api-workers", type=int, default=2, help="uvicorn workers of the API it starts (default 2)")
+    parser.add_argument("--samples", type=int, default=None, help="samples to seed (default: enough for the run)")
+    parser.add_argument("--postgres-url", default=os.environ.get("QFORGET_LOADTEST_POSTGRES_URL", DEFAULT_POSTGRES_URL),
+                        help="a database on the server where the run's own database is created and dropped "
+                             "(default QFORGET_LOADTEST_POSTGRES_URL or %(default)s)")
+    parser.add_argument("--keep-database", action="store_true", help="do not drop the run's database afterwards")
+    parser.add_argument("--url", default=None, help="drive this already running API (loopback only) instead")
+    parser.add_argument("--database-url", default=None, help="with --url: that API's database, for the seed")
+    parser.add_argument("--api-pid", type=int, default=None,
+                        help="with --url: the API's main process id, to report its CPU use and peak memory")
+    parser.add_argument("--log-dir", default=None, help="where the started API logs (default var/loadtest)")

@@ -1,0 +1,188 @@
+"""Request intake under load: bounded database work per request, a bounded number of sessions at
+once, an API process without model code, and the `qforget loadtest` command. No timed assertion:
+the speed figures come from `qforget loadtest` (docs/performance.md)."""
+
+import asyncio
+import subprocess
+import sys
+import threading
+
+import httpx
+import pytest
+from sqlalchemy import event, insert, select, text
+
+from service import cli
+from service.db import transaction
+from service.models import Sample, Subject
+from tests.conftest import POSTGRES_ADMIN_URL
+
+
+def count_statements(engine):
+    """A list that collects every statement the engine sends, and a function that stops collecting."""
+    statements: list[str] = []
+
+    def collect(conn, cursor, statement, parameters, context, executemany):
+        statements.append(" ".join(statement.split()))
+
+    event.listen(engine, "before_cursor_execute", collect)
+    return statements, lambda: event.remove(engine, "before_cursor_execute", collect)
+
+
+def add_subject(engine, subject: str, samples: int, first_index: int) -> list[int]:
+    with transaction(engine) as session:
+        session.execute(insert(Subject), [{"id": subject}])
+        session.execute(insert(Sample), [{"dataset": "digits", "dataset_index": first_index + i, "subject_id": subject}
+                                         for i in range(samples)])
+        return list(session.scalars(select(Sample.id).where(Sample.subject_id == subject).order_by(Sample.id)))
+
+
+def test_reading_a_request_runs_the_same_few_statements_for_5_or_500_samples(client, seed, engine):
+    zoe = add_subject(engine, "zoe", 505, 1000)
+    small = client.post("/forget-requests", json={"subject_id": "zoe", "sample_ids": zoe[:5]}).json()["id"]
+    large = client.post("/forget-requests", json={"subject_id": "zoe", "sample_ids": zoe[5:]}).json()["id"]
+    statements, stop = count_statements(client.app.state.engine)
+    try:
+        read_small = client.get(f"/forget-requests/{small}")
+        small_count = len(statements)
+        statements.clear()
+        read_large = client.get(f"/forget-requests/{large}")
+    finally:
+        stop()
+    assert read_small.status_code == read_large.status_code == 200
+    assert read_large.json()["sample_ids"] == zoe[5:]
+    assert len(statements) == small_count, statements
+    # The key, then the request with its samples in one statement (SQLite adds its BEGIN IMMEDIATE).
+    assert len([s for s in statements if not s.startswith("BEGIN")]) == 2, statements
+
+
+def test_an_unknown_request_is_404_after_the_same_statements(client, seed):
+    statements, stop = count_statements(client.app.state.engine)
+    try:
+        response = client.get("/forget-requests/00000000-0000-0000-0000-000000000000")
+    finally:
+        stop()
+    assert response.status_code == 404
+    assert len([s for s in statements if not s.startswith("BEGIN")]) == 2, statements
+
+
+def test_filing_a_request_does_not_read_its_samples_back(client, seed):
+    alice = seed.samples["alice"]
+    statements, stop = count_statements(client.app.state.engine)
+    try:
+        response = client.post("/forget-requests", json={"subject_id": "alice", "sample_ids": alice[:3]})
+    finally:
+        stop()
+    assert response.status_code == 202, response.text
+    assert response.json()["sample_ids"] == alice[:3]
+    # After the audit entry (which takes the audit lock, held to the commit) nothing is read.
+    audit_insert = next(i for i, s in enumerate(statements) if s.startswith("INSERT INTO audit_log"))
+    assert not any(s.startswith("SELECT") for s in statements[audit_insert:]), statements[audit_insert:]
+
+
+def test_at_most_api_database_sessions_requests_hold_a_connection_at_once(settings, seed, bearer):
+    from service.api.app import create_app
+
+    settings.api_database_sessions = 2
+    app = create_app(settings)
+    engine = app.state.engine
+    held, most, lock = 0, 0, threading.Lock()
+
+    def checkout(*_):
+        nonlocal held, most
+        with lock:
+            held += 1
+            most = max(most, held)
+
+    def checkin(*_):
+        nonlocal held
+        with lock:
+            held -= 1
+
+    event.listen(engine, "checkout", checkout)
+    event.listen(engine, "checkin", checkin)
+    headers = bearer("submitter")
+
+    async def many_reads() -> list[int]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", headers=headers) as client:
+            responses = await asyncio.gather(*(client.get(f"/forget-requests?subject_id=alice&limit={1 + i}")
+                                               for i in range(12)))
+        return [response.status_code for response in responses]
+
+    try:
+        assert asyncio.run(many_reads()) == [200] * 12
+    finally:
+        event.remove(engine, "checkout", checkout)
+        event.remove(engine, "checkin", checkin)
+        engine.dispose()
+    assert 1 <= most <= 2
+
+
+def test_api_database_sessions_beyond_the_pool_is_refused_naming_it(tmp_path):
+    from pydantic import ValidationError
+
+    from service.settings import Settings
+
+    with pytest.raises(ValidationError, match="api_database_sessions"):
+        Settings(data_dir=tmp_path, api_database_sessions=31, _env_file=None)
+
+
+def test_the_api_process_imports_no_model_code(tmp_path):
+    program = (
+        "import sys\n"
+        "from service.api.app import create_app\n"
+        "from service.settings import Settings\n"
+        f"create_app(Settings(data_dir={str(tmp_path)!r}, _env_file=None))\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'numpy', 'sklearn')"
+        " or m.startswith('workers.engine')))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", program], check=False, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    ("arguments", "named"),
+    [
+        (["--duration", "0"], "--duration"),
+        (["--get-share", "1"], "--get-share"),
+        (["--connections", "0"], "--connections"),
+        (["--url", "http://example.com:8000", "--database-url", "sqlite://"], "--url"),
+        (["--url", "http://127.0.0.1:8000"], "--database-url"),
+    ],
+)
+def test_loadtest_refuses_bad_options_naming_them(arguments, named, capsys, postgres_admin):
+    databases = _load_databases(postgres_admin)
+    assert cli.main(["loadtest", *arguments]) == 2
+    assert named in capsys.readouterr().err
+    assert _load_databases(postgres_admin) == databases  # nothing was created
+
+
+def _load_databases(admin) -> set[str]:
+    with admin.connect() as connection:
+        return set(connection.scalars(text("SELECT datname FROM pg_database WHERE datname LIKE 'qforget_load_%'")))
+
+
+def test_loadtest_drives_a_real_api_and_cleans_up(postgres_admin, tmp_path, capsys):
+    databases = _load_databases(postgres_admin)
+    code = cli.main(["loadtest", "--requests", "60", "--duration", "60", "--warmup", "0", "--connections", "4",
+                     "--api-workers", "1", "--postgres-url", POSTGRES_ADMIN_URL, "--log-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split()[:1] in (["POST"], ["GET"])}
+    assert int(rows["POST"][1]) + int(rows["GET"][1]) == 60, out  # every request answered as expected
+    assert int(rows["POST"][1]) > 0 and int(rows["GET"][1]) > 0, out
+    assert "errors: 0;" in out
+    assert "API peak RSS" in out
+    assert _load_databases(postgres_admin) == databases  # its database was dropped
+
+
+def test_loadtest_counts_unexpected_answers_as_errors():
+    from service.loadtest import Results, report
+
+    results = Results(seconds=2.0)
+    results.latencies["POST"] = [0.010, 0.020]
+    results.errors["POST 409"] = 3
+    text_report = report(results)
+    assert "errors: 3 (POST 409: 3)" in text_report
+    assert text_report.splitlines()[1].split()[:3] == ["POST", "2", "1"]  # 2 answered, 1 per second
