@@ -94,12 +94,28 @@ def _migrate(args) -> int:
 
 
 def _reference(args) -> int:
+    # Recorded as a reference request, as POST /models/{model}/references does: the scheduler
+    # sends it, and an open request for the same deployment is not asked for twice.
+    from service.db import get_engine, transaction
+    from service.migrate import upgrade_database
+    from service.models import Model
+    from service.references import open_request, request_reference
     from service.settings import get_settings
-    from workers.tasks import train_reference
 
-    model_name = args.model or get_settings().default_model
-    result = train_reference.delay(model_name)
-    print(f"retrain reference for {model_name} queued (task {result.id})")
+    settings = get_settings()
+    model_name = args.model or settings.default_model
+    upgrade_database(settings.database_url)
+    with transaction(get_engine(settings, "cli")) as session:
+        model = session.get(Model, model_name, with_for_update=True)
+        if model is None or model.deployed_version_id is None:
+            print(f"qforget reference: model {model_name!r} has no deployed version", file=sys.stderr)
+            return 2
+        request = open_request(session, model_name)
+        if request is not None and request.deployed_version_id == model.deployed_version_id:
+            print(f"retrain reference for {model_name} already requested (request {request.id})")
+            return 0
+        request = request_reference(session, model, "cli", "asked for on the command line")
+        print(f"retrain reference for {model_name} requested (request {request.id}); the scheduler sends it")
     return 0
 
 

@@ -12,9 +12,18 @@ from sqlalchemy.exc import OperationalError
 from service.api.body_limit import BodySizeLimit
 from service.api.deps import reject_unknown_query_parameters
 from service.api.request_logging import RequestLogging
-from service.api.routes import audit, datasets, deployments, forget_requests, health, metrics, models, subjects
-from service.api.routes import evidence
-from service.api.routes import dashboard
+from service.api.routes import (
+    audit,
+    dashboard,
+    datasets,
+    deployments,
+    evidence,
+    forget_requests,
+    health,
+    metrics,
+    models,
+    subjects,
+)
 from service.api.schemas import ErrorPublic
 from service.db import get_engine, session_factory
 from service.forget_requests import RequestValidationProblem

@@ -150,3 +150,25 @@ def test_models_without_a_deployment_are_not_scheduled(engine, settings, seed):
     assert len(schedule(engine, every_days=1)) == 1  # only the deployed model
     with transaction(engine) as session:
         assert session.scalars(select(ReferenceRequest.model_name)).all() == [seed.model]
+
+
+def test_the_reference_command_records_one_request_per_state(engine, settings, seed, parent_ta, monkeypatch, capsys):
+    from service.cli import main
+    from service.settings import get_settings
+
+    monkeypatch.setenv("QFORGET_DATABASE_URL", settings.database_url)
+    monkeypatch.setenv("QFORGET_DATA_DIR", str(settings.data_dir))
+    get_settings.cache_clear()
+    try:
+        deploy_batch(engine, settings, seed, "alice")
+        assert main(["reference", "--model", seed.model]) == 0
+        assert main(["reference", "--model", seed.model]) == 0  # the same state: not asked twice
+        assert main(["reference", "--model", "no-such-model"]) == 2
+    finally:
+        get_settings.cache_clear()
+    out = capsys.readouterr()
+    assert "requested (request" in out.out and "already requested" in out.out
+    assert "'no-such-model' has no deployed version" in out.err
+    with transaction(engine) as session:
+        [request] = session.scalars(select(ReferenceRequest)).all()
+        assert (request.requested_by, request.finished_at) == ("cli", None)
