@@ -115,12 +115,12 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_api(database_url: str, port: int, workers: int, log_path: Path) -> subprocess.Popen:
+def start_api(database_url: str, port: int, workers: int, log_path: Path, log_level: str = "INFO") -> subprocess.Popen:
     """`qforget api` on 127.0.0.1:port, as a process group of its own (uvicorn forks its workers)."""
     env = {**os.environ, "QFORGET_DATABASE_URL": database_url, "QFORGET_DATA_DIR": str(log_path.parent)}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent),
                                                       env.get("PYTHONPATH")]))
-    command = [sys.executable, "-m", "service.cli", "--log-level", "WARNING", "api", "--host", "127.0.0.1",
+    command = [sys.executable, "-m", "service.cli", "--log-level", log_level, "api", "--host", "127.0.0.1",
                "--port", str(port), "--workers", str(workers)]
     with open(log_path, "ab") as log:
         return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -439,7 +439,7 @@ def run_loadtest(args: argparse.Namespace) -> int:
             host, port = "127.0.0.1", free_port()
             log_path = Path(args.log_dir or Path.cwd() / "var" / "loadtest") / f"api-{port}.log"
             log_path.parent.mkdir(parents=True, exist_ok=True)
-            api = start_api(database_url, port, args.api_workers, log_path)
+            api = start_api(database_url, port, args.api_workers, log_path, args.api_log_level)
             print(f"qforget api ({args.api_workers} workers) on {host}:{port}, log {log_path}", file=sys.stderr)
         else:
             host, port = urlsplit(args.url).hostname, urlsplit(args.url).port
@@ -471,6 +471,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--get-share", type=float, default=0.5,
                         help="share of GETs of a created request, the rest are POSTs (default 0.5)")
     parser.add_argument("--api-workers", type=int, default=2, help="uvicorn workers of the API it starts (default 2)")
+    parser.add_argument("--api-log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="log level of the API it starts (default INFO, as `qforget api`: a line per request)")
     parser.add_argument("--samples", type=int, default=None, help="samples to seed (default: enough for the run)")
     parser.add_argument("--postgres-url", default=os.environ.get("QFORGET_LOADTEST_POSTGRES_URL", DEFAULT_POSTGRES_URL),
                         help="a database on the server where the run's own database is created and dropped "
