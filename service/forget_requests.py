@@ -97,10 +97,14 @@ def file_forget_request(
     statement after it delays every other intake)."""
     if sample_ids is not None:
         _check_id_list(sample_ids)
-    model = session.get(Model, model_name)
-    if model is None:
+    # The model and whether the subject exists, in one statement (every statement costs the API CPU).
+    found = session.execute(
+        select(Model, select(Subject.id).where(Subject.id == subject_id).exists()).where(Model.name == model_name)
+    ).first()
+    if found is None:
         raise RequestValidationProblem("model", f"unknown model {model_name!r}", error_type="unknown_model")
-    if session.get(Subject, subject_id) is None:
+    model, subject_exists = found
+    if not subject_exists:
         raise RequestValidationProblem(
             "subject_id", f"unknown subject {subject_id!r}", error_type="unknown_subject"
         )

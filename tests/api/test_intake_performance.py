@@ -74,6 +74,10 @@ def test_filing_a_request_does_not_read_its_samples_back(client, seed):
         stop()
     assert response.status_code == 202, response.text
     assert response.json()["sample_ids"] == alice[:3]
+    # The key, the model with the subject, the samples, their open requests, two inserts, the audit
+    # lock (PostgreSQL), the newest audit hash, the audit entry: nothing else.
+    sent = [s for s in statements if not s.startswith("BEGIN")]
+    assert len(sent) <= 9, sent
     # After the audit entry (which takes the audit lock, held to the commit) nothing is read.
     audit_insert = next(i for i, s in enumerate(statements) if s.startswith("INSERT INTO audit_log"))
     assert not any(s.startswith("SELECT") for s in statements[audit_insert:]), statements[audit_insert:]
