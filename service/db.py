@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.settings import Settings, get_settings
@@ -23,10 +23,10 @@ MAX_OVERFLOW = 20
 
 def make_engine(database_url: str, name: str = "qforget") -> Engine:
     if database_url.startswith("sqlite"):
-        engine = create_engine(
-            database_url, pool_size=POOL_SIZE, max_overflow=MAX_OVERFLOW,
-            connect_args={"timeout": 30, "check_same_thread": False},
-        )
+        # An in-memory database lives in one connection (SingletonThreadPool): no pool to size.
+        in_memory = make_url(database_url).database in (None, "", ":memory:")
+        pool = {} if in_memory else {"pool_size": POOL_SIZE, "max_overflow": MAX_OVERFLOW}
+        engine = create_engine(database_url, **pool, connect_args={"timeout": 30, "check_same_thread": False})
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_connection, _record):
