@@ -12,14 +12,16 @@ Usage, inside the transaction that does the work:
 Only a request that succeeded is remembered: a refused one wrote nothing, so its retry simply runs
 again. The record is inserted before the work: on PostgreSQL a concurrent request with the same key
 waits on that insert until the first commits, then replays its response; on SQLite transactions
-are serialised already (service.db). Records are kept indefinitely (they are small); a retention
-job can delete old ones once their keys can no longer be retried.
+are serialised already (service.db). Records are kept QFORGET_IDEMPOTENCY_RETENTION_HOURS: the
+scheduler deletes older ones (`prune_expired`), after which the same key makes a new request.
 """
 
 import hashlib
 import json
 from dataclasses import dataclass
+from datetime import datetime
 
+from sqlalchemy import delete
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -73,3 +75,9 @@ def claim(session: Session, *, api_key_id: int, key: str, fingerprint: str) -> R
             location="header",
         )
     return Replay(status_code=stored.status_code, body=stored.response_body)
+
+
+def prune_expired(session: Session, older_than: datetime) -> int:
+    """Delete the records created before `older_than`; returns how many."""
+    result = session.execute(delete(IdempotencyRecord).where(IdempotencyRecord.created_at < older_than))
+    return result.rowcount

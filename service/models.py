@@ -344,4 +344,4 @@ class IdempotencyRecord(Base):
     status_code: Mapped[int] = mapped_column(SmallInteger)
     response_body: Mapped[dict]
     forget_request_id: Mapped[str | None] = mapped_column(ForeignKey("forget_requests.id"), index=True)
-    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)

@@ -55,6 +55,9 @@ class Settings(BaseSettings):
     # Artifacts of versions that still carry forgotten samples are deleted this long after the
     # deployment forgot them (kept meanwhile for audit evidence); the deployed one never is.
     artifact_retention_hours: float = 24.0
+    # An Idempotency-Key is remembered this long (the scheduler deletes older records): a client
+    # retries within minutes, and a key reused after this is a new request.
+    idempotency_retention_hours: float = 24.0
 
     # GDPR Art. 12(3): one month to act on a request.
     deadline_days: int = 30

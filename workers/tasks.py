@@ -7,6 +7,7 @@ sends dispatches, never loads it.
 import logging
 from datetime import timedelta
 
+from service import idempotency
 from service.db import get_engine, transaction
 from service.logging_setup import bind_log_context
 from service.models import utcnow
@@ -33,6 +34,8 @@ def dispatch() -> list[str]:
     for model_name in due:
         run_unlearning.delay(model_name)
     dispatch_references()
+    with transaction(get_engine(settings, "scheduler")) as session:
+        idempotency.prune_expired(session, utcnow() - timedelta(hours=settings.idempotency_retention_hours))
     return due
 
 

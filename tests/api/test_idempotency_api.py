@@ -112,3 +112,26 @@ def test_concurrent_retries_file_one_request(client, seed, engine, bearer):
     assert [r.status_code for r in responses] == [202] * len(responses), [r.text for r in responses]
     assert len({r.content for r in responses}) == 1
     assert request_count(engine) == 1
+
+
+def test_an_expired_key_is_forgotten_and_makes_a_new_request(client, seed, engine):
+    from datetime import timedelta
+
+    from service.idempotency import prune_expired
+    from service.models import utcnow
+
+    first = client.post("/forget-requests", json={"subject_id": "alice"}, headers={"Idempotency-Key": "old"})
+    fresh = client.post("/forget-requests", json={"subject_id": "bob"}, headers={"Idempotency-Key": "new"})
+    assert first.status_code == fresh.status_code == 202
+    with transaction(engine) as session:
+        session.execute(update(IdempotencyRecord).where(IdempotencyRecord.key == "old")
+                        .values(created_at=utcnow() - timedelta(hours=25)))
+    with transaction(engine) as session:
+        assert prune_expired(session, utcnow() - timedelta(hours=24)) == 1
+        assert session.scalars(select(IdempotencyRecord.key)).all() == ["new"]
+    # Past its retention the key is unknown: the same key with a new body is a new request, not a 422.
+    again = client.post("/forget-requests", json={"subject_id": "carol"}, headers={"Idempotency-Key": "old"})
+    assert again.status_code == 202 and again.json()["id"] != first.json()["id"]
+    replay = client.post("/forget-requests", json={"subject_id": "bob"}, headers={"Idempotency-Key": "new"})
+    assert replay.json()["id"] == fresh.json()["id"]
+    assert request_count(engine) == 3
