@@ -103,7 +103,9 @@ def test_ga_raises_the_forget_loss(small_model, random_split):
 
 def test_ft_lowers_the_retain_loss(small_model, random_split):
     forget, retain = random_split
-    result = unlearn("ft", small_model, forget, retain, FTConfig(epochs=2), progress=False)
+    # 4 epochs: after 2 the drop (0.017 on one machine, 0.02+ on another) sat at the margin, which
+    # made the test hang on the CPU's kernels rather than on fine-tuning; after 4 it is about 0.08.
+    result = unlearn("ft", small_model, forget, retain, FTConfig(epochs=4), progress=False)
     assert mean_loss(result.model, retain) < mean_loss(small_model, retain) - 0.02
 
 
