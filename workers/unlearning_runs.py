@@ -300,6 +300,7 @@ def run_batch(engine: Engine, settings: Settings, claimed: ClaimedBatch, progres
 def unlearn_config(settings: Settings, model: Model) -> qf.QMulConfig:
     """The service-wide Q-MUL settings, overridden by what an admin set for this model."""
     return qf.QMulConfig(**{"epochs": settings.unlearn_epochs, "lr": settings.unlearn_lr,
+                            "grad_norm_batches": settings.unlearn_grad_norm_batches or None,
                             **(model.unlearn_config or {})})
 
 

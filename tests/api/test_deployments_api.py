@@ -59,16 +59,19 @@ def test_approving_deploys_and_completes(client, engine, seed, held_batch):
 def test_discarding_returns_the_requests_with_new_settings(client, engine, seed, held_batch):
     bad = client.post(f"/batches/{held_batch['batch_id']}/discard", json={"unlearn_settings": {"epochs": 0}})
     assert bad.status_code == 422 and bad.json()["detail"][0]["loc"][-1] == "epochs"
+    no_batches = client.post(f"/batches/{held_batch['batch_id']}/discard",
+                             json={"unlearn_settings": {"grad_norm_batches": 0}})
+    assert no_batches.status_code == 422 and no_batches.json()["detail"][0]["loc"][-1] == "grad_norm_batches"
     unknown = client.post(f"/batches/{held_batch['batch_id']}/discard", json={"unlearn_settings": {"epochz": 3}})
     assert unknown.status_code == 422 and unknown.json()["detail"][0]["loc"][-1] == "epochz"
     with transaction(engine) as session:
         assert session.get(Batch, held_batch["batch_id"]).status == BatchStatus.held  # nothing changed
 
     response = client.post(f"/batches/{held_batch['batch_id']}/discard",
-                           json={"unlearn_settings": {"epochs": 3, "lr": 0.001}})
+                           json={"unlearn_settings": {"epochs": 3, "lr": 0.001, "grad_norm_batches": 5}})
     assert response.status_code == 200 and response.json()["status"] == "discarded"
     with transaction(engine) as session:
-        assert session.get(Model, seed.model).unlearn_config == {"epochs": 3, "lr": 0.001}
+        assert session.get(Model, seed.model).unlearn_config == {"epochs": 3, "lr": 0.001, "grad_norm_batches": 5}
         request = session.get(ForgetRequest, held_batch["request_id"])
         assert (request.status, request.batch_id) == (RequestStatus.pending, None)
 

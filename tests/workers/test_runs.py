@@ -179,7 +179,11 @@ def test_a_discarded_batch_returns_its_requests_with_new_settings(engine, settin
         request = session.get(ForgetRequest, request_id)
         assert (request.status, request.batch_id) == (RequestStatus.pending, None)
         model = session.get(Model, seed.model)
-        assert runs.unlearn_config(settings, model) == QMulConfig(epochs=3, lr=0.001)
+        assert runs.unlearn_config(settings, model) == QMulConfig(
+            epochs=3, lr=0.001, grad_norm_batches=settings.unlearn_grad_norm_batches)
+        # 0 asks for the full pass over each set.
+        full = settings.model_copy(update={"unlearn_grad_norm_batches": 0})
+        assert runs.unlearn_config(full, model).grad_norm_batches is None
     assert runs.claim_batch(engine, settings, seed.model) is not None
 
 

@@ -58,6 +58,7 @@ class UnlearnSettings(BaseModel):
     batch_size: int | None = Field(default=None, ge=1, le=4096)
     similar_labels: bool | None = None
     gradient_reweighting: bool | None = None
+    grad_norm_batches: int | None = Field(default=None, ge=1, le=100_000)
 
 
 class BatchDiscard(BaseModel):
