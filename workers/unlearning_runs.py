@@ -45,7 +45,13 @@ from service.models import (
 )
 from service.settings import Settings
 from workers import engine as qf
-from workers.engine.metrics import membership_attacker, per_sample_loss, true_class_probs
+from workers.engine.metrics import (
+    membership_attacker,
+    metrics_from_probs,
+    per_sample_loss,
+    split_probs,
+    true_class_probs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +90,11 @@ def artifact_spec(spec: qf.ModelSpec) -> dict:
 
 @dataclass(frozen=True)
 class SampleAssessment:
-    """A version's per-sample figures on a forget split (in the split's order), and the membership
-    scores (per-sample loss, -ln p of the true label) of the forget and test splits."""
+    """A version's FA, RA, TA and MIA, its per-sample figures on the forget split (in the split's
+    order), and the membership scores (per-sample loss, -ln p of the true label) of the forget and
+    test splits: all from one inference per split."""
 
+    metrics: dict[str, float]
     correct: np.ndarray
     confidence: np.ndarray
     member: np.ndarray
@@ -96,19 +104,20 @@ class SampleAssessment:
 
 def assess_samples(network, forget: qf.Split, retain: qf.Split, test: qf.Split, device: str,
                    seed: int = 0) -> SampleAssessment:
-    """Per forget sample: predicted right, the true label's softmax probability, and the MIA
-    attacker's call (the classifier behind MIA, fitted on this version's retain vs test)."""
-    probs = {name: qf.predict_probs(network, split.x, device)
-             for name, split in (("forget", forget), ("retain", retain), ("test", test))}
-    confidence = {name: true_class_probs(probs[name], split.y)
-                  for name, split in (("forget", forget), ("retain", retain), ("test", test))}
-    attacker = membership_attacker(confidence["retain"], confidence["test"], seed)
+    """The metrics (as qf.evaluate) and, per forget sample: predicted right, the true label's
+    softmax probability, and the MIA attacker's call (the classifier behind MIA, fitted on this
+    version's retain vs test)."""
+    probs = split_probs(network, forget, retain, test, device)
+    confidence = {key: true_class_probs(probs[key], split.y)
+                  for key, split in (("FA", forget), ("RA", retain), ("TA", test))}
+    attacker = membership_attacker(confidence["RA"], confidence["TA"], seed)
     return SampleAssessment(
-        correct=(probs["forget"].argmax(dim=1) == forget.y).numpy(),
-        confidence=confidence["forget"][:, 0],
-        member=attacker.predict(confidence["forget"]) == 1,
-        forget_loss=per_sample_loss(probs["forget"], forget.y),
-        test_loss=per_sample_loss(probs["test"], test.y),
+        metrics=metrics_from_probs(probs, forget, retain, test, seed),
+        correct=(probs["FA"].argmax(dim=1) == forget.y).numpy(),
+        confidence=confidence["FA"][:, 0],
+        member=attacker.predict(confidence["FA"]) == 1,
+        forget_loss=per_sample_loss(probs["FA"], forget.y),
+        test_loss=per_sample_loss(probs["TA"], test.y),
     )
 
 
@@ -280,13 +289,13 @@ def run_batch(engine: Engine, settings: Settings, claimed: ClaimedBatch, progres
         forget, retain = data.train.subset(forget_indices), data.train.subset(retain_indices)
         log.info("batch %s: Q-MUL on %d forget / %d retain samples", claimed.batch_id, len(forget), len(retain))
         result = qf.qmul_unlearn(network, forget, retain, config, device=settings.torch_device, progress=progress)
-        metrics = qf.evaluate(result.model, forget, retain, data.test, device=settings.torch_device)
         # Per-request evidence: the batch's samples before (the parent) and after (the new version).
         evidence = BatchEvidence(
             sample_ids=[id_of_index[index] for index in forget_indices],
             before=assess_samples(network, forget, retain, data.test, settings.torch_device),
             after=assess_samples(result.model, forget, retain, data.test, settings.torch_device),
         )
+        metrics = evidence.after.metrics
         path, sha256 = qf.save_artifact(result.model, artifact_spec(spec), Path(settings.model_store))
     finally:
         keeper.stop()
@@ -470,15 +479,16 @@ def record_reference_failure(engine: Engine, reference_request_id: int, error: B
                      details={"reference_request_id": reference_request_id, "error": request.error})
 
 
-def _audit_splits(session, model: Model, forgotten_ids) -> tuple[list[int], list[int]]:
-    """Dataset indices of the forget split (the given forgotten samples) and of the retain split."""
-    forget_indices = [index for _, index in _forget_samples(session, forgotten_ids)]
+def _audit_splits(session, model: Model, forgotten_ids) -> tuple[list[tuple[int, int]], list[int]]:
+    """(sample id, dataset index) of the forget split (the given forgotten samples, in the split's
+    order) and the dataset indices of the retain split."""
+    forget_samples = _forget_samples(session, forgotten_ids)
     retain_indices = session.scalars(
         select(Sample.dataset_index)
         .where(Sample.dataset == model.dataset, Sample.status == SampleStatus.active)
         .order_by(Sample.dataset_index)
     ).all()
-    return forget_indices, retain_indices
+    return forget_samples, retain_indices
 
 
 def _forget_samples(session, forgotten_ids) -> list[tuple[int, int]]:
@@ -502,7 +512,8 @@ def evaluate_on_deployment_splits(engine: Engine, settings: Settings, model_name
         model = session.get(Model, model_name)
         deployed = session.get(ModelVersion, model.deployed_version_id)
         version = session.get(ModelVersion, version_id)
-        forget_indices, retain_indices = _audit_splits(session, model, deployed.excluded_sample_ids)
+        forget_samples, retain_indices = _audit_splits(session, model, deployed.excluded_sample_ids)
+    forget_indices = [index for _, index in forget_samples]
     return _evaluate_artifact(settings, qf.ModelSpec.from_dict(model.spec), version.artifact_path, version.sha256,
                               forget_indices, retain_indices)
 
@@ -527,23 +538,23 @@ def evaluate_deployment(engine: Engine, settings: Settings, model_name: str) -> 
         reference = next((r for r in references if set(r.excluded_sample_ids) == excluded), None)
         if reference is None:
             return None
-        forget_indices, retain_indices = _audit_splits(session, model, excluded)
-        forget_sample_ids = [sample_id for sample_id, _ in _forget_samples(session, excluded)]
+        forget_samples, retain_indices = _audit_splits(session, model, excluded)
+        forget_sample_ids = [sample_id for sample_id, _ in forget_samples]
+        forget_indices = [index for _, index in forget_samples]
         spec = qf.ModelSpec.from_dict(model.spec)
     data = load_data(spec)
     forget, retain = data.train.subset(forget_indices), data.train.subset(retain_indices)
-    results, assessments = {}, {}
+    assessments = {}
     for version in (deployed, reference):
         network, _ = qf.load_artifact(Path(version.artifact_path), version.sha256, device=settings.torch_device)
-        results[version.id] = qf.evaluate(network, forget, retain, data.test, device=settings.torch_device)
         assessments[version.id] = assess_samples(network, forget, retain, data.test, settings.torch_device)
     with transaction(engine) as session:
         evaluation = Evaluation(
             version_id=deployed.id,
             reference_id=reference.id,
-            metrics=results[deployed.id],
-            reference_metrics=results[reference.id],
-            gaps=qf.gaps(results[deployed.id], results[reference.id]),
+            metrics=assessments[deployed.id].metrics,
+            reference_metrics=assessments[reference.id].metrics,
+            gaps=qf.gaps(assessments[deployed.id].metrics, assessments[reference.id].metrics),
             forget_count=len(forget_indices),
             retain_count=len(retain_indices),
             test_count=len(data.test),

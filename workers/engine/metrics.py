@@ -102,7 +102,16 @@ def membership_auc(
     return auc_percent(reference_forget_loss - forget_loss, reference_test_loss - test_loss)
 
 
-def _metrics_from_probs(probs, forget, retain, test, seed):
+def split_probs(model: nn.Module, forget: Split, retain: Split, test: Split,
+                device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Softmax outputs on the three splits, keyed like the metrics they give: FA, RA, TA."""
+    return {key: predict_probs(model, split.x, device)
+            for key, split in (("FA", forget), ("RA", retain), ("TA", test))}
+
+
+def metrics_from_probs(probs: dict[str, torch.Tensor], forget: Split, retain: Split, test: Split,
+                       seed: int = 0) -> dict[str, float]:
+    """FA, RA, TA and MIA from split_probs()' outputs."""
     splits = {"FA": forget, "RA": retain, "TA": test}
     metrics = {
         key: 100.0 * (probs[key].argmax(dim=1) == split.y).float().mean().item()
@@ -122,9 +131,7 @@ def evaluate(
     seed: int = 0,
 ) -> dict[str, float]:
     """FA, RA, TA (accuracy in percent) and MIA (efficacy in percent), one inference per split."""
-    splits = {"FA": forget, "RA": retain, "TA": test}
-    probs = {key: predict_probs(model, split.x, device) for key, split in splits.items()}
-    return _metrics_from_probs(probs, forget, retain, test, seed)
+    return metrics_from_probs(split_probs(model, forget, retain, test, device), forget, retain, test, seed)
 
 
 def evaluate_with_membership(
@@ -138,9 +145,8 @@ def evaluate_with_membership(
 ) -> dict[str, float]:
     """evaluate()'s four metrics plus MIA-AUC, and MIA-AUC-cal when a reference (the retrain
     reference) is given."""
-    splits = {"FA": forget, "RA": retain, "TA": test}
-    probs = {key: predict_probs(model, split.x, device) for key, split in splits.items()}
-    metrics = _metrics_from_probs(probs, forget, retain, test, seed)
+    probs = split_probs(model, forget, retain, test, device)
+    metrics = metrics_from_probs(probs, forget, retain, test, seed)
     forget_loss, test_loss = per_sample_loss(probs["FA"], forget.y), per_sample_loss(probs["TA"], test.y)
     metrics["MIA-AUC"] = membership_auc(forget_loss, test_loss)
     if reference is not None:
