@@ -16,7 +16,7 @@ import json
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from sqlalchemy import func, select
+from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session
 
 from service.models import AuditEntry, as_utc, utcnow
@@ -66,25 +66,33 @@ def append_audit(
     session: Session, *, actor: str, action: str, object_type: str, object_id: str, details: dict
 ) -> AuditEntry:
     """Append an entry to the chain inside the caller's transaction; it commits with the change."""
+    return append_audit_entries(
+        session,
+        [{"actor": actor, "action": action, "object_type": object_type, "object_id": object_id, "details": details}],
+    )[0]
+
+
+def append_audit_entries(session: Session, entries: list[dict]) -> list[AuditEntry]:
+    """Append entries (each a dict of actor, action, object_type, object_id, details), in order,
+    with one lock, one read of the newest hash and one insert, whatever their number. Returns
+    them as written (not attached to the session)."""
+    if not entries:
+        return []
     # Hash what will be read back: JSON turns tuples into lists and keys into strings. This also
     # rejects what JSON cannot hold (datetimes, NaN) here rather than at commit.
-    details = json.loads(json.dumps(details, allow_nan=False))
+    contents = [{**entry, "details": json.loads(json.dumps(entry["details"], allow_nan=False))} for entry in entries]
     if session.get_bind().dialect.name == "postgresql":
         session.execute(select(func.pg_advisory_xact_lock(AUDIT_LOCK_KEY)))
-    prev_hash = session.scalar(select(AuditEntry.entry_hash).order_by(AuditEntry.id.desc()).limit(1))
-    fields = {
-        "prev_hash": prev_hash or GENESIS_HASH,
-        "created_at": utcnow(),
-        "actor": actor,
-        "action": action,
-        "object_type": object_type,
-        "object_id": object_id,
-        "details": details,
-    }
-    entry = AuditEntry(**fields, entry_hash=entry_hash(**fields))
-    session.add(entry)
-    session.flush()
-    return entry
+    prev_hash = session.scalar(select(AuditEntry.entry_hash).order_by(AuditEntry.id.desc()).limit(1)) or GENESIS_HASH
+    created_at = utcnow()
+    rows = []
+    for content in contents:
+        fields = {"prev_hash": prev_hash, "created_at": created_at, **content}
+        prev_hash = entry_hash(**fields)
+        rows.append({**fields, "entry_hash": prev_hash})
+    # One multi-row INSERT: its rows get ascending ids in list order, so ids follow the chain.
+    ids = session.scalars(insert(AuditEntry).values(rows).returning(AuditEntry.id)).all()
+    return [AuditEntry(id=entry_id, **row) for entry_id, row in zip(ids, rows, strict=True)]
 
 
 def verify_chain(session: Session) -> ChainReport:

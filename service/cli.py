@@ -245,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--name", required=True, help="who or what uses it, e.g. 'web frontend'")
     create.add_argument("--model", default=None, help="limit a submitter key to this model's requests")
     create.set_defaults(handler=_keys_create)
-    revoke = key_commands.add_parser("revoke", help="revoke a key: requests with it are refused from now on")
+    revoke = key_commands.add_parser("revoke", help="revoke a key: requests with it are refused from now on "
+                                        "(within QFORGET_API_KEY_CACHE_SECONDS in a running API)")
     revoke.add_argument("key_id", metavar="KEY_ID", help="the key's id or its prefix (see `keys list`)")
     revoke.set_defaults(handler=_keys_revoke)
     listing = key_commands.add_parser("list", help="list keys (never the keys themselves)")

@@ -80,6 +80,9 @@ class Settings(BaseSettings):
     # (that deadlocked until the pool's 30 s timeout under 200 connections). Fewer also means less
     # contention for the GIL, hence lower latency at the same throughput (docs/performance.md).
     api_database_sessions: int = Field(10, ge=1, le=30)
+    # An API process trusts a key it authenticated for this long without asking the database again:
+    # a revoked key keeps working up to this long (0: every request asks; service/api/deps.py).
+    api_key_cache_seconds: float = Field(5.0, ge=0, le=300)
     # Request bodies larger than this are refused with 413 (service/api/body_limit.py).
     api_max_body_bytes: int = 1 << 20
 

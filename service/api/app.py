@@ -10,7 +10,8 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import OperationalError
 
 from service.api.body_limit import BodySizeLimit
-from service.api.deps import reject_unknown_query_parameters
+from service.api.deps import ApiKeyCache, reject_unknown_query_parameters
+from service.api.intake import IntakeQueue
 from service.api.request_logging import RequestLogging
 from service.api.routes import (
     audit,
@@ -54,6 +55,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.engine = engine
     app.state.session_factory = session_factory(engine)
+    app.state.intake = IntakeQueue(app.state.session_factory, forget_requests.response_body)
+    app.state.api_keys = ApiKeyCache(settings.api_key_cache_seconds)
     app.state.probe_engine = probe_engine
     app.add_middleware(BodySizeLimit, max_bytes=settings.api_max_body_bytes)
     # Added last, so outermost: it sees every answer, the size limit's 413 included.

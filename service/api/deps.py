@@ -7,6 +7,7 @@ checks the role (admin passes every check). Use them in a signature or in a rout
 """
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Annotated, get_args, get_origin
 
@@ -14,8 +15,9 @@ from fastapi import Depends, HTTPException, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
-from service.api_keys import Caller, authenticate
+from service.api_keys import Caller, authenticate, hash_key
 from service.models import Role
 from service.settings import Settings
 
@@ -23,13 +25,17 @@ from service.settings import Settings
 # pool, a hand-off that costs more than the few lines they run.
 
 
-async def hold_database_slot(request: Request) -> AsyncIterator[None]:
-    """Wait (in the event loop) until fewer than settings.api_database_sessions requests of this
-    process hold a database session; hold the slot until the request's session is closed."""
-    slots = getattr(request.app.state, "database_slots", None)
+def database_slots(app) -> asyncio.Semaphore:
+    """At most settings.api_database_sessions requests of this process hold a database session."""
+    slots = getattr(app.state, "database_slots", None)
     if slots is None:  # one per app, made on first use: uvicorn runs one event loop per process
-        slots = request.app.state.database_slots = asyncio.Semaphore(request.app.state.settings.api_database_sessions)
-    async with slots:
+        slots = app.state.database_slots = asyncio.Semaphore(app.state.settings.api_database_sessions)
+    return slots
+
+
+async def hold_database_slot(request: Request) -> AsyncIterator[None]:
+    """Wait (in the event loop) for a database slot; hold it until the request's session is closed."""
+    async with database_slots(request.app):
         yield
 
 
@@ -110,17 +116,58 @@ def _unauthorized(message: str) -> HTTPException:
     )
 
 
-def get_caller(
-    session: SessionDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+class ApiKeyCache:
+    """Callers authenticated in the last `seconds`, by their key's hash: most requests then need
+    no statement to authenticate. The price: a key revoked meanwhile keeps working in this process
+    for up to `seconds` (QFORGET_API_KEY_CACHE_SECONDS; 0 checks every request)."""
+
+    MAX_ENTRIES = 10_000
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self._callers: dict[str, tuple[Caller, float]] = {}
+
+    def get(self, key: str) -> Caller | None:
+        hashed = hash_key(key)
+        entry = self._callers.get(hashed)
+        if entry is None:
+            return None
+        if time.monotonic() - entry[1] >= self.seconds:
+            del self._callers[hashed]  # stale: the database decides again
+            return None
+        return entry[0]
+
+    def put(self, key: str, caller: Caller) -> None:
+        if self.seconds <= 0:
+            return
+        if len(self._callers) >= self.MAX_ENTRIES:
+            self._callers.clear()  # rare (that many keys in a few seconds); keeps memory bounded
+        self._callers[hash_key(key)] = (caller, time.monotonic())
+
+
+async def get_caller(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 ) -> Caller:
     """The caller behind the request's API key; 401 when there is none, or it is not valid."""
     if credentials is None:
         raise _unauthorized("an API key is required: send it as 'Authorization: Bearer <key>'")
-    caller = authenticate(session, credentials.credentials)
+    key = credentials.credentials
+    cache: ApiKeyCache = request.app.state.api_keys
+    caller = cache.get(key)
     if caller is None:
-        # One message for unknown, malformed and revoked keys: which it is helps only a guesser.
-        raise _unauthorized("the API key is not valid (unknown or revoked)")
+        # Outside the database slots: a request may hold one (its route's session) while it is
+        # authenticated, and this session holds nothing else while it waits for a connection.
+        caller = await run_in_threadpool(_authenticate, request.app.state.session_factory, key)
+        if caller is None:
+            # One message for unknown, malformed and revoked keys: which it is helps only a guesser.
+            raise _unauthorized("the API key is not valid (unknown or revoked)")
+        cache.put(key, caller)
     return caller
+
+
+def _authenticate(session_factory, key: str) -> Caller | None:
+    with session_factory() as session:
+        return authenticate(session, key)
 
 
 CallerDep = Annotated[Caller, Depends(get_caller)]

@@ -11,7 +11,7 @@ from datetime import timedelta
 
 from service.audit_log import append_audit
 from service.db import transaction
-from service.forget_requests import create_forget_request
+from service.forget_requests import file_forget_request
 from service.models import (
     Batch,
     BatchStatus,
@@ -80,8 +80,8 @@ def seed_operations(engine, seed) -> Operations:
         session.add(Evaluation(version_id=deployed.id, reference_id=reference.id, metrics=METRICS,
                                reference_metrics=REFERENCE_METRICS, gaps=GAPS, forget_count=3, retain_count=12,
                                test_count=360, created_at=now - timedelta(minutes=5)))
-        completed = create_forget_request(session, subject_id="carol", sample_ids=None, model_name=seed.model,
-                                          deadline_days=30, actor="test")
+        completed = file_forget_request(session, subject_id="carol", sample_ids=None, model_name=seed.model,
+                                          deadline_days=30, actor="test").request
         completed.status, completed.completed_version_id = RequestStatus.completed, deployed.id
         completed.received_at, completed.due_at = now - timedelta(days=3), now + timedelta(days=27)
         completed.completed_at = now - timedelta(hours=2)
@@ -98,10 +98,10 @@ def seed_operations(engine, seed) -> Operations:
                           lease_owner="worker-a", lease_expires_at=now + timedelta(seconds=300)))
 
         # Two pending requests (12 samples), one of them received 35 days ago: past its due date.
-        create_forget_request(session, subject_id="alice", sample_ids=None, model_name=seed.model,
+        file_forget_request(session, subject_id="alice", sample_ids=None, model_name=seed.model,
                               deadline_days=30, actor="test")
-        late = create_forget_request(session, subject_id="bob", sample_ids=None, model_name=seed.model,
-                                     deadline_days=30, actor="test")
+        late = file_forget_request(session, subject_id="bob", sample_ids=None, model_name=seed.model,
+                                     deadline_days=30, actor="test").request
         late.received_at, late.due_at = now - timedelta(days=35), now - timedelta(days=5)
         session.flush()
         assert session.get(ForgetRequest, late.id).status == RequestStatus.pending

@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import func, select
 
 from service.db import transaction
-from service.forget_requests import create_forget_request
+from service.forget_requests import file_forget_request
 from service.models import (
     AuditEntry,
     Batch,
@@ -183,8 +183,8 @@ def test_audit_names_the_reference_state_of_the_deployment(client, engine, seed)
 
 def file_request(engine, seed, subject) -> str:
     with transaction(engine) as session:
-        return create_forget_request(session, subject_id=subject, sample_ids=None, model_name=seed.model,
-                                     deadline_days=30, actor="test").id
+        return file_forget_request(session, subject_id=subject, sample_ids=None, model_name=seed.model,
+                                     deadline_days=30, actor="test").request.id
 
 
 def complete(engine, seed, request_id, version_id) -> None:

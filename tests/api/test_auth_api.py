@@ -97,7 +97,8 @@ def test_a_key_with_one_wrong_character_is_401(anonymous, seed, api_key):
     assert anonymous.get("/audit/log", headers={"Authorization": f"Bearer {wrong}"}).status_code == 401
 
 
-def test_a_revoked_key_is_401_from_then_on(anonymous, seed, api_key, engine):
+def test_a_revoked_key_is_401_from_then_on_without_the_key_cache(anonymous, seed, api_key, engine):
+    anonymous.app.state.api_keys.seconds = 0  # QFORGET_API_KEY_CACHE_SECONDS=0
     key = api_key("auditor")
     headers = {"Authorization": f"Bearer {key}"}
     assert anonymous.get("/audit/log", headers=headers).status_code == 200
@@ -106,6 +107,20 @@ def test_a_revoked_key_is_401_from_then_on(anonymous, seed, api_key, engine):
     response = anonymous.get("/audit/log", headers=headers)
     assert response.status_code == 401
     assert "unknown or revoked" in response.json()["detail"]
+
+
+def test_a_revoked_key_works_until_the_cached_authentication_expires(anonymous, seed, api_key, engine):
+    cache = anonymous.app.state.api_keys
+    key = api_key("auditor")
+    headers = {"Authorization": f"Bearer {key}"}
+    assert anonymous.get("/audit/log", headers=headers).status_code == 200
+    with transaction(engine) as session:
+        revoke_api_key(session, key[3:11], actor="tests")
+    assert anonymous.get("/audit/log", headers=headers).status_code == 200  # trusted from the cache
+    cache.seconds = 0  # as if QFORGET_API_KEY_CACHE_SECONDS had passed
+    assert anonymous.get("/audit/log", headers=headers).status_code == 401
+    cache.seconds = 60
+    assert anonymous.get("/audit/log", headers=headers).status_code == 401  # a refused key is never cached
 
 
 @SQLITE_ONLY
@@ -232,6 +247,7 @@ def cli_env(database_url, tmp_path, monkeypatch):
 
 
 def test_the_keys_cli_creates_lists_and_revokes(cli_env, anonymous, seed, capsys):
+    anonymous.app.state.api_keys.seconds = 0  # revocation takes effect at once without the key cache
     assert cli.main(["keys", "create", "--role", "auditor", "--name", "ops team"]) == 0
     out, err = capsys.readouterr()
     key = out.strip()

@@ -12,7 +12,7 @@ from sqlalchemy import select
 from service.api.app import create_app
 from service.api_keys import create_api_key
 from service.db import get_engine, transaction
-from service.forget_requests import create_forget_request
+from service.forget_requests import file_forget_request
 from service.models import Evaluation, ModelVersion, SampleScore
 from workers import unlearning_runs as runs
 from workers.bootstrap import bootstrap, default_spec
@@ -32,8 +32,8 @@ def test_evidence_before_and_after_a_real_run(settings, one_torch_thread):
     original = bootstrap(settings, settings.default_model, default_spec(epochs=3), progress=False)
     engine = get_engine(settings, "tests")
     with transaction(engine) as session:
-        request_id = create_forget_request(session, subject_id="subject-0001", sample_ids=None,
-                                           model_name=settings.default_model, deadline_days=30, actor="test").id
+        request_id = file_forget_request(session, subject_id="subject-0001", sample_ids=None,
+                                           model_name=settings.default_model, deadline_days=30, actor="test").request.id
         _, key = create_api_key(session, role="auditor", name="tests", actor="tests")
     claimed = runs.claim_batch(engine, settings, settings.default_model)
     version_id = runs.run_batch(engine, settings, claimed)

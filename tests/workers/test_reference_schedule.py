@@ -11,7 +11,7 @@ from sqlalchemy import func, select
 
 from service.audit_log import verify_chain
 from service.db import transaction
-from service.forget_requests import create_forget_request
+from service.forget_requests import file_forget_request
 from service.models import AuditEntry, Model, ModelVersion, ReferenceRequest, VersionKind, utcnow
 from service.references import ReferenceState, claim_requests_to_send, reference_due, schedule_references
 from workers import unlearning_runs as runs
@@ -48,7 +48,7 @@ def test_a_reference_is_due_when_a_bound_is_met_and_the_state_is_new(case, every
 def deploy_batch(engine, settings, seed, subject: str) -> int:
     """A batch for the subject's samples, deployed with a placeholder artifact."""
     with transaction(engine) as session:
-        create_forget_request(session, subject_id=subject, sample_ids=None, model_name=seed.model,
+        file_forget_request(session, subject_id=subject, sample_ids=None, model_name=seed.model,
                               deadline_days=30, actor="test")
     claimed = runs.claim_batch(engine, settings, seed.model)
     metrics = {"FA": 10.0, "RA": 99.0, "TA": 95.0, "MIA": 50.0}

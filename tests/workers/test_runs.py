@@ -12,7 +12,7 @@ from sqlalchemy import func, select, update
 
 from service.audit_log import verify_chain
 from service.db import transaction
-from service.forget_requests import create_forget_request
+from service.forget_requests import file_forget_request
 from service.models import (
     AuditEntry,
     Batch,
@@ -37,8 +37,8 @@ def in_transaction(engine, action, *args, **kwargs):
 
 def file_request(engine, seed, subject: str) -> str:
     with transaction(engine) as session:
-        return create_forget_request(session, subject_id=subject, sample_ids=None, model_name=seed.model,
-                                     deadline_days=30, actor="test").id
+        return file_forget_request(session, subject_id=subject, sample_ids=None, model_name=seed.model,
+                                     deadline_days=30, actor="test").request.id
 
 
 def finish_run(engine, settings, claimed, ta: float) -> int | None:
@@ -236,7 +236,7 @@ def test_different_models_run_at_the_same_time(engine, settings, seed):
         session.flush()
         session.get(Model, "digits-cnn-8bit").deployed_version_id = other.id
         for model_name, subject in ((seed.model, "alice"), ("digits-cnn-8bit", "bob")):
-            create_forget_request(session, subject_id=subject, sample_ids=None, model_name=model_name,
+            file_forget_request(session, subject_id=subject, sample_ids=None, model_name=model_name,
                                   deadline_days=30, actor="test")
     first = runs.claim_batch(engine, settings, seed.model)
     second = runs.claim_batch(engine, settings, "digits-cnn-8bit")

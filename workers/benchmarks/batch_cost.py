@@ -18,7 +18,7 @@ from pathlib import Path
 from sqlalchemy import select
 
 from service.db import get_engine, transaction
-from service.forget_requests import create_forget_request
+from service.forget_requests import file_forget_request
 from service.models import Sample
 from service.settings import Settings
 from workers.bootstrap import bootstrap, default_spec
@@ -45,7 +45,7 @@ def run(sizes: list[int], epochs: int, threads: int) -> list[dict]:
         with transaction(engine) as session:
             samples = session.execute(select(Sample.id, Sample.subject_id).order_by(Sample.id).limit(size)).all()
             for sample_id, subject_id in samples:
-                create_forget_request(session, subject_id=subject_id, sample_ids=[sample_id],
+                file_forget_request(session, subject_id=subject_id, sample_ids=[sample_id],
                                       model_name=settings.default_model, deadline_days=30, actor="bench")
         started = time.perf_counter()
         claimed = claim_batch(engine, settings_b, settings.default_model)

@@ -2,7 +2,7 @@
 
 from typing import Annotated
 
-from fastapi import APIRouter, Header, HTTPException, Path, Query, status
+from fastapi import APIRouter, Header, HTTPException, Path, Query, Request, status
 from fastapi.responses import JSONResponse
 from sqlalchemy import func, select
 
@@ -54,9 +54,9 @@ def check_model_allowed(caller: Caller, model: str) -> None:
         },
     },
 )
-def create_forget_request(
+async def create_forget_request(
     body: ForgetRequestCreate,
-    session: SessionDep,
+    request: Request,
     settings: SettingsDep,
     caller: SubmitterDep,
     idempotency_key: Annotated[
@@ -75,33 +75,34 @@ def create_forget_request(
     # A key limited to a model files for that model when the body names none.
     model = body.model or caller.model or settings.default_model
     check_model_allowed(caller, model)
-    record = None
+    claim = None
     if idempotency_key is not None:
-        outcome = idempotency.claim(
-            session,
-            api_key_id=caller.key_id,
-            key=idempotency_key,
-            fingerprint=idempotency.fingerprint(body.model_dump(mode="json")),
+        claim = forget_requests.IdempotencyClaim(
+            caller.key_id, idempotency_key, idempotency.fingerprint(body.model_dump(mode="json"))
         )
-        if isinstance(outcome, idempotency.Replay):
-            return JSONResponse(
-                status_code=outcome.status_code, content=outcome.body, headers={"Idempotent-Replayed": "true"}
-            )
-        record = outcome
-    filed = forget_requests.file_forget_request(
-        session,
+    submission = forget_requests.Submission(
         subject_id=body.subject_id,
         sample_ids=body.sample_ids,
         model_name=model,
         deadline_days=settings.deadline_days,
         actor=caller.actor,
+        idempotency=claim,
     )
-    content = ForgetRequestPublic.of(filed.request, filed.sample_ids).model_dump(mode="json")
-    if record is not None:
-        record.status_code, record.response_body, record.forget_request_id = 202, content, filed.request.id
-    session.commit()
+    # Filed with whatever else arrived meanwhile, in one transaction (service/api/intake.py).
+    outcome = await request.app.state.intake.file(submission)
+    if isinstance(outcome, forget_requests.RequestValidationProblem):
+        raise outcome
+    if isinstance(outcome, idempotency.Replay):
+        return JSONResponse(
+            status_code=outcome.status_code, content=outcome.body, headers={"Idempotent-Replayed": "true"}
+        )
     # The same serialisation as a replay's, so that a retry's body equals the first, byte for byte.
-    return JSONResponse(status_code=status.HTTP_202_ACCEPTED, content=content)
+    return JSONResponse(status_code=status.HTTP_202_ACCEPTED, content=response_body(outcome))
+
+
+def response_body(filed: forget_requests.FiledRequest) -> dict:
+    """A filed request's 202 body, as answered and as stored for its idempotency key."""
+    return ForgetRequestPublic.of(filed.request, filed.sample_ids).model_dump(mode="json")
 
 
 @router.get(
