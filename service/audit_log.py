@@ -64,18 +64,19 @@ def entry_hash(
 
 def append_audit(
     session: Session, *, actor: str, action: str, object_type: str, object_id: str, details: dict
-) -> AuditEntry:
-    """Append an entry to the chain inside the caller's transaction; it commits with the change."""
+) -> dict:
+    """Append an entry to the chain inside the caller's transaction; it commits with the change.
+    Returns the entry's fields as written (its hash, its time, ...)."""
     return append_audit_entries(
         session,
         [{"actor": actor, "action": action, "object_type": object_type, "object_id": object_id, "details": details}],
     )[0]
 
 
-def append_audit_entries(session: Session, entries: list[dict]) -> list[AuditEntry]:
+def append_audit_entries(session: Session, entries: list[dict]) -> list[dict]:
     """Append entries (each a dict of actor, action, object_type, object_id, details), in order,
-    with one lock, one read of the newest hash and one insert, whatever their number. Returns
-    them as written (not attached to the session)."""
+    with one lock, one read of the newest hash and one executemany, whatever their number.
+    Returns their fields as written."""
     if not entries:
         return []
     # Hash what will be read back: JSON turns tuples into lists and keys into strings. This also
@@ -90,9 +91,10 @@ def append_audit_entries(session: Session, entries: list[dict]) -> list[AuditEnt
         fields = {"prev_hash": prev_hash, "created_at": created_at, **content}
         prev_hash = entry_hash(**fields)
         rows.append({**fields, "entry_hash": prev_hash})
-    # One multi-row INSERT: its rows get ascending ids in list order, so ids follow the chain.
-    ids = session.scalars(insert(AuditEntry).values(rows).returning(AuditEntry.id)).all()
-    return [AuditEntry(id=entry_id, **row) for entry_id, row in zip(ids, rows, strict=True)]
+    # One statement executed once per row, in list order, in this one session: the ids follow
+    # the chain. (The same statement text for any number of rows: compiled and prepared once.)
+    session.execute(insert(AuditEntry), rows)
+    return rows
 
 
 def verify_chain(session: Session) -> ChainReport:

@@ -6,11 +6,12 @@ IMMEDIATE: the write lock is taken up front, so two writers serialise instead of
 one upgrades a read lock (the audit log's hash chain reads the last entry, then appends).
 """
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 
-from sqlalchemy import Engine, create_engine, event, make_url
+from sqlalchemy import Engine, create_engine, event, exc, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.settings import Settings, get_settings
@@ -19,6 +20,8 @@ from service.settings import Settings, get_settings
 # requests hold one at once, which must not exceed POOL_SIZE + MAX_OVERFLOW.
 POOL_SIZE = 10
 MAX_OVERFLOW = 20
+# A PostgreSQL connection idle this long is pinged before it is handed out (see _ping_connections_idle_for).
+PING_AFTER_IDLE_SECONDS = 1.0
 
 
 def make_engine(database_url: str, name: str = "qforget") -> Engine:
@@ -42,13 +45,36 @@ def make_engine(database_url: str, name: str = "qforget") -> Engine:
             connection.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
-    return create_engine(
+    engine = create_engine(
         database_url,
-        pool_pre_ping=True,
         pool_size=POOL_SIZE,
         max_overflow=MAX_OVERFLOW,
         connect_args={"application_name": f"qforget-{name}"},
     )
+    _ping_connections_idle_for(engine, PING_AFTER_IDLE_SECONDS)
+    return engine
+
+
+def _ping_connections_idle_for(engine: Engine, seconds: float) -> None:
+    """Ping a pooled connection at checkout only if it sat idle `seconds` or more; a dead one is
+    replaced (SQLAlchemy's pessimistic disconnect handling, as pool_pre_ping does for every
+    checkout). A connection in steady use is not pinged: a round trip saved per request. One the
+    server dropped within `seconds` of its last use fails its statement once (503, retry), and
+    SQLAlchemy then replaces every connection of the pool."""
+
+    @event.listens_for(engine, "checkin")
+    def _remember_checkin(_dbapi_connection, record):
+        record.info["checked_in_at"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _ping_if_idle(dbapi_connection, record, _proxy):
+        checked_in_at = record.info.get("checked_in_at")
+        if checked_in_at is None or time.monotonic() - checked_in_at < seconds:
+            return
+        try:
+            engine.dialect.do_ping(dbapi_connection)
+        except Exception as error:  # whatever the driver raises for a dead connection
+            raise exc.DisconnectionError(f"pooled connection is dead: {error}") from error
 
 
 @lru_cache

@@ -106,7 +106,7 @@ def file_forget_request(
     actor: str,
 ) -> FiledRequest:
     """Store a pending request to forget a subject's samples (all its active ones if `sample_ids`
-    is None); the caller commits.
+    is None); the caller commits. One submission of `file_forget_requests`, for code and tests.
 
     Raises:
         RequestValidationProblem: the input names something that does not exist or cannot be
@@ -116,7 +116,8 @@ def file_forget_request(
     [outcome] = file_forget_requests(session, [submission])
     if isinstance(outcome, RequestValidationProblem):
         raise outcome
-    return outcome
+    # The stored request, attached to the session (a caller may change it before committing).
+    return FiledRequest(session.get(ForgetRequest, outcome.request.id), outcome.sample_ids)
 
 
 def file_forget_requests(
@@ -152,8 +153,8 @@ def file_forget_requests(
             outcomes[i] = problem
 
     if filed:
-        session.add_all([f.request for f in filed])
-        session.flush()
+        # Core executemany, not the ORM: one prepared statement for any number of requests.
+        session.execute(insert(ForgetRequest), [_row(f.request) for f in filed])
         session.execute(
             insert(ForgetRequestSample),
             [{"request_id": f.request.id, "sample_id": sample_id} for f in filed for sample_id in f.sample_ids],
@@ -180,6 +181,11 @@ def file_forget_requests(
         ],
     )
     return outcomes
+
+
+def _row(request: ForgetRequest) -> dict:
+    return {column: getattr(request, column) for column in
+            ("id", "subject_id", "model_name", "status", "received_at", "due_at")}
 
 
 def _claim_idempotency_keys(session: Session, submissions: list[Submission], outcomes: list) -> set[int]:

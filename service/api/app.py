@@ -55,6 +55,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.engine = engine
     app.state.session_factory = session_factory(engine)
+    # SQLite's transactions begin IMMEDIATE (service.db): its reads keep the plain sessions.
+    autocommit = engine.dialect.name == "postgresql"
+    app.state.read_session_factory = (
+        session_factory(engine.execution_options(isolation_level="AUTOCOMMIT")) if autocommit
+        else app.state.session_factory
+    )
     app.state.intake = IntakeQueue(app.state.session_factory, forget_requests.response_body)
     app.state.api_keys = ApiKeyCache(settings.api_key_cache_seconds)
     app.state.probe_engine = probe_engine

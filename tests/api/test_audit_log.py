@@ -5,7 +5,7 @@ import threading
 from datetime import datetime, timezone
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import select, text
 
 from service.audit_log import GENESIS_HASH, append_audit, entry_hash, verify_chain
 from service.db import session_factory, transaction
@@ -13,14 +13,14 @@ from service.models import AuditEntry
 
 
 def append(engine, count: int, action: str = "request.received") -> list[int]:
+    """Appends `count` entries; returns their ids."""
     with transaction(engine) as session:
-        return [
+        for i in range(count):
             append_audit(
                 session, actor="test", action=action, object_type="forget_request",
                 object_id=f"r{i}", details={"i": i, "note": "ünïcode"},
-            ).id
-            for i in range(count)
-        ]
+            )
+        return list(session.scalars(select(AuditEntry.id).order_by(AuditEntry.id.desc()).limit(count)))[::-1]
 
 
 def verify(engine):
@@ -45,10 +45,10 @@ def test_an_empty_log_verifies(engine):
 
 def test_the_hash_is_recomputable_from_what_the_database_returns(engine):
     with transaction(engine) as session:
-        entry = append_audit(session, actor="a", action="b", object_type="c", object_id="d", details={"x": [1.5]})
-        written_at, written_hash = entry.created_at, entry.entry_hash
+        written = append_audit(session, actor="a", action="b", object_type="c", object_id="d", details={"x": [1.5]})
+        written_at, written_hash = written["created_at"], written["entry_hash"]
     with session_factory(engine)() as session:
-        stored = session.get(AuditEntry, entry.id)
+        stored = session.scalars(select(AuditEntry)).one()
         # SQLite returns it naive, PostgreSQL aware: the same instant to the microsecond either way.
         assert stored.created_at.replace(tzinfo=stored.created_at.tzinfo or timezone.utc) == written_at
         assert entry_hash(
@@ -59,9 +59,8 @@ def test_the_hash_is_recomputable_from_what_the_database_returns(engine):
 
 def test_details_are_stored_as_they_were_hashed(engine):
     with transaction(engine) as session:
-        entry_id = append_audit(
-            session, actor="a", action="b", object_type="c", object_id="d", details={"ids": (1, 2), 3: "x"}
-        ).id
+        append_audit(session, actor="a", action="b", object_type="c", object_id="d", details={"ids": (1, 2), 3: "x"})
+        entry_id = session.scalar(select(AuditEntry.id))
     with session_factory(engine)() as session:
         assert session.get(AuditEntry, entry_id).details == {"ids": [1, 2], "3": "x"}
     assert verify(engine).ok

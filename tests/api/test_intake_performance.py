@@ -3,6 +3,7 @@ once, an API process without model code, and the `qforget loadtest` command. No 
 the speed figures come from `qforget loadtest` (docs/performance.md)."""
 
 import asyncio
+import time
 import subprocess
 import sys
 import threading
@@ -199,3 +200,32 @@ def test_loadtest_counts_unexpected_answers_as_errors():
     text_report = report(results)
     assert "errors: 3 (POST 409: 3)" in text_report
     assert text_report.splitlines()[1].split()[:3] == ["POST", "2", "1"]  # 2 answered, 1 per second
+
+
+def test_a_pooled_connection_is_pinged_only_after_sitting_idle(postgres_url, monkeypatch):
+    import psycopg
+
+    from service import db
+
+    monkeypatch.setattr(db, "PING_AFTER_IDLE_SECONDS", 0.2)
+    engine = db.make_engine(postgres_url, "test")
+    pings = []
+    monkeypatch.setattr(engine.dialect, "do_ping", lambda connection: pings.append(1) or True)
+    try:
+        with engine.connect() as connection:
+            backend = connection.execute(text("SELECT pg_backend_pid()")).scalar()
+        with engine.connect() as connection:  # reused at once: no ping, no round trip
+            assert connection.execute(text("SELECT pg_backend_pid()")).scalar() == backend
+        assert pings == []
+        monkeypatch.undo()
+        monkeypatch.setattr(db, "PING_AFTER_IDLE_SECONDS", 0.2)
+        # The server drops the connection while it sits in the pool: the ping at the next
+        # checkout finds it dead and a new one serves the statement, without an error.
+        plain_url = postgres_url.replace("postgresql+psycopg://", "postgresql://")
+        with psycopg.connect(plain_url, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", [backend])
+        time.sleep(0.3)
+        with engine.connect() as connection:
+            assert connection.execute(text("SELECT pg_backend_pid()")).scalar() != backend
+    finally:
+        engine.dispose()

@@ -7,7 +7,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import func, select
 
 from service import forget_requests, idempotency
-from service.api.deps import ReaderDep, SessionDep, SettingsDep, SubmitterDep
+from service.api.deps import ReaderDep, ReadSessionDep, SessionDep, SettingsDep, SubmitterDep
 from service.api.schemas import (
     AUTH_ERRORS,
     BODY_TOO_LARGE,
@@ -156,7 +156,7 @@ def list_forget_requests(
     responses={404: {"model": ErrorPublic, "description": "No forget request has this id (that this key may see)."}},
 )
 def read_forget_request(
-    request_id: Annotated[str, Path(max_length=36, pattern=NO_NUL)], session: SessionDep, caller: ReaderDep
+    request_id: Annotated[str, Path(max_length=36, pattern=NO_NUL)], session: ReadSessionDep, caller: ReaderDep
 ) -> ForgetRequestPublic:
     """Get a forget request: its status, deadline and, once completed, the model version that forgot it."""
     filed = forget_requests.request_with_sample_ids(session, request_id)
