@@ -394,17 +394,22 @@ def idempotency_key_reused() -> RequestValidationProblem:
     )
 
 
-def request_with_sample_ids(session: Session, request_id: str) -> FiledRequest | None:
-    """A request and its sample ids (ascending) in one statement, or None if there is no such request."""
+def requests_with_sample_ids(session: Session, request_ids: set[str]) -> dict[str, FiledRequest]:
+    """{id: the request and its sample ids (ascending)} of those of `request_ids` that exist, in
+    one statement."""
     rows = session.execute(
         select(ForgetRequest, ForgetRequestSample.sample_id)
         .outerjoin(ForgetRequestSample, ForgetRequestSample.request_id == ForgetRequest.id)
-        .where(ForgetRequest.id == request_id)
-        .order_by(ForgetRequestSample.sample_id)
+        .where(ForgetRequest.id.in_(request_ids))
+        .order_by(ForgetRequest.id, ForgetRequestSample.sample_id)
     ).all()
-    if not rows:
-        return None
-    return FiledRequest(rows[0][0], [sample_id for _, sample_id in rows if sample_id is not None])
+    found: dict[str, FiledRequest] = {}
+    for request, sample_id in rows:
+        if request.id not in found:
+            found[request.id] = FiledRequest(request, [])
+        if sample_id is not None:
+            found[request.id].sample_ids.append(sample_id)
+    return found
 
 
 def sample_ids_of_requests(session: Session, request_ids: list[str]) -> dict[str, list[int]]:

@@ -11,7 +11,7 @@ from sqlalchemy.exc import OperationalError
 
 from service.api.body_limit import BodySizeLimit
 from service.api.deps import ApiKeyCache, reject_unknown_query_parameters
-from service.api.intake import IntakeQueue
+from service.api.intake import intake_queue, read_queue
 from service.api.request_logging import RequestLogging
 from service.api.routes import (
     audit,
@@ -55,13 +55,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.engine = engine
     app.state.session_factory = session_factory(engine)
-    # SQLite's transactions begin IMMEDIATE (service.db): its reads keep the plain sessions.
-    autocommit = engine.dialect.name == "postgresql"
-    app.state.read_session_factory = (
-        session_factory(engine.execution_options(isolation_level="AUTOCOMMIT")) if autocommit
-        else app.state.session_factory
-    )
-    app.state.intake = IntakeQueue(app.state.session_factory, forget_requests.response_body)
+    app.state.intake = intake_queue(app.state.session_factory, forget_requests.response_body)
+    # Reads of requests by id run without a transaction on PostgreSQL (no BEGIN and ROLLBACK round
+    # trips; one statement is its own snapshot). SQLite's transactions begin IMMEDIATE (service.db):
+    # it reads on a plain session.
+    reads = engine.execution_options(isolation_level="AUTOCOMMIT") if engine.dialect.name == "postgresql" else engine
+    app.state.reads = read_queue(session_factory(reads))
     app.state.api_keys = ApiKeyCache(settings.api_key_cache_seconds)
     app.state.probe_engine = probe_engine
     app.add_middleware(BodySizeLimit, max_bytes=settings.api_max_body_bytes)

@@ -47,19 +47,11 @@ def get_session(request: Request, _slot: Annotated[None, Depends(hold_database_s
         yield session
 
 
-def get_read_session(request: Request, _slot: Annotated[None, Depends(hold_database_slot)]) -> Iterator[Session]:
-    """A session for a route that only reads, in one statement: on PostgreSQL it runs without a
-    transaction (no BEGIN and ROLLBACK round trips; the statement is its own snapshot)."""
-    with request.app.state.read_session_factory() as session:
-        yield session
-
-
 async def get_app_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
 SessionDep = Annotated[Session, Depends(get_session)]
-ReadSessionDep = Annotated[Session, Depends(get_read_session)]
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 
 

@@ -1,5 +1,6 @@
 """Group commit of forget requests: many submissions in one transaction, each with the outcome it
-would have had alone in arrival order; the API's intake queue batches concurrent POSTs."""
+would have had alone in arrival order; the API batches concurrent POSTs, and concurrent GETs of
+requests by id."""
 
 import asyncio
 
@@ -7,7 +8,7 @@ import httpx
 import pytest
 from sqlalchemy import event, func, select
 
-from service.api.intake import MAX_BATCH_PARAMETERS, IntakeQueue, take_batch
+from service.api.intake import MAX_BATCH_PARAMETERS, intake_queue, take_intake_batch
 from service.audit_log import verify_chain
 from service.db import make_engine, session_factory, transaction
 from service.forget_requests import (
@@ -123,13 +124,13 @@ def test_take_batch_keeps_arrival_order_and_its_limits():
     pending = [(submission("a"), None), (submission("b", idempotency=claim), None),
                (submission("c"), None), (submission("d", idempotency=claim), None), (submission("e"), None)]
     # A second use of the same key waits for the next batch.
-    assert [s.subject_id for s, _ in take_batch(pending)] == ["a", "b", "c"]
-    assert [s.subject_id for s, _ in take_batch(pending)] == ["d", "e"]
+    assert [s.subject_id for s, _ in take_intake_batch(pending)] == ["a", "b", "c"]
+    assert [s.subject_id for s, _ in take_intake_batch(pending)] == ["d", "e"]
     assert pending == []
     large = [(submission("big", list(range(MAX_BATCH_PARAMETERS // 2))), None) for _ in range(3)]
-    assert len(take_batch(large)) == 1 and len(large) == 2
+    assert len(take_intake_batch(large)) == 1 and len(large) == 2
     huge = [(submission("huge", list(range(MAX_BATCH_PARAMETERS + 1))), None)]
-    assert len(take_batch(huge)) == 1  # alone, however large: it is checked like any other
+    assert len(take_intake_batch(huge)) == 1  # alone, however large: it is checked like any other
 
 
 def test_concurrent_posts_share_transactions(settings, seed, bearer, engine):
@@ -166,10 +167,10 @@ def test_a_database_failure_fails_every_request_of_its_batch(database_url, seed)
     # A server that does not answer: every submission waiting on the transaction gets the error
     # (the API answers 503 to each), none is filed.
     unreachable = make_engine("postgresql+psycopg://postgres@127.0.0.1:9/nothing", "test")
-    queue = IntakeQueue(session_factory(unreachable), body_of)
+    queue = intake_queue(session_factory(unreachable), body_of)
 
     async def file_three():
-        return await asyncio.gather(*(queue.file(submission("alice", [sample])) for sample in seed.samples["alice"][:3]),
+        return await asyncio.gather(*(queue.submit(submission("alice", [sample])) for sample in seed.samples["alice"][:3]),
                                     return_exceptions=True)
 
     try:
@@ -177,3 +178,31 @@ def test_a_database_failure_fails_every_request_of_its_batch(database_url, seed)
     finally:
         unreachable.dispose()
     assert len(outcomes) == 3 and all(type(outcome).__name__ == "OperationalError" for outcome in outcomes), outcomes
+
+
+def test_concurrent_reads_share_statements(settings, seed, bearer, engine):
+    from service.api.app import create_app
+
+    with transaction(engine) as session:
+        filed = [file_forget_requests(session, [submission(subject)])[0] for subject in ("alice", "bob", "carol")]
+    app = create_app(settings)
+    reads = []
+    event.listen(app.state.engine, "before_cursor_execute",
+                 lambda conn, cursor, statement, *_: reads.append(1) if "FROM forget_requests" in statement else None)
+    unknown = "00000000-0000-0000-0000-000000000000"
+    ids = [f.request.id for f in filed] * 5 + [unknown]
+
+    async def get_all() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", headers=bearer("auditor")) as client:
+            await client.get("/models")  # authenticated once, before the burst
+            return await asyncio.gather(*(client.get(f"/forget-requests/{request_id}") for request_id in ids))
+
+    try:
+        responses = asyncio.run(get_all())
+    finally:
+        app.state.engine.dispose()
+    assert [r.status_code for r in responses] == [200] * (len(ids) - 1) + [404]
+    expected = {f.request.id: f.sample_ids for f in filed}
+    assert all(r.json()["sample_ids"] == expected[r.json()["id"]] for r in responses[:-1])
+    assert 1 <= len(reads) <= len(ids) // 3, len(reads)

@@ -7,7 +7,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import func, select
 
 from service import forget_requests, idempotency
-from service.api.deps import ReaderDep, ReadSessionDep, SessionDep, SettingsDep, SubmitterDep
+from service.api.deps import ReaderDep, SessionDep, SettingsDep, SubmitterDep
 from service.api.schemas import (
     AUTH_ERRORS,
     BODY_TOO_LARGE,
@@ -89,7 +89,7 @@ async def create_forget_request(
         idempotency=claim,
     )
     # Filed with whatever else arrived meanwhile, in one transaction (service/api/intake.py).
-    outcome = await request.app.state.intake.file(submission)
+    outcome = await request.app.state.intake.submit(submission)
     if isinstance(outcome, forget_requests.RequestValidationProblem):
         raise outcome
     if isinstance(outcome, idempotency.Replay):
@@ -155,11 +155,12 @@ def list_forget_requests(
     response_model=ForgetRequestPublic,
     responses={404: {"model": ErrorPublic, "description": "No forget request has this id (that this key may see)."}},
 )
-def read_forget_request(
-    request_id: Annotated[str, Path(max_length=36, pattern=NO_NUL)], session: ReadSessionDep, caller: ReaderDep
+async def read_forget_request(
+    request_id: Annotated[str, Path(max_length=36, pattern=NO_NUL)], request: Request, caller: ReaderDep
 ) -> ForgetRequestPublic:
     """Get a forget request: its status, deadline and, once completed, the model version that forgot it."""
-    filed = forget_requests.request_with_sample_ids(session, request_id)
+    # Read with the other ids asked for meanwhile, in one statement (service/api/intake.py).
+    filed = await request.app.state.reads.submit(request_id)
     # Another model's request is "not found" to a key limited to a model, as in its listing.
     if filed is None or (caller.model is not None and filed.request.model_name != caller.model):
         raise HTTPException(status_code=404, detail=f"forget request {request_id!r} not found")
