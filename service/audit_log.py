@@ -93,7 +93,7 @@ def append_audit_entries(session: Session, entries: list[dict]) -> list[dict]:
         rows.append({**fields, "entry_hash": prev_hash})
     # One statement executed once per row, in list order, in this one session: the ids follow
     # the chain. (The same statement text for any number of rows: compiled and prepared once.)
-    session.execute(insert(AuditEntry), rows)
+    session.execute(insert(AuditEntry.__table__), rows)
     return rows
 
 

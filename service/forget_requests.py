@@ -153,10 +153,11 @@ def file_forget_requests(
             outcomes[i] = problem
 
     if filed:
-        # Core executemany, not the ORM: one prepared statement for any number of requests.
-        session.execute(insert(ForgetRequest), [_row(f.request) for f in filed])
+        # Core executemany on the tables, not the ORM's bulk insert (per-row work in Python): one
+        # prepared statement each, for any number of requests.
+        session.execute(insert(ForgetRequest.__table__), [_row(f.request) for f in filed])
         session.execute(
-            insert(ForgetRequestSample),
+            insert(ForgetRequestSample.__table__),
             [{"request_id": f.request.id, "sample_id": sample_id} for f in filed for sample_id in f.sample_ids],
         )
     _settle_idempotency_keys(session, submissions, outcomes, claimed, response_body)
