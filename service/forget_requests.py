@@ -2,8 +2,10 @@
 
 Plain functions over a Session, for the API and any other caller. Every check runs before the
 first write, so input that is refused leaves no trace, not even an audit entry. The work is a
-fixed number of statements whatever the number of samples. The checks are synchronous, so a
-stored request goes straight to `pending` (DESIGN.md's `received` is the moment of this call).
+fixed number of statements whatever the number of samples, and of requests filed together (the
+API files concurrent requests in one transaction: service/api/intake.py). The checks are
+synchronous, so a stored request goes straight to `pending` (DESIGN.md's `received` is the moment
+of this call).
 """
 
 import uuid

@@ -1,6 +1,6 @@
 """A bounded load test of request intake: `POST /forget-requests` and `GET /forget-requests/{id}`.
 
-    qforget loadtest [--duration 20] [--requests N] [--connections 64] [--api-workers 2]
+    qforget loadtest [--duration 20] [--requests N] [--connections 64] [--api-workers 2] [--beside-training]
 
 By default it builds everything it measures and removes it afterwards: a fresh PostgreSQL database
 (`qforget_load_<random>`, created through --postgres-url, migrated, then seeded with one model,
@@ -15,6 +15,9 @@ and every connection error, is an error. The client is a small HTTP/1.1 keep-ali
 asyncio streams rather than httpx: on a two-core box the generator competes with the server for
 the CPU, and a cheaper client leaves the server more of it. It still takes most of a core: read
 the figures as those of the server with one core or so to itself.
+
+With --beside-training a training run (Retrain then Q-MUL on the digits, as many torch threads as
+cores) runs beside the API meanwhile: the CPU a worker's batch takes from it.
 
 The report: requests/s, latency percentiles (p50, p95, p99, max, in ms) per endpoint and overall,
 the errors by kind, and the peak resident memory of the API's processes (sampled from /proc).
@@ -117,13 +120,33 @@ def free_port() -> int:
 
 def start_api(database_url: str, port: int, workers: int, log_path: Path, log_level: str = "INFO") -> subprocess.Popen:
     """`qforget api` on 127.0.0.1:port, as a process group of its own (uvicorn forks its workers)."""
-    env = {**os.environ, "QFORGET_DATABASE_URL": database_url, "QFORGET_DATA_DIR": str(log_path.parent)}
+    command = ["service.cli", "--log-level", log_level, "api", "--host", "127.0.0.1",
+               "--port", str(port), "--workers", str(workers)]
+    env = {"QFORGET_DATABASE_URL": database_url, "QFORGET_DATA_DIR": str(log_path.parent)}
+    return _start_module(command, env, log_path)
+
+
+# How long the training run beside the API gets to start (import torch, load the digits) before the load.
+TRAINING_WARMUP_SECONDS = 8.0
+
+
+def start_training(log_path: Path) -> subprocess.Popen:
+    """What a worker running a batch costs the machine, beside the API: a Retrain and Q-MUL run on
+    the digits (bundled with scikit-learn, so it runs anywhere) with as many torch threads as
+    cores (a worker's default), long enough to outlast any load test; stopped with the API."""
+    command = ["workers.benchmarks.epoch_floor", "--configs", "digits", "--threads", str(os.cpu_count() or 1),
+               "--retrain-epochs", "100000"]
+    return _start_module(command, {}, log_path)
+
+
+def _start_module(command: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    """`python -m command...` from this checkout, as a process group of its own, logging to log_path."""
+    env = {**os.environ, **env}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent),
                                                       env.get("PYTHONPATH")]))
-    command = [sys.executable, "-m", "service.cli", "--log-level", log_level, "api", "--host", "127.0.0.1",
-               "--port", str(port), "--workers", str(workers)]
     with open(log_path, "ab") as log:
-        return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen([sys.executable, "-m", *command], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
 
 
 def stop_api(process: subprocess.Popen) -> None:
@@ -425,7 +448,7 @@ def run_loadtest(args: argparse.Namespace) -> int:
 
     check_arguments(args)
     created_database = None
-    api = None
+    api = training = None
     try:
         if args.url is None:
             database_url = created_database = create_database(args.postgres_url)
@@ -443,22 +466,40 @@ def run_loadtest(args: argparse.Namespace) -> int:
             print(f"qforget api ({args.api_workers} workers) on {host}:{port}, log {log_path}", file=sys.stderr)
         else:
             host, port = urlsplit(args.url).hostname, urlsplit(args.url).port
+        if args.beside_training:
+            log_dir = Path(args.log_dir or Path.cwd() / "var" / "loadtest")
+            log_dir.mkdir(parents=True, exist_ok=True)
+            training = start_training(log_dir / "training.log")
+            print(f"beside it: a training run (digits, Retrain then Q-MUL, {os.cpu_count()} torch threads), "
+                  f"log {log_dir / 'training.log'}", file=sys.stderr)
         wait_until_up(host, port, api)
+        if training is not None:
+            time.sleep(TRAINING_WARMUP_SECONDS)  # past torch's import and the data: training at full speed
         bound = f"{args.duration:g} s" + (f" or {args.requests} requests" if args.requests else "")
         print(f"load: {args.connections} connections, GET share {args.get_share:g}, {bound} "
               f"after {args.warmup:g} s of warm-up", file=sys.stderr, flush=True)
         load = Load(host=host, port=port, key=seeded.key, samples=list(seeded.subject_of_sample.items()),
                     duration=args.duration, max_requests=args.requests, get_share=args.get_share,
                     warmup=args.warmup)
+        training_cpu_before = tree_rss_and_cpu(training.pid)[1] if training is not None else 0.0
+        started = time.monotonic()
         results = drive(load, args.connections, api.pid if api is not None else args.api_pid)
         if api is not None and api.poll() is not None:
             print(f"the API exited with status {api.returncode} during the load", file=sys.stderr)
             return 1
         print(report(results))
+        if training is not None:
+            if training.poll() is not None:
+                print(f"the training run exited with status {training.returncode} during the load", file=sys.stderr)
+                return 1
+            # Over the whole drive, warm-up included: a close enough share for "was it busy".
+            cores = (tree_rss_and_cpu(training.pid)[1] - training_cpu_before) / (time.monotonic() - started)
+            print(f"training run beside it: {cores:.2f} cores")
         return 1 if results.errors else 0
     finally:
-        if api is not None:
-            stop_api(api)
+        for process in (api, training):
+            if process is not None:
+                stop_api(process)
         if created_database is not None and not args.keep_database:
             drop_database(args.postgres_url, created_database)
 
@@ -471,6 +512,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--get-share", type=float, default=0.5,
                         help="share of GETs of a created request, the rest are POSTs (default 0.5)")
     parser.add_argument("--api-workers", type=int, default=2, help="uvicorn workers of the API it starts (default 2)")
+    parser.add_argument("--beside-training", action="store_true",
+                        help="run a training process beside the API meanwhile, as a worker's batch would")
     parser.add_argument("--api-log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="log level of the API it starts (default INFO, as `qforget api`: a line per request)")
     parser.add_argument("--samples", type=int, default=None, help="samples to seed (default: enough for the run)")

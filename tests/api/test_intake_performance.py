@@ -191,6 +191,18 @@ def test_loadtest_drives_a_real_api_and_cleans_up(postgres_admin, tmp_path, caps
     assert _load_databases(postgres_admin) == databases  # its database was dropped
 
 
+def test_loadtest_beside_a_training_run_reports_its_share_and_stops_it(postgres_admin, tmp_path, capsys):
+    code = cli.main(["loadtest", "--requests", "20", "--duration", "60", "--warmup", "0", "--connections", "2",
+                     "--api-workers", "1", "--postgres-url", POSTGRES_ADMIN_URL, "--log-dir", str(tmp_path),
+                     "--beside-training"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    [share] = [line for line in out.splitlines() if line.startswith("training run beside it:")]
+    assert float(share.split()[-2]) > 0.1, out  # it was training, not starting up
+    leftover = subprocess.run(["pgrep", "-f", "epoch_floor.*--retrain-epochs 100000"], capture_output=True)
+    assert leftover.stdout == b"", leftover.stdout  # stopped with the API
+
+
 def test_loadtest_counts_unexpected_answers_as_errors():
     from service.loadtest import Results, report
 
