@@ -112,7 +112,7 @@ def assess_samples(network, forget: qf.Split, retain: qf.Split, test: qf.Split, 
                   for key, split in (("FA", forget), ("RA", retain), ("TA", test))}
     attacker = membership_attacker(confidence["RA"], confidence["TA"], seed)
     return SampleAssessment(
-        metrics=metrics_from_probs(probs, forget, retain, test, seed),
+        metrics=metrics_from_probs(probs, forget, retain, test, seed, attacker),  # one fit serves both
         correct=(probs["FA"].argmax(dim=1) == forget.y).numpy(),
         confidence=confidence["FA"][:, 0],
         member=attacker.predict(confidence["FA"]) == 1,

@@ -15,6 +15,7 @@ from workers.engine import (
 from workers.engine.metrics import (
     auc_percent,
     evaluate_with_membership,
+    membership_attacker,
     membership_auc,
     mia_from_confidences,
 )
@@ -28,6 +29,20 @@ def test_mia_attack_on_separable_confidences():
     assert mia_from_confidences(members, non_members, rng.uniform(0.95, 1.0, (40, 1))) == 0.0
     with pytest.raises(ValueError):
         mia_from_confidences(members, non_members, np.empty((0, 1)))
+
+
+def test_a_given_attacker_is_used_instead_of_fitting_one():
+    rng = np.random.default_rng(1)
+    members, non_members = rng.uniform(0.5, 1.0, (300, 1)), rng.uniform(0.0, 0.7, (300, 1))
+    forget = rng.uniform(0.0, 1.0, (100, 1))
+    fitted = membership_attacker(members, non_members, seed=3)
+    # The same seed's attacker gives the same figure; one fitted on other data gives its own.
+    assert mia_from_confidences(members, non_members, forget, seed=3, attacker=fitted) == \
+        mia_from_confidences(members, non_members, forget, seed=3)
+    inverted = membership_attacker(non_members, members, seed=3)
+    with_inverted = mia_from_confidences(members, non_members, forget, seed=3, attacker=inverted)
+    assert with_inverted == 100.0 * float((inverted.predict(forget) == 0).mean())
+    assert with_inverted != mia_from_confidences(members, non_members, forget, seed=3)
 
 
 @pytest.fixture(scope="module")

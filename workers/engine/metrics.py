@@ -40,13 +40,16 @@ def true_class_probs(probs: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
 
 
 def mia_from_confidences(
-    retain_conf: np.ndarray, test_conf: np.ndarray, forget_conf: np.ndarray, seed: int = 0
+    retain_conf: np.ndarray, test_conf: np.ndarray, forget_conf: np.ndarray, seed: int = 0,
+    attacker: SVC | None = None,
 ) -> float:
     """Fit the attacker on n retain (label 1) and n test (label 0) confidences, n = min of sizes,
-    each drawn with a seeded permutation; return 100 * share of forget samples predicted 0."""
+    each drawn with a seeded permutation (or take `attacker`, fitted so already); return 100 *
+    share of forget samples predicted 0."""
     if len(forget_conf) == 0:
         raise ValueError("MIA-efficacy of an empty forget set is undefined")
-    attacker = membership_attacker(retain_conf, test_conf, seed)
+    if attacker is None:
+        attacker = membership_attacker(retain_conf, test_conf, seed)
     return 100.0 * float((attacker.predict(forget_conf) == 0).mean())
 
 
@@ -110,15 +113,16 @@ def split_probs(model: nn.Module, forget: Split, retain: Split, test: Split,
 
 
 def metrics_from_probs(probs: dict[str, torch.Tensor], forget: Split, retain: Split, test: Split,
-                       seed: int = 0) -> dict[str, float]:
-    """FA, RA, TA and MIA from split_probs()' outputs."""
+                       seed: int = 0, attacker: SVC | None = None) -> dict[str, float]:
+    """FA, RA, TA and MIA from split_probs()' outputs; `attacker`: membership_attacker() of these
+    outputs, when the caller fitted it already (the fit is the costly part on large splits)."""
     splits = {"FA": forget, "RA": retain, "TA": test}
     metrics = {
         key: 100.0 * (probs[key].argmax(dim=1) == split.y).float().mean().item()
         for key, split in splits.items()
     }
     conf = {key: true_class_probs(probs[key], split.y) for key, split in splits.items()}
-    metrics["MIA"] = mia_from_confidences(conf["RA"], conf["TA"], conf["FA"], seed)
+    metrics["MIA"] = mia_from_confidences(conf["RA"], conf["TA"], conf["FA"], seed, attacker)
     return metrics
 
 
