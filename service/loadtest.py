@@ -149,7 +149,8 @@ def _start_module(command: list[str], env: dict[str, str], log_path: Path) -> su
                                 start_new_session=True)
 
 
-def stop_api(process: subprocess.Popen) -> None:
+def stop_process(process: subprocess.Popen) -> None:
+    """Stop a process group started by _start_module: TERM, then KILL after 20 s."""
     if process.poll() is None:
         os.killpg(process.pid, signal.SIGTERM)
         try:
@@ -499,7 +500,7 @@ def run_loadtest(args: argparse.Namespace) -> int:
     finally:
         for process in (api, training):
             if process is not None:
-                stop_api(process)
+                stop_process(process)
         if created_database is not None and not args.keep_database:
             drop_database(args.postgres_url, created_database)
 
