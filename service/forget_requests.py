@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import and_, delete, insert, or_, select, tuple_, update
+from sqlalchemy import Row, and_, delete, insert, or_, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -274,14 +274,17 @@ class _BatchCheck:
     and the samples the batch has claimed so far."""
 
     def __init__(self, session: Session, submissions: list[Submission]):
+        self.models: dict[str, Model] = {}
+        self.subjects: set[str] = set()
+        self.samples: dict[int, Row] = {}
+        # (model, sample) -> the open request holding it; the batch's own requests join as filed.
+        self.open_links: dict[tuple[str, int], str] = {}
+        if not submissions:
+            return  # every submission was refused or replayed before the reads
         model_names = {s.model_name for s in submissions}
+        self.models = {model.name: model for model in session.scalars(select(Model).where(Model.name.in_(model_names)))}
         subject_ids = {s.subject_id for s in submissions}
-        self.models = {
-            model.name: model for model in session.scalars(select(Model).where(Model.name.in_(model_names)))
-        } if submissions else {}
-        self.subjects = set(
-            session.scalars(select(Subject.id).where(Subject.id.in_(subject_ids)))
-        ) if submissions else set()
+        self.subjects = set(session.scalars(select(Subject.id).where(Subject.id.in_(subject_ids))))
         named_ids = {i for s in submissions if s.sample_ids is not None for i in s.sample_ids}
         whole_subjects = {s.subject_id for s in submissions if s.sample_ids is None}
         wanted = or_(
@@ -299,9 +302,7 @@ class _BatchCheck:
                 .order_by(Sample.id)
                 .with_for_update()
             )
-        } if named_ids or whole_subjects else {}
-        # (model, sample) -> the open request holding it; the batch's own requests join as filed.
-        self.open_links: dict[tuple[str, int], str] = {}
+        }
         if self.samples:
             rows = session.execute(
                 select(ForgetRequestSample.sample_id, ForgetRequestSample.request_id, ForgetRequest.model_name)

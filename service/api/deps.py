@@ -25,17 +25,13 @@ from service.settings import Settings
 # pool, a hand-off that costs more than the few lines they run.
 
 
-def database_slots(app) -> asyncio.Semaphore:
-    """At most settings.api_database_sessions requests of this process hold a database session."""
-    slots = getattr(app.state, "database_slots", None)
-    if slots is None:  # one per app, made on first use: uvicorn runs one event loop per process
-        slots = app.state.database_slots = asyncio.Semaphore(app.state.settings.api_database_sessions)
-    return slots
-
-
 async def hold_database_slot(request: Request) -> AsyncIterator[None]:
-    """Wait (in the event loop) for a database slot; hold it until the request's session is closed."""
-    async with database_slots(request.app):
+    """Wait (in the event loop) until fewer than settings.api_database_sessions requests of this
+    process hold a database session; hold the slot until the request's session is closed."""
+    slots = getattr(request.app.state, "database_slots", None)
+    if slots is None:  # one per app, made on first use: uvicorn runs one event loop per process
+        slots = request.app.state.database_slots = asyncio.Semaphore(request.app.state.settings.api_database_sessions)
+    async with slots:
         yield
 
 
