@@ -49,10 +49,14 @@ def _api(args) -> int:
 
 
 def _worker(args) -> int:
+    from service.processes import lower_cpu_priority
     from service.settings import get_settings
     from workers.celery_app import app
 
-    configure_logging(args.log_level, get_settings().log_json)
+    settings = get_settings()
+    configure_logging(args.log_level, settings.log_json)
+    # Before Celery starts its pool: the pool processes and torch's threads inherit it.
+    lower_cpu_priority(settings.worker_nice)
 
     app.worker_main([
         "worker", "--loglevel", args.log_level, "--queues", args.queues,

@@ -1,11 +1,31 @@
 """Child qforget processes (api, worker, scheduler) started with one environment, logged to files."""
 
+import logging
 import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def lower_cpu_priority(nice: int) -> None:
+    """Run this process, and every thread and child it starts from now on, at CPU niceness `nice`
+    (0 to 19; lowering only, which needs no privilege).
+
+    Linux's autogroup scheduling (on by default on desktops and many servers) first shares the CPU
+    between sessions, equally, and applies a process's nice only among its own session's; so a
+    process that leads its session (a worker started as its own process group, a container's
+    process) also sets its session's nice, which is what ranks it against the API's session."""
+    os.nice(max(0, nice - os.nice(0)))
+    autogroup = Path("/proc/self/autogroup")
+    if os.getsid(0) == os.getpid() and autogroup.exists():
+        try:
+            autogroup.write_text(str(nice))
+        except OSError as error:  # a kernel or sandbox that refuses it: the per-process nice stays
+            log.warning("could not set the session's CPU niceness to %d: %s", nice, error)
 
 
 class Processes:

@@ -27,6 +27,9 @@ class Settings(BaseSettings):
     default_model: str = "digits-cnn-4bit"
     device: str = "auto"  # "auto": CUDA when present, else the CPU
     torch_threads: int = 0  # 0 leaves torch's own choice
+    # A worker runs at this CPU niceness (0 to 19; service/processes.py): where it shares cores with
+    # the API, its minutes-long training yields to the requests, which someone is waiting on.
+    worker_nice: int = Field(19, ge=0, le=19)
 
     # Q-MUL run parameters the worker uses (the engine's QMulConfig defaults otherwise).
     unlearn_epochs: int = 10

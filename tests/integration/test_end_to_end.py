@@ -6,6 +6,7 @@ transaction. Then a retrain reference is trained through the broker and the audi
 """
 
 import hashlib
+import os
 from pathlib import Path
 
 import pytest
@@ -33,11 +34,16 @@ SUBJECTS = ["subject-0001", "subject-0002", "subject-0003"]
 
 def test_requests_are_unlearned_deployed_and_audited(stack):
     settings, engine, services = stack.settings, stack.engine, stack.services
-    services.start("worker", "worker", "--concurrency", "1")
+    worker = services.start("worker", "worker", "--concurrency", "1")
     services.start("scheduler", "scheduler")
     client = stack.client()
     request_ids = stack.file_requests(client, SUBJECTS)
     bodies = stack.wait_for_completion(client, request_ids)
+    # It trained at the worker's CPU niceness, its pool process too (QFORGET_WORKER_NICE).
+    pool = [int(pid) for pid in Path(f"/proc/{worker.pid}/task/{worker.pid}/children").read_text().split()]
+    assert pool  # Celery's prefork pool process, which ran the task
+    for pid in [worker.pid, *pool]:
+        assert os.getpriority(os.PRIO_PROCESS, pid) == settings.worker_nice
     version_ids = {body["completed_version_id"] for body in bodies}
     assert None not in version_ids
 
