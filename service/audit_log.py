@@ -82,9 +82,10 @@ def append_audit_entries(session: Session, entries: list[dict]) -> list[dict]:
     # Hash what will be read back: JSON turns tuples into lists and keys into strings. This also
     # rejects what JSON cannot hold (datetimes, NaN) here rather than at commit.
     contents = [{**entry, "details": json.loads(json.dumps(entry["details"], allow_nan=False))} for entry in entries]
-    if session.get_bind().dialect.name == "postgresql":
-        session.execute(select(func.pg_advisory_xact_lock(AUDIT_LOCK_KEY)))
-    prev_hash = session.scalar(select(AuditEntry.entry_hash).order_by(AuditEntry.id.desc()).limit(1)) or GENESIS_HASH
+    connection = session.connection()  # Core: none of the ORM's per-statement work
+    if connection.dialect.name == "postgresql":
+        connection.execute(_TAKE_LOCK)
+    prev_hash = connection.scalar(_NEWEST_HASH) or GENESIS_HASH
     created_at = utcnow()
     rows = []
     for content in contents:
@@ -93,8 +94,13 @@ def append_audit_entries(session: Session, entries: list[dict]) -> list[dict]:
         rows.append({**fields, "entry_hash": prev_hash})
     # One statement executed once per row, in list order, in this one session: the ids follow
     # the chain. (The same statement text for any number of rows: compiled and prepared once.)
-    session.execute(insert(AuditEntry.__table__), rows)
+    connection.execute(_INSERT_ENTRY, rows)
     return rows
+
+
+_TAKE_LOCK = select(func.pg_advisory_xact_lock(AUDIT_LOCK_KEY))
+_NEWEST_HASH = select(AuditEntry.entry_hash).order_by(AuditEntry.id.desc()).limit(1)
+_INSERT_ENTRY = insert(AuditEntry.__table__)
 
 
 def verify_chain(session: Session) -> ChainReport:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import Row, and_, delete, insert, or_, select, tuple_, update
+from sqlalchemy import Row, and_, bindparam, delete, insert, or_, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -64,7 +64,7 @@ class RequestConflict(RequestValidationProblem):
 
 @dataclass(frozen=True)
 class FiledRequest:
-    request: ForgetRequest
+    request: ForgetRequest | Row  # a row, with the same attributes, where it was only read
     sample_ids: list[int]  # the samples it asks to forget, ascending
 
 
@@ -157,9 +157,10 @@ def file_forget_requests(
     if filed:
         # Core executemany on the tables, not the ORM's bulk insert (per-row work in Python): one
         # prepared statement each, for any number of requests.
-        session.execute(insert(ForgetRequest.__table__), [_row(f.request) for f in filed])
-        session.execute(
-            insert(ForgetRequestSample.__table__),
+        connection = session.connection()
+        connection.execute(_INSERT_REQUESTS, [_row(f.request) for f in filed])
+        connection.execute(
+            _INSERT_REQUEST_SAMPLES,
             [{"request_id": f.request.id, "sample_id": sample_id} for f in filed for sample_id in f.sample_ids],
         )
     _settle_idempotency_keys(session, submissions, outcomes, claimed, response_body)
@@ -184,6 +185,10 @@ def file_forget_requests(
         ],
     )
     return outcomes
+
+
+_INSERT_REQUESTS = insert(ForgetRequest.__table__)
+_INSERT_REQUEST_SAMPLES = insert(ForgetRequestSample.__table__)
 
 
 def _row(request: ForgetRequest) -> dict:
@@ -269,47 +274,62 @@ def _insert_ignoring_duplicates(session: Session, entity):
     return module.insert(entity).on_conflict_do_nothing()
 
 
+# The batch's statements, built once: a statement built per call costs more Python than the
+# database takes to run it (expanding IN parameters keep one compiled form for any list length).
+_MODELS = select(Model.name, Model.dataset).where(Model.name.in_(bindparam("names", expanding=True)))
+_SUBJECTS = select(Subject.id).where(Subject.id.in_(bindparam("subject_ids", expanding=True)))
+_WANTED_SAMPLES = or_(
+    Sample.id.in_(bindparam("named_ids", expanding=True)),
+    and_(Sample.subject_id.in_(bindparam("whole_subjects", expanding=True)), Sample.status == SampleStatus.active),
+)
+# FOR UPDATE: two requests naming the same sample at once queue here on PostgreSQL, so the second
+# one sees the first's links below (SQLite serialises whole transactions). In id order, as the
+# worker's update of the same rows, so the two cannot deadlock.
+_LOCK_SAMPLES = (
+    select(Sample.id, Sample.subject_id, Sample.dataset, Sample.status)
+    .where(_WANTED_SAMPLES)
+    .order_by(Sample.id)
+    .with_for_update()
+)
+_OPEN_LINKS = (
+    select(ForgetRequestSample.sample_id, ForgetRequestSample.request_id, ForgetRequest.model_name)
+    .join(ForgetRequest, ForgetRequest.id == ForgetRequestSample.request_id)
+    .join(Sample, Sample.id == ForgetRequestSample.sample_id)
+    .where(ForgetRequest.status.in_(OPEN_STATUSES), _WANTED_SAMPLES)
+)
+_REQUESTS_BY_ID = (
+    select(ForgetRequest.__table__, ForgetRequestSample.sample_id)
+    .outerjoin(ForgetRequestSample, ForgetRequestSample.request_id == ForgetRequest.id)
+    .where(ForgetRequest.id.in_(bindparam("request_ids", expanding=True)))
+    .order_by(ForgetRequest.id, ForgetRequestSample.sample_id)
+)
+
+
 class _BatchCheck:
     """What the checks of a batch of submissions need from the database, read in four statements,
     and the samples the batch has claimed so far."""
 
     def __init__(self, session: Session, submissions: list[Submission]):
-        self.models: dict[str, Model] = {}
+        self.models: dict[str, Row] = {}  # name -> (name, dataset)
         self.subjects: set[str] = set()
         self.samples: dict[int, Row] = {}
         # (model, sample) -> the open request holding it; the batch's own requests join as filed.
         self.open_links: dict[tuple[str, int], str] = {}
         if not submissions:
             return  # every submission was refused or replayed before the reads
-        model_names = {s.model_name for s in submissions}
-        self.models = {model.name: model for model in session.scalars(select(Model).where(Model.name.in_(model_names)))}
-        subject_ids = {s.subject_id for s in submissions}
-        self.subjects = set(session.scalars(select(Subject.id).where(Subject.id.in_(subject_ids))))
-        named_ids = {i for s in submissions if s.sample_ids is not None for i in s.sample_ids}
-        whole_subjects = {s.subject_id for s in submissions if s.sample_ids is None}
-        wanted = or_(
-            Sample.id.in_(named_ids),
-            and_(Sample.subject_id.in_(whole_subjects), Sample.status == SampleStatus.active),
-        )
-        # FOR UPDATE: two requests naming the same sample at once queue here on PostgreSQL, so the
-        # second one sees the first's links below (SQLite serialises whole transactions). In id
-        # order, as the worker's update of the same rows, so the two cannot deadlock.
-        self.samples = {
-            row.id: row
-            for row in session.execute(
-                select(Sample.id, Sample.subject_id, Sample.dataset, Sample.status)
-                .where(wanted)
-                .order_by(Sample.id)
-                .with_for_update()
-            )
+        # Core on the session's connection: plain rows, none of the ORM's per-statement work.
+        connection = session.connection()
+        names = sorted({s.model_name for s in submissions})
+        self.models = {row.name: row for row in connection.execute(_MODELS, {"names": names})}
+        subject_ids = sorted({s.subject_id for s in submissions})
+        self.subjects = set(connection.scalars(_SUBJECTS, {"subject_ids": subject_ids}))
+        wanted = {
+            "named_ids": sorted({i for s in submissions if s.sample_ids is not None for i in s.sample_ids}),
+            "whole_subjects": sorted({s.subject_id for s in submissions if s.sample_ids is None}),
         }
+        self.samples = {row.id: row for row in connection.execute(_LOCK_SAMPLES, wanted)}
         if self.samples:
-            rows = session.execute(
-                select(ForgetRequestSample.sample_id, ForgetRequestSample.request_id, ForgetRequest.model_name)
-                .join(ForgetRequest, ForgetRequest.id == ForgetRequestSample.request_id)
-                .join(Sample, Sample.id == ForgetRequestSample.sample_id)
-                .where(ForgetRequest.status.in_(OPEN_STATUSES), wanted)
-            )
+            rows = connection.execute(_OPEN_LINKS, wanted)
             self.open_links = {(row.model_name, row.sample_id): row.request_id for row in rows}
 
     def file(self, submission: Submission) -> FiledRequest:
@@ -338,7 +358,7 @@ class _BatchCheck:
         self.open_links.update({(model.name, sample_id): request.id for sample_id in chosen})
         return FiledRequest(request, chosen)
 
-    def _all_active_samples(self, subject_id: str, model: Model) -> list[int]:
+    def _all_active_samples(self, subject_id: str, model: Row) -> list[int]:
         """The subject's active samples in the model's data set that no open request holds yet."""
         active = [
             row.id for row in self.samples.values()
@@ -362,7 +382,7 @@ class _BatchCheck:
             error_type="no_active_samples",
         )
 
-    def _check_samples(self, subject_id: str, model: Model, sample_ids: list[int]) -> list[int]:
+    def _check_samples(self, subject_id: str, model: Row, sample_ids: list[int]) -> list[int]:
         found = {i: self.samples[i] for i in sample_ids if i in self.samples}
         problems = [
             ("unknown_samples", "unknown sample ids", [i for i in sample_ids if i not in found]),
@@ -399,20 +419,14 @@ def idempotency_key_reused() -> RequestValidationProblem:
 
 
 def requests_with_sample_ids(session: Session, request_ids: set[str]) -> dict[str, FiledRequest]:
-    """{id: the request and its sample ids (ascending)} of those of `request_ids` that exist, in
-    one statement."""
-    rows = session.execute(
-        select(ForgetRequest, ForgetRequestSample.sample_id)
-        .outerjoin(ForgetRequestSample, ForgetRequestSample.request_id == ForgetRequest.id)
-        .where(ForgetRequest.id.in_(request_ids))
-        .order_by(ForgetRequest.id, ForgetRequestSample.sample_id)
-    ).all()
+    """{id: the request (a row of its columns, read-only) and its sample ids (ascending)} of those
+    of `request_ids` that exist, in one statement."""
     found: dict[str, FiledRequest] = {}
-    for request, sample_id in rows:
-        if request.id not in found:
-            found[request.id] = FiledRequest(request, [])
-        if sample_id is not None:
-            found[request.id].sample_ids.append(sample_id)
+    for row in session.connection().execute(_REQUESTS_BY_ID, {"request_ids": sorted(request_ids)}):
+        if row.id not in found:
+            found[row.id] = FiledRequest(row, [])
+        if row.sample_id is not None:
+            found[row.id].sample_ids.append(row.sample_id)
     return found
 
 

@@ -11,6 +11,7 @@ from sqlalchemy.exc import OperationalError
 
 from service.api.body_limit import BodySizeLimit
 from service.api.deps import ApiKeyCache, reject_unknown_query_parameters
+from service.api.hot_path import HotPath
 from service.api.intake import intake_queue, read_queue
 from service.api.request_logging import RequestLogging
 from service.api.routes import (
@@ -63,6 +64,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.reads = read_queue(session_factory(reads))
     app.state.api_keys = ApiKeyCache(settings.api_key_cache_seconds)
     app.state.probe_engine = probe_engine
+    # Innermost of these: it stands in for two routes, behind the size limit and the request log.
+    app.add_middleware(HotPath)
     app.add_middleware(BodySizeLimit, max_bytes=settings.api_max_body_bytes)
     # Added last, so outermost: it sees every answer, the size limit's 413 included.
     app.add_middleware(RequestLogging)

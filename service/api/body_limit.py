@@ -39,16 +39,7 @@ class BodySizeLimit:
             if not message.get("more_body", False):
                 break
 
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-            return await receive()  # after the body: wait for the disconnect, as usual
-
-        await self.app(scope, replay, send)
+        await self.app(scope, replaying(b"".join(chunks), receive), send)
 
     async def _refuse(self, send: Send) -> None:
         limit = f"{self.max_bytes} bytes" + (f" ({self.max_bytes / 2**20:g} MiB)" if self.max_bytes >= 2**20 else "")
@@ -66,6 +57,20 @@ class BodySizeLimit:
             }
         )
         await send({"type": "http.response.body", "body": body})
+
+
+def replaying(body: bytes, receive: Receive) -> Receive:
+    """A `receive` that gives a body already read, as one message, then defers to `receive`."""
+    replayed = False
+
+    async def replay() -> Message:
+        nonlocal replayed
+        if not replayed:
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()  # after the body: wait for the disconnect, as usual
+
+    return replay
 
 
 def _content_length(scope: Scope) -> int | None:

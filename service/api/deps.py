@@ -192,8 +192,10 @@ def require_role(*roles: Role | str) -> Callable[[Caller], Caller]:
     return check_role
 
 
-# The usual checks, as aliases.
-SubmitterDep = Annotated[Caller, Depends(require_role(Role.submitter))]
-ReaderDep = Annotated[Caller, Depends(require_role(Role.submitter, Role.auditor))]
+# The usual checks, as aliases (the two checks also serve service/api/hot_path.py).
+check_submitter = require_role(Role.submitter)
+check_reader = require_role(Role.submitter, Role.auditor)
+SubmitterDep = Annotated[Caller, Depends(check_submitter)]
+ReaderDep = Annotated[Caller, Depends(check_reader)]
 AuditorDep = Annotated[Caller, Depends(require_role(Role.auditor))]
 AdminDep = Annotated[Caller, Depends(require_role(Role.admin))]

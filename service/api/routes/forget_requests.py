@@ -2,12 +2,12 @@
 
 from typing import Annotated
 
-from fastapi import APIRouter, Header, HTTPException, Path, Query, Request, status
+from fastapi import APIRouter, FastAPI, Header, HTTPException, Path, Query, Request, status
 from fastapi.responses import JSONResponse
 from sqlalchemy import func, select
 
 from service import forget_requests, idempotency
-from service.api.deps import ReaderDep, SessionDep, SettingsDep, SubmitterDep
+from service.api.deps import ReaderDep, SessionDep, SubmitterDep
 from service.api.schemas import (
     AUTH_ERRORS,
     BODY_TOO_LARGE,
@@ -57,7 +57,6 @@ def check_model_allowed(caller: Caller, model: str) -> None:
 async def create_forget_request(
     body: ForgetRequestCreate,
     request: Request,
-    settings: SettingsDep,
     caller: SubmitterDep,
     idempotency_key: Annotated[
         str | None,
@@ -72,6 +71,14 @@ async def create_forget_request(
     ] = None,
 ) -> JSONResponse:
     """Accept a request to forget a subject's samples; a worker unlearns them in a later batch."""
+    return await file_request(request.app, body, caller, idempotency_key)
+
+
+async def file_request(
+    app: FastAPI, body: ForgetRequestCreate, caller: Caller, idempotency_key: str | None
+) -> JSONResponse:
+    """The route's work once its input is checked (also called by service/api/hot_path.py)."""
+    settings = app.state.settings
     # A key limited to a model files for that model when the body names none.
     model = body.model or caller.model or settings.default_model
     check_model_allowed(caller, model)
@@ -89,7 +96,7 @@ async def create_forget_request(
         idempotency=claim,
     )
     # Filed with whatever else arrived meanwhile, in one transaction (service/api/intake.py).
-    outcome = await request.app.state.intake.submit(submission)
+    outcome = await app.state.intake.submit(submission)
     if isinstance(outcome, forget_requests.RequestValidationProblem):
         raise outcome
     if isinstance(outcome, idempotency.Replay):
@@ -101,7 +108,7 @@ async def create_forget_request(
 
 
 def response_body(filed: forget_requests.FiledRequest) -> dict:
-    """A filed request's 202 body, as answered and as stored for its idempotency key."""
+    """A request's body, as answered (202 when filed, 200 when read) and as stored for its idempotency key."""
     return ForgetRequestPublic.of(filed.request, filed.sample_ids).model_dump(mode="json")
 
 
@@ -157,11 +164,16 @@ def list_forget_requests(
 )
 async def read_forget_request(
     request_id: Annotated[str, Path(max_length=36, pattern=NO_NUL)], request: Request, caller: ReaderDep
-) -> ForgetRequestPublic:
+) -> JSONResponse:
     """Get a forget request: its status, deadline and, once completed, the model version that forgot it."""
+    return await read_request(request.app, request_id, caller)
+
+
+async def read_request(app: FastAPI, request_id: str, caller: Caller) -> JSONResponse:
+    """The route's work once its input is checked (also called by service/api/hot_path.py)."""
     # Read with the other ids asked for meanwhile, in one statement (service/api/intake.py).
-    filed = await request.app.state.reads.submit(request_id)
+    filed = await app.state.reads.submit(request_id)
     # Another model's request is "not found" to a key limited to a model, as in its listing.
     if filed is None or (caller.model is not None and filed.request.model_name != caller.model):
         raise HTTPException(status_code=404, detail=f"forget request {request_id!r} not found")
-    return ForgetRequestPublic.of(filed.request, filed.sample_ids)
+    return JSONResponse(content=response_body(filed))
