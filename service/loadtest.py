@@ -1,6 +1,7 @@
 """A bounded load test of request intake: `POST /forget-requests` and `GET /forget-requests/{id}`.
 
-    qforget loadtest [--duration 20] [--requests N] [--connections 64] [--api-workers 2] [--beside-training]
+    qforget loadtest [--duration 20] [--requests N] [--connections 64] [--rate R] [--api-workers 2]
+                     [--beside-training [--training-nice N]]
 
 By default it builds everything it measures and removes it afterwards: a fresh PostgreSQL database
 (`qforget_load_<random>`, created through --postgres-url, migrated, then seeded with one model,
@@ -10,17 +11,20 @@ API's database, which gets the seed (its own model, subjects and key; nothing is
 audit log keeps what happened).
 
 Each connection alternates: POST a request for one sample nobody asked for yet (expects 202),
-then GET a request it created (expects 200), `--get-share` deciding the mix. Every other status,
+then GET a request it created (expects 200), `--get-share` deciding the mix; each as soon as
+the last was answered (closed loop), or with --rate on a fixed schedule (open loop: a request's
+latency counts from when it was due, so a server that falls behind cannot hide its queue). Every other status,
 and every connection error, is an error. The client is a small HTTP/1.1 keep-alive client on
 asyncio streams rather than httpx: on a two-core box the generator competes with the server for
-the CPU, and a cheaper client leaves the server more of it. It still takes most of a core: read
-the figures as those of the server with one core or so to itself.
+the CPU, and a cheaper client leaves the server more of it (0.1 to 0.2 of a core at 600 to 1,200
+requests/s here; the report prints its share).
 
 With --beside-training a training run (Retrain then Q-MUL on the digits, as many torch threads as
-cores) runs beside the API meanwhile: the CPU a worker's batch takes from it.
+cores, at a worker's CPU niceness) runs beside the API meanwhile: the CPU a worker's batch takes from it.
 
 The report: requests/s, latency percentiles (p50, p95, p99, max, in ms) per endpoint and overall,
-the errors by kind, and the peak resident memory of the API's processes (sampled from /proc).
+the errors by kind, the CPU of the generator, the API, PostgreSQL (when local) and the whole
+machine, and the peak resident memory of the API's processes (sampled from /proc).
 """
 
 import argparse
@@ -41,6 +45,9 @@ from urllib.parse import urlsplit
 
 from sqlalchemy import create_engine, insert, make_url, text
 from sqlalchemy.pool import NullPool
+
+from service.processes import lower_cpu_priority
+from service.settings import get_settings
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -130,23 +137,25 @@ def start_api(database_url: str, port: int, workers: int, log_path: Path, log_le
 TRAINING_WARMUP_SECONDS = 8.0
 
 
-def start_training(log_path: Path) -> subprocess.Popen:
+def start_training(log_path: Path, nice: int) -> subprocess.Popen:
     """What a worker running a batch costs the machine, beside the API: a Retrain and Q-MUL run on
     the digits (bundled with scikit-learn, so it runs anywhere) with as many torch threads as
-    cores (a worker's default), long enough to outlast any load test; stopped with the API."""
+    cores (a worker's default) at a worker's CPU niceness, long enough to outlast any load test;
+    stopped with the API."""
     command = ["workers.benchmarks.epoch_floor", "--configs", "digits", "--threads", str(os.cpu_count() or 1),
                "--retrain-epochs", "100000"]
-    return _start_module(command, {}, log_path)
+    return _start_module(command, {}, log_path, preexec_fn=lambda: lower_cpu_priority(nice))
 
 
-def _start_module(command: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
-    """`python -m command...` from this checkout, as a process group of its own, logging to log_path."""
+def _start_module(command: list[str], env: dict[str, str], log_path: Path, preexec_fn=None) -> subprocess.Popen:
+    """`python -m command...` from this checkout, as a process group (and session) of its own,
+    logging to log_path; `preexec_fn` runs in the child once it leads its session."""
     env = {**os.environ, **env}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent),
                                                       env.get("PYTHONPATH")]))
     with open(log_path, "ab") as log:
         return subprocess.Popen([sys.executable, "-m", *command], env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=preexec_fn)
 
 
 def stop_process(process: subprocess.Popen) -> None:
@@ -257,6 +266,11 @@ class Results:
     generator_cpu_seconds: float = 0.0  # this process, over the measured window
     api_cpu_seconds: float | None = None  # the API's processes, over the measured window (None: not ours)
     api_peak_rss: int | None = None
+    postgres_cpu_seconds: float | None = None  # the server's processes, when it runs on this machine
+    machine_busy_seconds: float | None = None  # every core of the machine, whatever ran on it
+    # The CPU figures' window: the measured one, and the wait for its last answers (long when overloaded).
+    cpu_window_seconds: float = 0.0
+    rate: float | None = None  # the offered load of an open-loop run
 
 
 @dataclass
@@ -269,10 +283,11 @@ class Load:
     max_requests: int | None
     get_share: float
     warmup: float
+    rate: float | None = None  # requests/s on a fixed schedule (open loop); None: each connection sends as soon as answered
     seed: int = 0
 
     async def run(self, connections: int) -> Results:
-        self.results = Results()
+        self.results = Results(rate=self.rate)
         self.sent = 0
         self.created: list[str] = []
         self.next_sample = 0
@@ -281,14 +296,23 @@ class Load:
         self.start = time.perf_counter()
         self.stop_at = self.start + self.warmup + self.duration
         await asyncio.gather(*(self._connection() for _ in range(connections)))
-        # Requests are only sent until the deadline (or the count): the window is up to the last one sent.
-        self.results.seconds = min(self.last_sent, self.stop_at) - (self.start + self.warmup)
+        # Requests are only sent until the deadline (or the count): the window is up to the last one
+        # sent; on a schedule, up to the last answer (a server that falls behind answers fewer per second).
+        end = time.perf_counter() if self.rate is not None else min(self.last_sent, self.stop_at)
+        self.results.seconds = end - (self.start + self.warmup)
         return self.results
 
-    def _more(self) -> bool:
-        if time.perf_counter() >= self.stop_at:
-            return False
-        return self.max_requests is None or self.sent < self.max_requests
+    def _claim(self) -> float | None:
+        """When the next request is due (None: no more). Closed loop: now. Open loop (`rate`):
+        request n is due at start + n / rate, answered or not the ones before it; its latency counts
+        from then, so the time it waited for a free connection counts too (a server that stalls
+        cannot hide it by slowing the generator down)."""
+        due = time.perf_counter() if self.rate is None else self.start + self.sent / self.rate
+        if due >= self.stop_at or (self.max_requests is not None and self.sent >= self.max_requests):
+            return None
+        self.sent += 1
+        self.last_sent = due
+        return due
 
     def _next(self) -> tuple[str, str, bytes | None]:
         if self.created and self.random.random() < self.get_share:
@@ -303,10 +327,10 @@ class Load:
     async def _connection(self) -> None:
         headers = {"Authorization": f"Bearer {self.key}"}
         reader = writer = None
-        while self._more():
+        while (started := self._claim()) is not None:
+            if started > time.perf_counter():
+                await asyncio.sleep(started - time.perf_counter())
             method, path, body = self._next()
-            self.sent += 1
-            started = self.last_sent = time.perf_counter()
             try:
                 if writer is None:
                     reader, writer = await asyncio.open_connection(self.host, self.port)
@@ -354,21 +378,27 @@ def report(results: Results) -> str:
                      + "".join(f"{cell:>9.1f}" for cell in cells))
     errors = sum(results.errors.values())
     detail = f" ({', '.join(f'{kind}: {n}' for kind, n in results.errors.most_common())})" if errors else ""
-    lines.append(f"errors: {errors}{detail}; measured over {results.seconds:.1f} s")
+    offered = f", {results.rate:g} requests/s offered on schedule" if results.rate else ""
+    lines.append(f"errors: {errors}{detail}; measured over {results.seconds:.1f} s{offered}")
     answered = max(len(rows[2][1]) + errors, 1)
-    cpu = [f"load generator {results.generator_cpu_seconds / results.seconds:.2f} cores"]
+    window = results.cpu_window_seconds or results.seconds
+    cpu = [f"load generator {results.generator_cpu_seconds / window:.2f} cores"]
     if results.api_cpu_seconds is not None:
-        cpu.append(f"API {results.api_cpu_seconds / results.seconds:.2f} cores, "
+        cpu.append(f"API {results.api_cpu_seconds / window:.2f} cores, "
                    f"{1000 * results.api_cpu_seconds / answered:.2f} ms of API CPU per request")
+    if results.postgres_cpu_seconds is not None:
+        cpu.append(f"PostgreSQL {results.postgres_cpu_seconds / window:.2f} cores")
+    if results.machine_busy_seconds is not None:
+        cpu.append(f"the machine {results.machine_busy_seconds / window:.2f} of {os.cpu_count()} cores busy")
     lines.append("CPU: " + "; ".join(cpu))
     if results.api_peak_rss is not None:
         lines.append(f"API peak RSS (all its processes): {results.api_peak_rss / 2**20:.0f} MiB")
     return "\n".join(lines)
 
 
-async def _drive(load: Load, connections: int, api_pid: int | None) -> Results:
+async def _drive(load: Load, connections: int, api_pid: int | None, postgres_pid: int | None) -> Results:
     loop = asyncio.get_running_loop()
-    marks: dict[str, tuple[float, float | None]] = {}
+    marks: dict[str, tuple[float, float | None, float | None, float, float]] = {}
     peak = 0
 
     def mark(name: str) -> None:
@@ -377,7 +407,8 @@ async def _drive(load: Load, connections: int, api_pid: int | None) -> Results:
         if api_pid is not None:
             rss, api_cpu = tree_rss_and_cpu(api_pid)
             peak = max(peak, rss)
-        marks[name] = (time.process_time(), api_cpu)
+        postgres_cpu = tree_rss_and_cpu(postgres_pid)[1] if postgres_pid is not None else None
+        marks[name] = (time.process_time(), api_cpu, postgres_cpu, machine_busy_seconds(), time.perf_counter())
 
     async def watch() -> None:
         nonlocal peak
@@ -394,18 +425,43 @@ async def _drive(load: Load, connections: int, api_pid: int | None) -> Results:
     watcher.cancel()
     start = marks.get("start", marks["end"])
     results.generator_cpu_seconds = marks["end"][0] - start[0]
+    results.machine_busy_seconds = marks["end"][3] - start[3]
+    results.cpu_window_seconds = marks["end"][4] - start[4]
     if api_pid is not None:
         results.api_cpu_seconds = marks["end"][1] - start[1]
         results.api_peak_rss = peak
+    if postgres_pid is not None:
+        results.postgres_cpu_seconds = marks["end"][2] - start[2]
     return results
 
 
-def drive(load: Load, connections: int, api_pid: int | None) -> Results:
+def machine_busy_seconds() -> float:
+    """CPU seconds this machine's cores have spent on anything but idling, since boot (/proc/stat)."""
+    user, nice, system, idle, iowait, irq, softirq, steal = map(int, Path("/proc/stat").read_text().split()[1:9])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+def local_postgres_pid(database_url: str) -> int | None:
+    """The PostgreSQL server's main process when it runs on this machine (its backends are its
+    children), else None."""
+    engine = create_engine(make_url(database_url), poolclass=NullPool)
+    try:
+        with engine.connect() as connection:  # read while the backend lives: it exits with the connection
+            backend = connection.scalar(text("SELECT pg_backend_pid()"))
+            try:
+                return int(Path(f"/proc/{backend}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                return None  # another machine, or a container's own process ids
+    finally:
+        engine.dispose()
+
+
+def drive(load: Load, connections: int, api_pid: int | None, postgres_pid: int | None = None) -> Results:
     try:
         import uvloop  # uvicorn[standard] brings it: a cheaper event loop for the generator as well
     except ImportError:
-        return asyncio.run(_drive(load, connections, api_pid))
-    return uvloop.run(_drive(load, connections, api_pid))
+        return asyncio.run(_drive(load, connections, api_pid, postgres_pid))
+    return uvloop.run(_drive(load, connections, api_pid, postgres_pid))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -424,6 +480,8 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise LoadtestArgumentError(f"--api-workers must be 1 to 64, got {args.api_workers}")
     if not 0 <= args.get_share < 1:
         raise LoadtestArgumentError(f"--get-share must be in [0, 1), got {args.get_share}")
+    if args.rate is not None and not 0 < args.rate <= 100_000:
+        raise LoadtestArgumentError(f"--rate must be in (0, 100000] requests/s, got {args.rate}")
     if args.warmup < 0:
         raise LoadtestArgumentError(f"--warmup must be >= 0, got {args.warmup}")
     if args.url is not None:
@@ -439,8 +497,9 @@ def check_arguments(args: argparse.Namespace) -> None:
 def samples_needed(args: argparse.Namespace) -> int:
     if args.samples is not None:
         return args.samples
-    # Enough POSTs for 3,000 requests/s over the whole run, or the requested count.
-    budget = args.requests if args.requests is not None else int(3000 * (args.duration + args.warmup))
+    # Enough POSTs for the rate (3,000 requests/s unless given) over the whole run, or the requested count.
+    rate = args.rate if args.rate is not None else 3000
+    budget = args.requests if args.requests is not None else int(rate * (args.duration + args.warmup)) + 1
     return max(1000, budget)
 
 
@@ -470,21 +529,24 @@ def run_loadtest(args: argparse.Namespace) -> int:
         if args.beside_training:
             log_dir = Path(args.log_dir or Path.cwd() / "var" / "loadtest")
             log_dir.mkdir(parents=True, exist_ok=True)
-            training = start_training(log_dir / "training.log")
-            print(f"beside it: a training run (digits, Retrain then Q-MUL, {os.cpu_count()} torch threads), "
-                  f"log {log_dir / 'training.log'}", file=sys.stderr)
+            nice = args.training_nice if args.training_nice is not None else get_settings().worker_nice
+            training = start_training(log_dir / "training.log", nice)
+            print(f"beside it: a training run (digits, Retrain then Q-MUL, {os.cpu_count()} torch threads, "
+                  f"nice {nice}), log {log_dir / 'training.log'}", file=sys.stderr)
         wait_until_up(host, port, api)
         if training is not None:
             time.sleep(TRAINING_WARMUP_SECONDS)  # past torch's import and the data: training at full speed
         bound = f"{args.duration:g} s" + (f" or {args.requests} requests" if args.requests else "")
-        print(f"load: {args.connections} connections, GET share {args.get_share:g}, {bound} "
+        pace = f"{args.rate:g} requests/s on schedule" if args.rate else "each as soon as answered"
+        print(f"load: {args.connections} connections, {pace}, GET share {args.get_share:g}, {bound} "
               f"after {args.warmup:g} s of warm-up", file=sys.stderr, flush=True)
         load = Load(host=host, port=port, key=seeded.key, samples=list(seeded.subject_of_sample.items()),
                     duration=args.duration, max_requests=args.requests, get_share=args.get_share,
-                    warmup=args.warmup)
+                    warmup=args.warmup, rate=args.rate)
         training_cpu_before = tree_rss_and_cpu(training.pid)[1] if training is not None else 0.0
         started = time.monotonic()
-        results = drive(load, args.connections, api.pid if api is not None else args.api_pid)
+        results = drive(load, args.connections, api.pid if api is not None else args.api_pid,
+                        local_postgres_pid(database_url))
         if api is not None and api.poll() is not None:
             print(f"the API exited with status {api.returncode} during the load", file=sys.stderr)
             return 1
@@ -510,11 +572,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--requests", type=int, default=None, help="stop after this many requests as well")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds of load not counted first (default 2)")
     parser.add_argument("--connections", type=int, default=64, help="concurrent keep-alive connections (default 64)")
+    parser.add_argument("--rate", type=float, default=None,
+                        help="send this many requests/s on a fixed schedule (open loop: latency counts from when "
+                             "each was due, waits for a free connection included); default: closed loop")
     parser.add_argument("--get-share", type=float, default=0.5,
                         help="share of GETs of a created request, the rest are POSTs (default 0.5)")
     parser.add_argument("--api-workers", type=int, default=2, help="uvicorn workers of the API it starts (default 2)")
     parser.add_argument("--beside-training", action="store_true",
                         help="run a training process beside the API meanwhile, as a worker's batch would")
+    parser.add_argument("--training-nice", type=int, default=None, choices=range(20), metavar="0-19",
+                        help="CPU niceness of that training run (default: a worker's, QFORGET_WORKER_NICE)")
     parser.add_argument("--api-log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="log level of the API it starts (default INFO, as `qforget api`: a line per request)")
     parser.add_argument("--samples", type=int, default=None, help="samples to seed (default: enough for the run)")

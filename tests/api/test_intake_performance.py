@@ -161,6 +161,7 @@ def test_the_api_process_imports_no_model_code(tmp_path):
         (["--duration", "0"], "--duration"),
         (["--get-share", "1"], "--get-share"),
         (["--connections", "0"], "--connections"),
+        (["--rate", "0"], "--rate"),
         (["--url", "http://example.com:8000", "--database-url", "sqlite://"], "--url"),
         (["--url", "http://127.0.0.1:8000"], "--database-url"),
     ],
@@ -201,6 +202,50 @@ def test_loadtest_beside_a_training_run_reports_its_share_and_stops_it(postgres_
     assert float(share.split()[-2]) > 0.1, out  # it was training, not starting up
     leftover = subprocess.run(["pgrep", "-f", "epoch_floor.*--retrain-epochs 100000"], capture_output=True)
     assert leftover.stdout == b"", leftover.stdout  # stopped with the API
+
+
+def test_loadtest_at_a_fixed_rate_sends_that_many_requests(postgres_admin, tmp_path, capsys):
+    code = cli.main(["loadtest", "--rate", "40", "--duration", "1", "--warmup", "0", "--connections", "4",
+                     "--api-workers", "1", "--postgres-url", POSTGRES_ADMIN_URL, "--log-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split()[:1] == ["all"]}
+    assert rows["all"][1] == "40", out  # one request every 25 ms for 1 s, each answered
+    assert "40 requests/s offered on schedule" in out
+
+
+def test_an_open_loop_load_counts_the_wait_for_a_busy_connection_as_latency():
+    """A server that takes 100 ms per answer, one connection, 20 requests/s due for 1 s: the
+    requests queue behind each other, and the last is answered about 1 s after it was due. A
+    closed loop would have sent 10 requests, each 100 ms, and hidden the queue."""
+    from service.loadtest import Load
+
+    async def slow_server(reader, writer):
+        while True:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except asyncio.IncompleteReadError:
+                break
+            await reader.readexactly(int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0]))
+            await asyncio.sleep(0.1)
+            body = b'{"id": "r"}'
+            writer.write(b"HTTP/1.1 202 Accepted\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            await writer.drain()
+        writer.close()
+
+    async def run():
+        server = await asyncio.start_server(slow_server, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        load = Load(host="127.0.0.1", port=port, key="k", samples=[(10_000 + i, "subject-0001") for i in range(50)],
+                    duration=1.0, max_requests=None, get_share=0.0, warmup=0.0, rate=20.0)
+        async with server:
+            return await load.run(connections=1)
+
+    results = asyncio.run(run())
+    latencies = results.latencies["POST"]
+    assert len(latencies) == 20 and not results.errors
+    assert latencies[0] < 0.5
+    assert latencies[-1] > 0.9  # due at 0.95 s, answered after the 19 before it (about 2 s)
 
 
 def test_loadtest_counts_unexpected_answers_as_errors():
