@@ -1,3 +1,4 @@
+import copy
 import hashlib
 
 import pytest
@@ -30,6 +31,18 @@ def test_saving_is_content_addressed(small_model, spec, tmp_path):
     assert save_artifact(small_model, spec, tmp_path) == first
     other = save_artifact(small_model, {**spec, "dataset": "other"}, tmp_path)
     assert other[1] != first[1]
+
+
+def test_artifacts_do_not_depend_on_the_memory_layout_the_model_ran_in(small_model, spec, tmp_path):
+    # The engine runs convolutions channels-last (build_model); the artifact holds the standard layout.
+    convolution_weights = [p for p in small_model.parameters() if p.dim() == 4]
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in convolution_weights)
+    assert any(not p.is_contiguous() for p in convolution_weights)  # (with one input channel, both hold)
+    standard = copy.deepcopy(small_model).to(memory_format=torch.contiguous_format)
+    assert save_artifact(standard, spec, tmp_path) == save_artifact(small_model, spec, tmp_path)
+
+    loaded, _ = load_artifact(save_artifact(small_model, spec, tmp_path)[0])
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in loaded.parameters() if p.dim() == 4)
 
 
 def test_tampered_or_unexpected_artifacts_are_rejected(small_model, spec, tmp_path):

@@ -76,7 +76,7 @@ def timed(device: str, work) -> tuple[float, object]:
 
 
 def run_setup(name: str, setup: Setup, device: str, retrain_epochs: int | None, qmul_epochs: int | None,
-              profile: bool, channels_last: bool = False) -> dict:
+              profile: bool, contiguous: bool = False) -> dict:
     spec = ModelSpec(architecture=setup.architecture, dataset=setup.dataset, data_options=setup.data_options,
                      train=replace(setup.retrain, epochs=retrain_epochs or setup.retrain.epochs))
     data = load_dataset(setup.dataset, 0, **setup.data_options)
@@ -89,11 +89,11 @@ def run_setup(name: str, setup: Setup, device: str, retrain_epochs: int | None, 
     floor_retain = floor_epoch_seconds(retain, spec.train.batch_size, device)
     floor_all = floor_epoch_seconds(train, qmul_config.batch_size, device)  # a Q-MUL epoch reads both sets
     fresh = spec.build()
-    if channels_last:  # convolutions then produce NHWC activations; Q-MUL's copy of the model keeps it
-        fresh = fresh.to(memory_format=torch.channels_last)
+    if contiguous:  # build_model's channels-last back to NCHW; Q-MUL's copy of the model keeps it
+        fresh = fresh.to(memory_format=torch.contiguous_format)
     retrain_s, model = timed(device, lambda: train_model(fresh, retain, spec.train, device, progress=True,
                                                          desc=f"{name} retrain"))
-    rows = {"config": name + (" NHWC" if channels_last else ""), "device": device, "forget": len(forget), "retain": len(retain),
+    rows = {"config": name + (" NCHW" if contiguous else ""), "device": device, "forget": len(forget), "retain": len(retain),
             "floor_retain_epoch_s": floor_retain, "floor_train_epoch_s": floor_all,
             "retrain_epochs": spec.train.epochs, "retrain_s": retrain_s,
             "qmul_epochs": qmul_config.epochs}
@@ -148,8 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--retrain-epochs", type=int, default=None, help="override the recipe's (a shorter run)")
     parser.add_argument("--qmul-epochs", type=int, default=None, help="override the configuration's")
     parser.add_argument("--profile", action="store_true", help="also profile one Q-MUL epoch (torch.profiler)")
-    parser.add_argument("--channels-last", action="store_true",
-                        help="models in channels-last memory format (a lever of issue 8, for comparison)")
+    parser.add_argument("--contiguous", action="store_true",
+                        help="models in the standard NCHW layout, not the engine's channels-last (for comparison)")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name in tqdm(args.configs, desc="configs"):
         rows.append(run_setup(name, SETUPS[name], args.device, args.retrain_epochs, args.qmul_epochs, args.profile,
-                              args.channels_last))
+                              args.contiguous))
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "profile"}), flush=True)
     print()
     print(table(rows))

@@ -65,7 +65,11 @@ def save_artifact(model: nn.Module, spec: dict, directory: Path) -> tuple[Path, 
     """Write the artifact atomically (temp file, fsync, rename); return (path, sha256)."""
     if "model" not in spec:
         raise ValueError('spec needs a "model" entry with the build_model arguments')
-    state_dict = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
+    # Standard strides, so the same weights give the same bytes (and sha256) whatever memory layout
+    # the model ran in. (Not contiguous(): a channels-last tensor with one input channel is already
+    # "contiguous" but keeps strides that torch.save writes.)
+    state_dict = {name: tensor.detach().cpu().clone(memory_format=torch.contiguous_format)
+                  for name, tensor in model.state_dict().items()}
     buffer = io.BytesIO()
     torch.save({"spec": spec, "state_dict": state_dict}, buffer)
     return write_content_addressed(buffer.getvalue(), directory)
