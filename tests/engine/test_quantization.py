@@ -11,6 +11,7 @@ from workers.engine.quantization import (
     QuantConv2d,
     QuantLinear,
     quantize_model,
+    round_ste,
 )
 
 
@@ -175,3 +176,29 @@ def test_build_model_digits_cnn():
     quantizers = [m for m in model.modules() if isinstance(m, LsqPlusQuantizer)]
     assert len(quantizers) == 8  # weight and input of 2 convs and 2 linear layers
     assert model(torch.randn(5, 1, 8, 8)).shape == (5, 10)
+
+
+@pytest.mark.parametrize("kind, channels", [("activation", None), ("weight", None), ("weight", 8)])
+def test_the_fused_quantizer_matches_the_plain_autograd_expression(kind, channels):
+    # AffineFakeQuantize is one autograd node for what these eight element-wise steps compute.
+    torch.manual_seed(0)
+    quantizer = LsqPlusQuantizer(4, kind, channels)
+    x = (torch.randn(8, 6, 5, 5) * 2).to(memory_format=torch.channels_last).requires_grad_()
+    quantizer(x.detach())  # initialises the grid from x
+    with torch.no_grad():  # values at the edges of the range, where the gradients switch
+        x[0, 0, 0] = quantizer.effective(x)[1].flatten()[0]
+    grad_out = torch.randn_like(x)
+
+    fused = quantizer(x)
+    (fused * grad_out).sum().backward()
+    fused_grads = [t.grad.clone() for t in (x, *quantizer.parameters())]
+    for t in (x, *quantizer.parameters()):
+        t.grad = None
+
+    scale, offset = quantizer.effective(x)
+    plain = round_ste(torch.clamp((x - offset) / scale, quantizer.q_min, quantizer.q_max)) * scale + offset
+    (plain * grad_out).sum().backward()
+
+    assert torch.equal(fused, plain)  # export relies on the exact values
+    for fused_grad, t in zip(fused_grads, (x, *quantizer.parameters()), strict=True):
+        assert torch.allclose(fused_grad, t.grad, rtol=1e-5, atol=1e-6)

@@ -181,6 +181,40 @@ class FakeQuantizer(nn.Module):
         return f"bits={self.bits}, kind={self.kind}, {per}, range=[{self.q_min}, {self.q_max}]"
 
 
+class AffineFakeQuantize(torch.autograd.Function):
+    """clamp(round((x - offset) / scale), q_min, q_max) * scale + offset with LSQ's gradients
+    (the module docstring), as one autograd node.
+
+    The same as `round_ste(torch.clamp((x - offset) / scale, q_min, q_max)) * scale + offset`, value
+    for value, but that expression records eight element-wise steps over the whole tensor, each
+    saving its inputs for the backward pass; this one saves only v = (x - offset) / scale and
+    derives every gradient from it in one pass. (One of the fused quantizer levers of issue 8.)
+    """
+
+    @staticmethod
+    def forward(ctx, x, scale, offset, q_min: int, q_max: int):
+        v = (x - offset) / scale
+        ctx.save_for_backward(v, scale, offset)
+        ctx.q_min, ctx.q_max = q_min, q_max
+        return v.clamp(q_min, q_max).round_().mul_(scale).add_(offset)
+
+    @staticmethod
+    def backward(ctx, grad):
+        v, scale, offset = ctx.saved_tensors
+        # Strictly inside, as torch.clamp's own gradient (0 at the bounds themselves).
+        inside = (v > ctx.q_min) & (v < ctx.q_max)
+        grad_x = grad_scale = grad_offset = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad * inside
+        if ctx.needs_input_grad[1]:
+            # round(v) - v inside the range; q_min or q_max (clamp(v)) outside.
+            d_scale = torch.where(inside, v.round() - v, v.clamp(ctx.q_min, ctx.q_max))
+            grad_scale = (grad * d_scale).sum_to_size(scale.shape)
+        if ctx.needs_input_grad[2]:
+            grad_offset = (grad * ~inside).sum_to_size(offset.shape)
+        return grad_x, grad_scale, grad_offset, None, None
+
+
 class LsqPlusQuantizer(FakeQuantizer):
     """LSQ+ fake quantizer for a weight tensor (kind="weight") or an activation (kind="activation").
 
@@ -222,8 +256,7 @@ class LsqPlusQuantizer(FakeQuantizer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.ensure_initialized(x)
         scale, offset = self.effective(x)
-        x_int = round_ste(torch.clamp((x - offset) / scale, self.q_min, self.q_max))
-        return x_int * scale + offset
+        return AffineFakeQuantize.apply(x, scale, offset, self.q_min, self.q_max)
 
     @torch.no_grad()
     def weight_codes(self, w):
