@@ -105,6 +105,25 @@ def test_qmul_forgets_a_class_and_keeps_the_rest(small_model, small_train):
         assert {"forget_loss", "retain_loss", "loss"} <= entry.keys()
 
 
+def test_compiled_qmul_forgets_as_the_eager_run_does_and_returns_the_plain_model(small_model, small_train):
+    # torch.compile (epoch_floor --compile): the fused kernels round differently, so not the same
+    # numbers, but the same forgetting; and the result is the model itself, whose state dict an
+    # artifact stores, not the compiled wrapper ("_orig_mod.*" keys).
+    is_zero = small_train.y == 0
+    forget = small_train.subset(torch.where(is_zero)[0])
+    retain = small_train.subset(torch.where(~is_zero)[0])
+    config = QMulConfig(epochs=2, grad_norm_batches=2)
+    eager = qmul_unlearn(small_model, forget, retain, config, progress=False)
+    compiled = qmul_unlearn(small_model, forget, retain, config, progress=False, compile_model=True)
+
+    assert type(compiled.model) is type(small_model)
+    assert compiled.model.state_dict().keys() == small_model.state_dict().keys()
+    assert accuracy(compiled.model, forget) == pytest.approx(accuracy(eager.model, forget), abs=15)
+    assert accuracy(compiled.model, retain) == pytest.approx(accuracy(eager.model, retain), abs=5)
+    for eager_epoch, compiled_epoch in zip(eager.history, compiled.history, strict=True):
+        assert compiled_epoch["loss"] == pytest.approx(eager_epoch["loss"], rel=0.1)
+
+
 def test_qmul_pulls_random_forget_samples_towards_their_similar_labels(small_model, small_train):
     """Random forgetting: fine-tuning on the retain set alone makes the model surer of the true
     classes, so the cross-entropy of the forget samples against their similar labels rises; only

@@ -76,7 +76,7 @@ def timed(device: str, work) -> tuple[float, object]:
 
 
 def run_setup(name: str, setup: Setup, device: str, retrain_epochs: int | None, qmul_epochs: int | None,
-              profile: bool, contiguous: bool = False) -> dict:
+              profile: bool, contiguous: bool = False, compile_model: bool = False) -> dict:
     spec = ModelSpec(architecture=setup.architecture, dataset=setup.dataset, data_options=setup.data_options,
                      train=replace(setup.retrain, epochs=retrain_epochs or setup.retrain.epochs))
     data = load_dataset(setup.dataset, 0, **setup.data_options)
@@ -91,16 +91,19 @@ def run_setup(name: str, setup: Setup, device: str, retrain_epochs: int | None, 
     fresh = spec.build()
     if contiguous:  # build_model's channels-last back to NCHW; Q-MUL's copy of the model keeps it
         fresh = fresh.to(memory_format=torch.contiguous_format)
+    # With compile_model, Retrain's time includes compiling the training graph, and the full-AGR
+    # Q-MUL run's includes compiling Q-MUL's (eval-mode gradients, mixed batch sizes): the sampled
+    # run after it is the warm figure.
     retrain_s, model = timed(device, lambda: train_model(fresh, retain, spec.train, device, progress=True,
-                                                         desc=f"{name} retrain"))
-    rows = {"config": name + (" NCHW" if contiguous else ""), "device": device, "forget": len(forget), "retain": len(retain),
+                                                         desc=f"{name} retrain", compile_model=compile_model))
+    rows = {"config": name + (" NCHW" if contiguous else "") + (" compiled" if compile_model else ""), "device": device, "forget": len(forget), "retain": len(retain),
             "floor_retain_epoch_s": floor_retain, "floor_train_epoch_s": floor_all,
             "retrain_epochs": spec.train.epochs, "retrain_s": retrain_s,
             "qmul_epochs": qmul_config.epochs}
     for label, batches in (("qmul_agr_full", None), ("qmul_agr_sampled", setup.agr_sample_batches)):
         config = replace(qmul_config, grad_norm_batches=batches)
-        rows[f"{label}_s"], _ = timed(device, lambda config=config: qmul_unlearn(model, forget, retain, config,
-                                                                                  device, progress=True))
+        rows[f"{label}_s"], _ = timed(device, lambda config=config: qmul_unlearn(
+            model, forget, retain, config, device, progress=True, compile_model=compile_model))
     if profile:
         rows["profile"] = profile_qmul_epoch(model, forget, retain, replace(qmul_config, epochs=1), device)
     return rows
@@ -118,7 +121,7 @@ def profile_qmul_epoch(model, forget: Split, retain: Split, config: QMulConfig, 
 
 
 def table(rows: list[dict]) -> str:
-    header = (f"{'config':<17}{'forget/retain':>14}{'floor s/ep':>11}{'retrain s/ep':>13}{'retrain s':>10}"
+    header = (f"{'config':<22}{'forget/retain':>14}{'floor s/ep':>11}{'retrain s/ep':>13}{'retrain s':>10}"
               f"{'Q floor s/ep':>13}{'Q-MUL s/ep':>11}{'Q-MUL s':>9}{'sampled AGR':>12}{'  s/ep':>7}{'Q-MUL/Retrain':>14}")
     lines = [header]
     for row in rows:
@@ -126,7 +129,7 @@ def table(rows: list[dict]) -> str:
         qmul_epoch = row["qmul_agr_full_s"] / row["qmul_epochs"]
         sampled_epoch = row["qmul_agr_sampled_s"] / row["qmul_epochs"]
         lines.append(
-            f"{row['config']:<17}{row['forget']:>7}/{row['retain']:<6}{row['floor_retain_epoch_s']:>11.3f}"
+            f"{row['config']:<22}{row['forget']:>7}/{row['retain']:<6}{row['floor_retain_epoch_s']:>11.3f}"
             f"{retrain_epoch:>13.3f}{row['retrain_s']:>10.1f}{row['floor_train_epoch_s']:>13.3f}{qmul_epoch:>11.3f}{row['qmul_agr_full_s']:>9.1f}"
             f"{row['qmul_agr_sampled_s']:>12.1f}{sampled_epoch:>7.3f}"
             f"{row['qmul_agr_sampled_s'] / row['retrain_s']:>14.3f}")
@@ -150,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true", help="also profile one Q-MUL epoch (torch.profiler)")
     parser.add_argument("--contiguous", action="store_true",
                         help="models in the standard NCHW layout, not the engine's channels-last (for comparison)")
+    parser.add_argument("--compile", action="store_true",
+                        help="train through torch.compile (the first run of each kind includes compiling)")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -158,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name in tqdm(args.configs, desc="configs"):
         rows.append(run_setup(name, SETUPS[name], args.device, args.retrain_epochs, args.qmul_epochs, args.profile,
-                              args.contiguous))
+                              args.contiguous, args.compile))
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "profile"}), flush=True)
     print()
     print(table(rows))

@@ -23,6 +23,18 @@ class TrainConfig:
     grad_clip: float | None = 1.0
 
 
+def compiled_forward(model: nn.Module) -> nn.Module:
+    """The model's forward pass through torch.compile, sharing the model's parameters and mode.
+
+    The model itself is left as it is: it is what gets returned, copied and saved (a compiled
+    wrapper's state dict names every tensor "_orig_mod.*"). The first steps compile (tens of
+    seconds on a small CPU, less from the inductor's on-disk cache), later ones run fused kernels.
+    An option of the engine and its benchmark (epoch_floor --compile), not of the worker: on the
+    CPU the compiling costs more than a run saves (docs/performance.md); on a GPU, to be measured.
+    Needs a C++ compiler (CPU) or Triton with a C compiler (CUDA) where it runs."""
+    return torch.compile(model)
+
+
 def shuffled_batches(n: int, batch_size: int, generator: torch.Generator):
     """Index tensors of one shuffled pass over n samples."""
     return torch.randperm(n, generator=generator).split(batch_size)
@@ -35,10 +47,12 @@ def train_model(
     device: str | torch.device = "cpu",
     progress: bool = True,
     desc: str = "train",
+    compile_model: bool = False,
 ) -> nn.Module:
     """SGD with momentum, cosine learning-rate decay and gradient clipping on cross-entropy, with
-    the split's train-time augmentation; returns model."""
+    the split's train-time augmentation; returns model. compile_model: through compiled_forward."""
     model.to(device).train()
+    forward = compiled_forward(model) if compile_model else model
     generator = torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=config.lr, momentum=config.momentum,
@@ -52,7 +66,7 @@ def train_model(
     for _ in bar:
         for index in shuffled_batches(len(data), config.batch_size, generator):
             x, y = data.training_batch(index, generator, device)
-            loss = F.cross_entropy(model(x), y)
+            loss = F.cross_entropy(forward(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.grad_clip is not None:

@@ -80,7 +80,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .data import Split
-from .training import predict_probs, shuffled_batches
+from .training import compiled_forward, predict_probs, shuffled_batches
 
 
 def similar_labels(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -204,8 +204,10 @@ def qmul_unlearn(
     config: QMulConfig,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    compile_model: bool = False,
 ) -> UnlearnResult:
-    """Unlearn `forget` from a copy of `model` (the original is left untouched)."""
+    """Unlearn `forget` from a copy of `model` (the original is left untouched). compile_model:
+    run the training passes through torch.compile (training.compiled_forward)."""
     if len(forget) == 0 or len(retain) == 0:
         raise ValueError("Q-MUL needs a non-empty forget set and a non-empty retain set")
     if config.schedule not in FORGET_SCHEDULES:
@@ -223,12 +225,13 @@ def qmul_unlearn(
         weight_decay=config.weight_decay,
     )
     generator = torch.Generator().manual_seed(config.seed)
+    forward = compiled_forward(model) if compile_model else model
     history = []
     for epoch in tqdm(range(config.epochs), desc="q-mul", disable=not progress, leave=False):
         norm_args = {"device": device, "batch_size": config.batch_size,
                      "max_batches": config.grad_norm_batches, "seed": config.seed + epoch}
-        forget_norm = expected_grad_norm(model, forget, forget_labels, **norm_args)
-        retain_norm = expected_grad_norm(model, retain, retain.y, **norm_args)
+        forget_norm = expected_grad_norm(forward, forget, forget_labels, **norm_args)
+        retain_norm = expected_grad_norm(forward, retain, retain.y, **norm_args)
         if config.gradient_reweighting:
             w_f, w_r = gradient_reweighting(forget_norm, retain_norm)
         else:
@@ -249,7 +252,7 @@ def qmul_unlearn(
                               *retain.training_batch(retain_index, generator, device)))
             # One forward pass over whatever the step holds: BatchNorm sees the mixed batch,
             # and each loss is a mean over its own samples.
-            logits = model(torch.cat([x for _, _, x, _ in parts]))
+            logits = forward(torch.cat([x for _, _, x, _ in parts]))
             loss, start = 0.0, 0
             for name, weight, x, y in parts:
                 part_loss = F.cross_entropy(logits[start : start + len(x)], y)
