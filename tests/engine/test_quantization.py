@@ -202,3 +202,18 @@ def test_the_fused_quantizer_matches_the_plain_autograd_expression(kind, channel
     assert torch.equal(fused, plain)  # export relies on the exact values
     for fused_grad, t in zip(fused_grads, (x, *quantizer.parameters()), strict=True):
         assert torch.allclose(fused_grad, t.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_under_bf16_autocast_the_quantizers_compute_in_float32_and_the_layers_in_bfloat16():
+    # Rounding onto an 8-bit grid needs float32; the convolutions and products may run in bf16.
+    model = build_model("digits-cnn", num_classes=10, in_channels=1, weight_bits=4, act_bits=4)
+    quantizer_dtypes, layer_dtypes = [], []
+    for module in model.modules():
+        if isinstance(module, LsqPlusQuantizer):
+            module.register_forward_hook(lambda m, inputs, out: quantizer_dtypes.append((inputs[0].dtype, out.dtype)))
+        elif isinstance(module, (QuantConv2d, QuantLinear)):
+            module.register_forward_hook(lambda m, inputs, out: layer_dtypes.append(out.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.randn(4, 1, 8, 8))
+    assert len(quantizer_dtypes) == 8 and set(quantizer_dtypes) == {(torch.float32, torch.float32)}
+    assert len(layer_dtypes) == 4 and set(layer_dtypes) == {torch.bfloat16}

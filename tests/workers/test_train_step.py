@@ -30,4 +30,12 @@ def test_a_step_of_a_small_cnn_is_timed_and_its_saved_memory_counted(capsys):
     row = json.loads(printed[0])
     assert (row["architecture"], row["batch"], row["bits"], row["device"]) == ("cifar-cnn", 8, 4, "cpu")
     assert row["step_ms"] > 0 and row["saved_mib"] > 0
-    assert printed[-1].split()[:3] == ["cifar-cnn", "8", "4"]
+    assert printed[-1].split()[:4] == ["cifar-cnn", "8", "4", "no"]
+
+
+def test_bf16_shrinks_what_the_layers_save():
+    # Under bf16 autocast a layer saves its bf16 operands for the backward pass, half the bytes of
+    # float32 ones, where the quantizers (float32) save theirs at full size.
+    fp32 = train_step.measure("cifar-cnn", 8, 4, torch.device("cpu"), steps=1)
+    bf16 = train_step.measure("cifar-cnn", 8, 4, torch.device("cpu"), steps=1, bf16=True)
+    assert bf16["bf16"] and 0.5 * fp32["saved_mib"] < bf16["saved_mib"] < fp32["saved_mib"]

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from workers.engine.data import Split, load_dataset, random_forget_split
 from workers.engine.recipes import ModelSpec
-from workers.engine.training import TrainConfig, shuffled_batches, train_model
+from workers.engine.training import TrainConfig, accuracy, shuffled_batches, train_model
 from workers.engine.unlearning import QMulConfig, qmul_unlearn
 
 
@@ -75,8 +75,21 @@ def timed(device: str, work) -> tuple[float, object]:
     return time.perf_counter() - started, result
 
 
+@dataclass(frozen=True)
+class Levers:
+    """Issue 8's levers a run can switch, each against the engine's default."""
+
+    contiguous: bool = False  # the standard NCHW layout instead of the engine's channels-last
+    compile_model: bool = False  # torch.compile (training.compiled_forward)
+    bf16: bool = False  # bfloat16 autocast around the quantizers (training.bf16_autocast)
+
+    def label(self) -> str:
+        return "".join(f" {name}" for name, on in (("NCHW", self.contiguous), ("compiled", self.compile_model),
+                                                    ("bf16", self.bf16)) if on)
+
+
 def run_setup(name: str, setup: Setup, device: str, retrain_epochs: int | None, qmul_epochs: int | None,
-              profile: bool, contiguous: bool = False, compile_model: bool = False) -> dict:
+              profile: bool, levers: Levers = Levers()) -> dict:
     spec = ModelSpec(architecture=setup.architecture, dataset=setup.dataset, data_options=setup.data_options,
                      train=replace(setup.retrain, epochs=retrain_epochs or setup.retrain.epochs))
     data = load_dataset(setup.dataset, 0, **setup.data_options)
@@ -85,25 +98,28 @@ def run_setup(name: str, setup: Setup, device: str, retrain_epochs: int | None, 
     train = Split(data.train.x.to(device), data.train.y, data.train.augment)
     forget, retain = train.subset(forget_index), train.subset(retain_index)
     qmul_config = replace(setup.qmul, epochs=qmul_epochs or setup.qmul.epochs)
+    run_options = {"compile_model": levers.compile_model, "bf16": levers.bf16}
 
     floor_retain = floor_epoch_seconds(retain, spec.train.batch_size, device)
     floor_all = floor_epoch_seconds(train, qmul_config.batch_size, device)  # a Q-MUL epoch reads both sets
     fresh = spec.build()
-    if contiguous:  # build_model's channels-last back to NCHW; Q-MUL's copy of the model keeps it
+    if levers.contiguous:  # build_model's channels-last back to NCHW; Q-MUL's copy of the model keeps it
         fresh = fresh.to(memory_format=torch.contiguous_format)
     # With compile_model, Retrain's time includes compiling the training graph, and the full-AGR
     # Q-MUL run's includes compiling Q-MUL's (eval-mode gradients, mixed batch sizes): the sampled
     # run after it is the warm figure.
     retrain_s, model = timed(device, lambda: train_model(fresh, retain, spec.train, device, progress=True,
-                                                         desc=f"{name} retrain", compile_model=compile_model))
-    rows = {"config": name + (" NCHW" if contiguous else "") + (" compiled" if compile_model else ""), "device": device, "forget": len(forget), "retain": len(retain),
+                                                         desc=f"{name} retrain", **run_options))
+    rows = {"config": name + levers.label(), "device": device, "forget": len(forget), "retain": len(retain),
             "floor_retain_epoch_s": floor_retain, "floor_train_epoch_s": floor_all,
             "retrain_epochs": spec.train.epochs, "retrain_s": retrain_s,
-            "qmul_epochs": qmul_config.epochs}
+            "retrain_ta": accuracy(model, data.test, device), "qmul_epochs": qmul_config.epochs}
     for label, batches in (("qmul_agr_full", None), ("qmul_agr_sampled", setup.agr_sample_batches)):
         config = replace(qmul_config, grad_norm_batches=batches)
-        rows[f"{label}_s"], _ = timed(device, lambda config=config: qmul_unlearn(
-            model, forget, retain, config, device, progress=True, compile_model=compile_model))
+        rows[f"{label}_s"], result = timed(device, lambda config=config: qmul_unlearn(
+            model, forget, retain, config, device, progress=True, **run_options))
+    # The sampled run's model: what its accuracy costs (or not) against the same levers' Retrain.
+    rows["qmul_ta"], rows["qmul_fa"] = accuracy(result.model, data.test, device), accuracy(result.model, forget, device)
     if profile:
         rows["profile"] = profile_qmul_epoch(model, forget, retain, replace(qmul_config, epochs=1), device)
     return rows
@@ -122,7 +138,8 @@ def profile_qmul_epoch(model, forget: Split, retain: Split, config: QMulConfig, 
 
 def table(rows: list[dict]) -> str:
     header = (f"{'config':<22}{'forget/retain':>14}{'floor s/ep':>11}{'retrain s/ep':>13}{'retrain s':>10}"
-              f"{'Q floor s/ep':>13}{'Q-MUL s/ep':>11}{'Q-MUL s':>9}{'sampled AGR':>12}{'  s/ep':>7}{'Q-MUL/Retrain':>14}")
+              f"{'Q floor s/ep':>13}{'Q-MUL s/ep':>11}{'Q-MUL s':>9}{'sampled AGR':>12}{'  s/ep':>7}{'Q-MUL/Retrain':>14}"
+              f"{'TA retrain':>11}{'TA Q-MUL':>9}")
     lines = [header]
     for row in rows:
         retrain_epoch = row["retrain_s"] / row["retrain_epochs"]
@@ -132,13 +149,14 @@ def table(rows: list[dict]) -> str:
             f"{row['config']:<22}{row['forget']:>7}/{row['retain']:<6}{row['floor_retain_epoch_s']:>11.3f}"
             f"{retrain_epoch:>13.3f}{row['retrain_s']:>10.1f}{row['floor_train_epoch_s']:>13.3f}{qmul_epoch:>11.3f}{row['qmul_agr_full_s']:>9.1f}"
             f"{row['qmul_agr_sampled_s']:>12.1f}{sampled_epoch:>7.3f}"
-            f"{row['qmul_agr_sampled_s'] / row['retrain_s']:>14.3f}")
+            f"{row['qmul_agr_sampled_s'] / row['retrain_s']:>14.3f}{row['retrain_ta']:>11.2f}{row['qmul_ta']:>9.2f}")
     lines += [
         "floor s/ep: one epoch over the retain set of reading and augmenting its batches on the device, no model",
         "(Q floor: over forget + retain, what a Q-MUL epoch reads);",
         "retrain: the recipe's epochs from scratch on the retain set; Q-MUL: its epochs from the retrained model,",
         "AGR gradient norms over the whole sets each epoch, or over a sample of mini-batches ('sampled AGR', the",
         "benchmark presets' setting); Q-MUL/Retrain uses the sampled run. Q-MUL epochs read forget + retain.",
+        "TA: test accuracy (%) of the Retrain model and of the sampled run's Q-MUL model.",
     ]
     return "\n".join(lines)
 
@@ -155,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="models in the standard NCHW layout, not the engine's channels-last (for comparison)")
     parser.add_argument("--compile", action="store_true",
                         help="train through torch.compile (the first run of each kind includes compiling)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="bfloat16 autocast for convolutions and products, the quantizers in float32")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -162,8 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     rows = []
     for name in tqdm(args.configs, desc="configs"):
+        levers = Levers(contiguous=args.contiguous, compile_model=args.compile, bf16=args.bf16)
         rows.append(run_setup(name, SETUPS[name], args.device, args.retrain_epochs, args.qmul_epochs, args.profile,
-                              args.contiguous, args.compile))
+                              levers))
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "profile"}), flush=True)
     print()
     print(table(rows))

@@ -452,6 +452,15 @@ def make_quantizer(
     return QUANTIZERS[name](bits, kind, channels)
 
 
+def quantized_operands(layer: "QuantConv2d | QuantLinear", x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's input and weight on their grids, computed in float32 even under autocast:
+    rounding onto a grid needs float32's precision (bfloat16 keeps 8 significant bits, an 8-bit
+    grid needs all of them for the codes alone). The convolution or product that follows them is
+    what autocast may run in bfloat16."""
+    with torch.autocast(x.device.type, enabled=False):
+        return layer.input_quantizer(x.float()), layer.weight_quantizer(layer.weight)
+
+
 class QuantConv2d(nn.Conv2d):
     """Conv2d that fake-quantizes its weight and its input activation (bias stays float)."""
 
@@ -468,9 +477,7 @@ class QuantConv2d(nn.Conv2d):
         return layer.to(conv.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(
-            self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias
-        )
+        return self._conv_forward(*quantized_operands(self, x), self.bias)
 
 
 class QuantLinear(nn.Linear):
@@ -486,7 +493,7 @@ class QuantLinear(nn.Linear):
         return layer.to(linear.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
+        return F.linear(*quantized_operands(self, x), self.bias)
 
 
 QUANT_LAYERS = {nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear}

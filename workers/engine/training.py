@@ -35,6 +35,12 @@ def compiled_forward(model: nn.Module) -> nn.Module:
     return torch.compile(model)
 
 
+def bf16_autocast(device: str | torch.device, enabled: bool):
+    """bfloat16 autocast for the layers' convolutions and matrix products; the fake quantizers
+    keep computing in float32 (quantization.quantized_operands), the loss is taken in float32."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=enabled)
+
+
 def shuffled_batches(n: int, batch_size: int, generator: torch.Generator):
     """Index tensors of one shuffled pass over n samples."""
     return torch.randperm(n, generator=generator).split(batch_size)
@@ -48,9 +54,11 @@ def train_model(
     progress: bool = True,
     desc: str = "train",
     compile_model: bool = False,
+    bf16: bool = False,
 ) -> nn.Module:
     """SGD with momentum, cosine learning-rate decay and gradient clipping on cross-entropy, with
-    the split's train-time augmentation; returns model. compile_model: through compiled_forward."""
+    the split's train-time augmentation; returns model. compile_model: through compiled_forward;
+    bf16: under bf16_autocast."""
     model.to(device).train()
     forward = compiled_forward(model) if compile_model else model
     generator = torch.Generator().manual_seed(config.seed)
@@ -66,7 +74,9 @@ def train_model(
     for _ in bar:
         for index in shuffled_batches(len(data), config.batch_size, generator):
             x, y = data.training_batch(index, generator, device)
-            loss = F.cross_entropy(forward(x), y)
+            with bf16_autocast(device, bf16):
+                logits = forward(x)
+            loss = F.cross_entropy(logits.float(), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.grad_clip is not None:

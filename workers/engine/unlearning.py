@@ -80,7 +80,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .data import Split
-from .training import compiled_forward, predict_probs, shuffled_batches
+from .training import bf16_autocast, compiled_forward, predict_probs, shuffled_batches
 
 
 def similar_labels(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -116,6 +116,7 @@ def expected_grad_norm(
     batch_size: int = 64,
     max_batches: int | None = None,
     seed: int = 0,
+    bf16: bool = False,
 ) -> float:
     """Mean over mini-batches of ||grad of CE(model(x), labels)||_2, in eval mode.
 
@@ -130,7 +131,9 @@ def expected_grad_norm(
     norms = []
     for index in batches:
         x, y = split.x[index].to(device), labels[index].to(device)
-        grads = torch.autograd.grad(F.cross_entropy(model(x), y), params, allow_unused=True)
+        with bf16_autocast(device, bf16):
+            logits = model(x)
+        grads = torch.autograd.grad(F.cross_entropy(logits.float(), y), params, allow_unused=True)
         squares = [g.pow(2).sum() for g in grads if g is not None]
         norms.append(torch.stack(squares).sum().sqrt().item())
     model.train(was_training)
@@ -205,9 +208,11 @@ def qmul_unlearn(
     device: str | torch.device = "cpu",
     progress: bool = True,
     compile_model: bool = False,
+    bf16: bool = False,
 ) -> UnlearnResult:
     """Unlearn `forget` from a copy of `model` (the original is left untouched). compile_model:
-    run the training passes through torch.compile (training.compiled_forward)."""
+    run the training passes through torch.compile (training.compiled_forward); bf16: under
+    training.bf16_autocast."""
     if len(forget) == 0 or len(retain) == 0:
         raise ValueError("Q-MUL needs a non-empty forget set and a non-empty retain set")
     if config.schedule not in FORGET_SCHEDULES:
@@ -229,7 +234,7 @@ def qmul_unlearn(
     history = []
     for epoch in tqdm(range(config.epochs), desc="q-mul", disable=not progress, leave=False):
         norm_args = {"device": device, "batch_size": config.batch_size,
-                     "max_batches": config.grad_norm_batches, "seed": config.seed + epoch}
+                     "max_batches": config.grad_norm_batches, "seed": config.seed + epoch, "bf16": bf16}
         forget_norm = expected_grad_norm(forward, forget, forget_labels, **norm_args)
         retain_norm = expected_grad_norm(forward, retain, retain.y, **norm_args)
         if config.gradient_reweighting:
@@ -252,7 +257,8 @@ def qmul_unlearn(
                               *retain.training_batch(retain_index, generator, device)))
             # One forward pass over whatever the step holds: BatchNorm sees the mixed batch,
             # and each loss is a mean over its own samples.
-            logits = forward(torch.cat([x for _, _, x, _ in parts]))
+            with bf16_autocast(device, bf16):
+                logits = forward(torch.cat([x for _, _, x, _ in parts])).float()
             loss, start = 0.0, 0
             for name, weight, x, y in parts:
                 part_loss = F.cross_entropy(logits[start : start + len(x)], y)
