@@ -269,8 +269,10 @@ class ReferenceRequest(Base):
     """A retrain reference asked for, by an admin or by the schedule, until a worker records it.
 
     The scheduler sends the training task for an open request, and sends it again only after the
-    broker's redelivery time (the task was lost); an open request also stops the schedule from
-    asking twice for the same state.
+    broker's redelivery time (the task was lost, or it failed); an open request also stops the
+    schedule from asking twice for the same state. After QFORGET_REFERENCE_MAX_ATTEMPTS failures a
+    request is closed without a reference (`finished_at` set, `error` kept), and the schedule does
+    not ask again for the same deployment: an admin can (POST /models/{model}/references).
     """
 
     __tablename__ = "reference_requests"
@@ -286,7 +288,8 @@ class ReferenceRequest(Base):
     sent_at: Mapped[datetime | None]  # the last time the scheduler sent the task
     reference_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
     finished_at: Mapped[datetime | None]
-    error: Mapped[str | None] = mapped_column(Text)  # the last attempt's error; the request stays open
+    error: Mapped[str | None] = mapped_column(Text)  # the last failed attempt's error
+    failed_attempts: Mapped[int] = mapped_column(default=0, server_default="0")
 
 
 class AuditEntry(Base):

@@ -41,12 +41,15 @@ class ReferenceState:
     newest_reference_at: datetime | None
     versions_since_reference: int  # deployed unlearned versions that forgot more than the newest reference
     open_request: bool
+    # The newest closed request was abandoned (failed every attempt) for this very deployment:
+    # asking again would fail again; a new deployment, or an admin, asks again.
+    abandoned_for_deployment: bool = False
 
 
 def reference_due(state: ReferenceState, every_versions: int, every_days: float, now: datetime) -> str | None:
     """Why a new reference is due, or None. 0 turns a bound off."""
-    if state.open_request or not state.deployed_excluded:
-        return None  # one is on its way, or nothing is forgotten (the original is its own reference)
+    if state.open_request or state.abandoned_for_deployment or not state.deployed_excluded:
+        return None  # one is on its way, this state failed, or nothing is forgotten (the original is its own reference)
     if state.newest_reference_excluded == state.deployed_excluded:
         return None  # the newest reference is of this very state
     if every_versions and state.versions_since_reference >= every_versions:
@@ -80,6 +83,15 @@ def open_request(session: Session, model_name: str) -> ReferenceRequest | None:
     ).first()
 
 
+def last_closed_request(session: Session, model_name: str) -> ReferenceRequest | None:
+    return session.scalars(
+        select(ReferenceRequest)
+        .where(ReferenceRequest.model_name == model_name, ReferenceRequest.finished_at.is_not(None))
+        .order_by(ReferenceRequest.id.desc())
+        .limit(1)
+    ).first()
+
+
 def reference_state(session: Session, model: Model) -> ReferenceState:
     deployed = session.get(ModelVersion, model.deployed_version_id)
     reference = newest_reference(session, model.name)
@@ -93,12 +105,15 @@ def reference_state(session: Session, model: Model) -> ReferenceState:
         .where(ModelVersion.model_name == model.name, ModelVersion.kind == VersionKind.unlearned,
                Batch.status == BatchStatus.completed, excluded_count > len(reference_excluded or ()))
     )
+    closed = last_closed_request(session, model.name)
     return ReferenceState(
         deployed_excluded=frozenset(deployed.excluded_sample_ids),
         newest_reference_excluded=reference_excluded,
         newest_reference_at=None if reference is None else as_utc(reference.created_at),
         versions_since_reference=versions_since,
         open_request=open_request(session, model.name) is not None,
+        abandoned_for_deployment=(closed is not None and closed.reference_version_id is None
+                                  and closed.deployed_version_id == model.deployed_version_id),
     )
 
 

@@ -74,6 +74,9 @@ class Settings(BaseSettings):
     # whenever the deployment has forgotten samples the newest reference still holds. 0: off.
     reference_every_versions: int = Field(default=0, ge=0)
     reference_every_days: float = Field(default=0.0, ge=0)
+    # A reference request that failed this many times is closed (a broken data file, a model that
+    # does not fit the GPU): sent again forever, it would hold a GPU worker for nothing.
+    reference_max_attempts: int = Field(default=3, ge=1)
 
     api_host: str = "127.0.0.1"
     api_port: int = 8000

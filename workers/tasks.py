@@ -93,10 +93,10 @@ def train_reference(model_name: str, reference_request_id: int | None = None) ->
     engine = get_engine(settings, "worker")
     try:
         reference_id = unlearning_runs.train_reference(engine, settings, model_name, reference_request_id)
-    except Exception as error:  # recorded on the request, which stays open: sent again later
+    except Exception as error:  # recorded on the request: sent again later, or closed after the last attempt
         log.exception("reference for model %s failed", model_name)
         if reference_request_id is not None:
-            unlearning_runs.record_reference_failure(engine, reference_request_id, error)
+            unlearning_runs.record_reference_failure(engine, settings, reference_request_id, error)
         return None
     if reference_id is None:
         return None

@@ -467,16 +467,25 @@ def train_reference(engine: Engine, settings: Settings, model_name: str, referen
         return version.id
 
 
-def record_reference_failure(engine: Engine, reference_request_id: int, error: BaseException) -> None:
-    """A reference run raised: the error goes on the request, which stays open (sent again later)."""
+def record_reference_failure(engine: Engine, settings: Settings, reference_request_id: int,
+                             error: BaseException) -> None:
+    """A reference run raised: the error goes on the request, which stays open (the scheduler sends
+    it again after the redelivery time) until it has failed QFORGET_REFERENCE_MAX_ATTEMPTS times;
+    then it is closed without a reference ("reference.abandoned")."""
     with transaction(engine) as session:
         request = session.get(ReferenceRequest, reference_request_id, with_for_update=True)
         if request is None or request.finished_at is not None:
             return
         request.error = f"{type(error).__name__}: {error}"
-        append_audit(session, actor=f"worker:{WORKER_ID}", action="reference.failed", object_type="model",
-                     object_id=request.model_name,
-                     details={"reference_request_id": reference_request_id, "error": request.error})
+        request.failed_attempts += 1
+        abandoned = request.failed_attempts >= settings.reference_max_attempts
+        if abandoned:
+            request.finished_at = utcnow()
+        append_audit(session, actor=f"worker:{WORKER_ID}",
+                     action="reference.abandoned" if abandoned else "reference.failed",
+                     object_type="model", object_id=request.model_name,
+                     details={"reference_request_id": reference_request_id, "error": request.error,
+                              "failed_attempts": request.failed_attempts})
 
 
 def _audit_splits(session, model: Model, forgotten_ids) -> tuple[list[tuple[int, int]], list[int]]:

@@ -393,7 +393,10 @@ class ReferenceRequestPublic(BaseModel):
     sent_at: UtcDatetime | None = Field(description="When the scheduler last sent the task; None: not yet.")
     reference_version_id: int | None = Field(description="The reference, once trained.")
     finished_at: UtcDatetime | None
-    error: str | None = Field(description="The last attempt's error; the request stays open and is sent again.")
+    error: str | None = Field(description="The last failed attempt's error. A failed request stays open and is "
+                                          "sent again, until QFORGET_REFERENCE_MAX_ATTEMPTS failures close it "
+                                          "(finished_at set, no reference_version_id).")
+    failed_attempts: int
     created: bool = Field(description="False: an open request for the same deployment existed and is given instead.")
 
 

@@ -84,6 +84,21 @@ def test_an_admin_queues_a_reference_once_per_deployment(client, engine, seed):
     assert third["created"] is True and third["excluded_sample_count"] == 6
 
 
+def test_an_admin_asks_again_for_a_deployment_whose_reference_failed_every_attempt(client, engine, seed, settings):
+    from workers import unlearning_runs
+
+    first = client.post(f"/models/{seed.model}/references").json()
+    for _ in range(settings.reference_max_attempts):
+        unlearning_runs.record_reference_failure(engine, settings, first["id"], RuntimeError("disk full"))
+    # The closed request is not given back: a new one is queued, with its attempts counted afresh.
+    again = client.post(f"/models/{seed.model}/references").json()
+    assert again["created"] is True and again["id"] != first["id"] and again["failed_attempts"] == 0
+    with transaction(engine) as session:
+        closed = session.get(ReferenceRequest, first["id"])
+        assert (closed.failed_attempts, closed.error) == (settings.reference_max_attempts, "RuntimeError: disk full")
+        assert closed.finished_at is not None and closed.reference_version_id is None
+
+
 @pytest.mark.parametrize("role", ["auditor", "submitter"])
 def test_only_an_admin_queues_a_reference(client, engine, seed, bearer, role):
     response = client.post(f"/models/{seed.model}/references", headers=bearer(role))

@@ -172,3 +172,47 @@ def test_the_reference_command_records_one_request_per_state(engine, settings, s
     with transaction(engine) as session:
         [request] = session.scalars(select(ReferenceRequest)).all()
         assert (request.requested_by, request.finished_at) == ("cli", None)
+
+
+def fail_reference(engine, settings, request_id) -> None:
+    """What a worker's train_reference task records when the training raises."""
+    runs.record_reference_failure(engine, settings, request_id, RuntimeError("CUDA out of memory"))
+
+
+def test_a_failing_request_is_sent_again_then_closed_after_its_last_attempt(engine, settings, seed, parent_ta):
+    deploy_batch(engine, settings, seed, "alice")
+    [request_id] = schedule(engine, every_versions=1)
+    resend_after = timedelta(hours=1)
+    now = utcnow()
+    for attempt in range(1, settings.reference_max_attempts + 1):
+        with transaction(engine) as session:  # the first send, then each resend after a failure
+            sent_at = now + (attempt - 1) * resend_after
+            assert claim_requests_to_send(session, sent_at, resend_after) == [(request_id, seed.model)]
+        fail_reference(engine, settings, request_id)
+        with transaction(engine) as session:
+            request = session.get(ReferenceRequest, request_id)
+            assert (request.failed_attempts, request.error) == (attempt, "RuntimeError: CUDA out of memory")
+            assert (request.finished_at is not None) == (attempt == settings.reference_max_attempts)
+
+    with transaction(engine) as session:
+        assert claim_requests_to_send(session, now + timedelta(days=1), resend_after) == []  # closed: never again
+        actions = session.scalars(select(AuditEntry.action).where(AuditEntry.action.like("reference.%"))
+                                  .order_by(AuditEntry.id)).all()
+        assert actions == ["reference.requested", "reference.failed", "reference.failed", "reference.abandoned"]
+        assert verify_chain(session).ok
+    # The same deployment is not asked for again (it would fail again); a new one is.
+    assert schedule(engine, every_versions=1, every_days=0.001, now=utcnow() + timedelta(days=1)) == []
+    deploy_batch(engine, settings, seed, "bob")
+    assert len(schedule(engine, every_versions=1)) == 1
+
+
+def test_a_failure_after_the_request_closed_changes_nothing(engine, settings, seed, parent_ta):
+    # A late failure of a duplicate delivery, after another delivery recorded the reference.
+    deploy_batch(engine, settings, seed, "alice")
+    [request_id] = schedule(engine, every_versions=1)
+    record_reference(engine, seed, seed.samples["alice"], request_id)
+    fail_reference(engine, settings, request_id)
+    with transaction(engine) as session:
+        request = session.get(ReferenceRequest, request_id)
+        assert (request.failed_attempts, request.error, request.reference_version_id is not None) == (0, None, True)
+

@@ -182,5 +182,5 @@ def _reference_request_public(request: ReferenceRequest, created: bool) -> Refer
         requested_by=request.requested_by, reason=request.reason, deployed_version_id=request.deployed_version_id,
         excluded_sample_count=request.excluded_sample_count, queue=GPU_QUEUE, sent_at=request.sent_at,
         reference_version_id=request.reference_version_id, finished_at=request.finished_at, error=request.error,
-        created=created,
+        failed_attempts=request.failed_attempts, created=created,
     )
