@@ -12,6 +12,7 @@ from workers.engine import (
     retrain_reference,
 )
 from workers.engine.data import random_shift
+from workers.engine.training import checkpoint_seconds, train_model
 
 
 def test_digits_shapes_and_stratified_80_20_split(digits):
@@ -88,3 +89,39 @@ def test_retrain_reference_is_reproducible(small_train):
     first = retrain_reference(spec, retain, progress=False).state_dict()
     second = retrain_reference(spec, retain, progress=False).state_dict()
     assert all(torch.equal(first[name], second[name]) for name in first)
+
+
+class Cut(Exception):
+    pass
+
+
+def test_a_training_cut_short_resumes_from_its_checkpoint_to_the_same_model(small_train, small_spec, tmp_path):
+    config = small_spec.train  # 8 epochs
+    uncut = train_model(small_spec.build(), small_train, config, progress=False)
+
+    checkpoint = tmp_path / "run.partial.pt"
+    batches_per_epoch = -(-len(small_train) // config.batch_size)
+    served = 0
+    original_batch = type(small_train).training_batch
+
+    def cut_in_epoch_six(self, index, generator, device):
+        nonlocal served
+        served += 1
+        if served > 5 * batches_per_epoch + 2:  # the machine is taken away mid-epoch
+            raise Cut
+        return original_batch(self, index, generator, device)
+
+    type(small_train).training_batch = cut_in_epoch_six
+    try:
+        with pytest.raises(Cut):
+            train_model(small_spec.build(), small_train, config, progress=False, checkpoint=checkpoint,
+                        checkpoint_every_s=0)
+    finally:
+        type(small_train).training_batch = original_batch
+    saved = torch.load(checkpoint, weights_only=True)
+    assert saved["epoch"] == 5 and saved["seconds"] > 0 and checkpoint_seconds(checkpoint) == saved["seconds"]
+
+    resumed = train_model(small_spec.build(), small_train, config, progress=False, checkpoint=checkpoint)
+    assert not checkpoint.exists()  # done: nothing left to resume
+    for (name, a), b in zip(uncut.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name

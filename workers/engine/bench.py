@@ -11,8 +11,9 @@ forget set, train the original model on the whole train split and the retrain re
 retain set (same recipe, from scratch), then run every method on the original and evaluate it.
 Every stage writes a JSON record (and the two trained models a state dict) under
 <out>/cache/, keyed by a hash of everything that determines it, and is skipped when its record
-exists: a run that is cut resumes where it stopped, and runs that share an original model or a
-reference share the work. The run folder <out>/<name>/ gets table.md, results.json and gaps.png.
+exists: a run that is cut resumes where it stopped (a training stage mid-stage, from its
+checkpoint), and runs that share an original model or a reference share the work. The run folder
+<out>/<name>/ gets table.md, results.json and gaps.png.
 
 Rows: Retrain (the reference: its gaps are 0 by definition), "No unlearning (original)", then
 each method. Cells: mean +- std over seeds, with the gap to Retrain's mean in parentheses (the
@@ -48,7 +49,7 @@ from .data import Split, classwise_forget_split, load_dataset, random_forget_spl
 from .methods import UNLEARNING_METHODS, method_config, method_info, unlearn
 from .metrics import METRIC_KEYS, evaluate_with_membership
 from .recipes import ModelSpec
-from .training import TrainConfig, accuracy, train_model
+from .training import TrainConfig, accuracy, checkpoint_seconds, train_model
 
 EXTRA_KEYS = ("MIA-AUC", "MIA-AUC-cal")
 ALL_METHODS = [name for name in UNLEARNING_METHODS if name != "retrain"]
@@ -236,15 +237,23 @@ def to_device(split: Split, device: str) -> Split:
 
 def trained_model(cache: Path, key: str, spec: ModelSpec, data: Split, device: str,
                   progress: bool, desc: str, extra_eval) -> tuple[torch.nn.Module, dict]:
-    """Train (or load) one model of the recipe; its record holds time, memory and accuracies."""
+    """Train (or load) one model of the recipe; its record holds time, memory and accuracies.
+    The training checkpoints itself (<key>.partial.pt): a run cut mid-stage resumes mid-stage, and
+    its record's time adds the part before the cut (a long stage on a machine that grants ten
+    minutes per command)."""
     record_path, model_path = cache / "stages" / f"{key}.json", cache / "models" / f"{key}.pt"
     record = read_json(record_path)
     model = spec.build()
     if record is not None and model_path.exists():
         model.load_state_dict(torch.load(model_path, map_location="cpu", weights_only=True))
         return model.to(device), record
+    partial = cache / "models" / f"{key}.partial.pt"
+    seconds_before_cut = checkpoint_seconds(partial)
     with Measure(device) as measured:
-        train_model(model, data, spec.train, device, progress, desc=desc)
+        train_model(model, data, spec.train, device, progress, desc=desc, checkpoint=partial)
+    if seconds_before_cut:
+        measured.result["time_s"] += seconds_before_cut
+        measured.result["resumed_after_s"] = seconds_before_cut
     model_path.parent.mkdir(parents=True, exist_ok=True)
     temp = model_path.with_name(f".{model_path.name}.tmp")
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, temp)

@@ -1,6 +1,9 @@
 """Quantization-aware training and inference helpers."""
 
+import os
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -55,10 +58,17 @@ def train_model(
     desc: str = "train",
     compile_model: bool = False,
     bf16: bool = False,
+    checkpoint: Path | None = None,
+    checkpoint_every_s: float = 60.0,
 ) -> nn.Module:
     """SGD with momentum, cosine learning-rate decay and gradient clipping on cross-entropy, with
     the split's train-time augmentation; returns model. compile_model: through compiled_forward;
-    bf16: under bf16_autocast."""
+    bf16: under bf16_autocast.
+
+    checkpoint: a file the run saves its whole state to after an epoch, at most every
+    checkpoint_every_s seconds, and resumes from when it exists: a run cut short (a machine that
+    gives each command ten minutes, a worker that dies) continues to the same result as an uncut
+    one. Removed once the run is done; checkpoint_seconds() tells how long the saved part took."""
     model.to(device).train()
     forward = compiled_forward(model) if compile_model else model
     generator = torch.Generator().manual_seed(config.seed)
@@ -70,8 +80,18 @@ def train_model(
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
         optimizer, T_max=config.epochs * steps_per_epoch
     )
-    bar = tqdm(range(config.epochs), desc=desc, disable=not progress, leave=False)
-    for _ in bar:
+    first_epoch, seconds_before = 0, 0.0
+    if checkpoint is not None and Path(checkpoint).exists():
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        generator.set_state(state["generator"])
+        first_epoch, seconds_before = state["epoch"], state["seconds"]
+    started = last_saved = time.perf_counter()
+    bar = tqdm(range(first_epoch, config.epochs), desc=desc, disable=not progress, leave=False,
+               initial=first_epoch, total=config.epochs)
+    for epoch in bar:
         for index in shuffled_batches(len(data), config.batch_size, generator):
             x, y = data.training_batch(index, generator, device)
             with bf16_autocast(device, bf16):
@@ -84,7 +104,31 @@ def train_model(
             optimizer.step()
             schedule.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
+        now = time.perf_counter()
+        if checkpoint is not None and epoch + 1 < config.epochs and now - last_saved >= checkpoint_every_s:
+            _save_atomically({"epoch": epoch + 1, "seconds": seconds_before + now - started,
+                              "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                              "schedule": schedule.state_dict(), "generator": generator.get_state()},
+                             Path(checkpoint))
+            last_saved = now
+    if checkpoint is not None:
+        Path(checkpoint).unlink(missing_ok=True)
     return model
+
+
+def checkpoint_seconds(checkpoint: Path) -> float:
+    """Training seconds the run saved in `checkpoint` had taken (0 without one): what a resumed
+    run adds to its own time."""
+    if not Path(checkpoint).exists():
+        return 0.0
+    return float(torch.load(checkpoint, map_location="cpu", weights_only=True)["seconds"])
+
+
+def _save_atomically(state: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, temp)
+    os.replace(temp, path)  # a run killed while saving leaves the previous checkpoint whole
 
 
 @torch.no_grad()
