@@ -48,8 +48,10 @@ class ReferenceState:
 
 def reference_due(state: ReferenceState, every_versions: int, every_days: float, now: datetime) -> str | None:
     """Why a new reference is due, or None. 0 turns a bound off."""
+    # One is on its way, this state failed every attempt, or nothing is forgotten (the original is
+    # its own reference).
     if state.open_request or state.abandoned_for_deployment or not state.deployed_excluded:
-        return None  # one is on its way, this state failed, or nothing is forgotten (the original is its own reference)
+        return None
     if state.newest_reference_excluded == state.deployed_excluded:
         return None  # the newest reference is of this very state
     if every_versions and state.versions_since_reference >= every_versions:

@@ -138,8 +138,8 @@ def profile_qmul_epoch(model, forget: Split, retain: Split, config: QMulConfig, 
 
 def table(rows: list[dict]) -> str:
     header = (f"{'config':<22}{'forget/retain':>14}{'floor s/ep':>11}{'retrain s/ep':>13}{'retrain s':>10}"
-              f"{'Q floor s/ep':>13}{'Q-MUL s/ep':>11}{'Q-MUL s':>9}{'sampled AGR':>12}{'  s/ep':>7}{'Q-MUL/Retrain':>14}"
-              f"{'TA retrain':>11}{'TA Q-MUL':>9}")
+              f"{'Q floor s/ep':>13}{'Q-MUL s/ep':>11}{'Q-MUL s':>9}{'sampled AGR':>12}{'  s/ep':>7}"
+              f"{'Q-MUL/Retrain':>14}{'TA retrain':>11}{'TA Q-MUL':>9}")
     lines = [header]
     for row in rows:
         retrain_epoch = row["retrain_s"] / row["retrain_epochs"]
@@ -149,7 +149,8 @@ def table(rows: list[dict]) -> str:
             f"{row['config']:<22}{row['forget']:>7}/{row['retain']:<6}{row['floor_retain_epoch_s']:>11.3f}"
             f"{retrain_epoch:>13.3f}{row['retrain_s']:>10.1f}{row['floor_train_epoch_s']:>13.3f}{qmul_epoch:>11.3f}{row['qmul_agr_full_s']:>9.1f}"
             f"{row['qmul_agr_sampled_s']:>12.1f}{sampled_epoch:>7.3f}"
-            f"{row['qmul_agr_sampled_s'] / row['retrain_s']:>14.3f}{row['retrain_ta']:>11.2f}{row['qmul_ta']:>9.2f}")
+            f"{row['qmul_agr_sampled_s'] / row['retrain_s']:>14.3f}"
+            f"{row['retrain_ta']:>11.2f}{row['qmul_ta']:>9.2f}")
     lines += [
         "floor s/ep: one epoch over the retain set of reading and augmenting its batches on the device, no model",
         "(Q floor: over forget + retain, what a Q-MUL epoch reads);",

@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
             for name in tqdm(args.architectures, desc="architectures")]
     for row in rows:
         print(json.dumps(row))
-    print(f"\n{'architecture':14}{'batch':>7}{'bits':>6}{'bf16':>6}{'step ms':>10}{'saved MiB':>11}{'CUDA peak MiB':>15}")
+    print(f"\n{'architecture':14}{'batch':>7}{'bits':>6}{'bf16':>6}{'step ms':>10}{'saved MiB':>11}"
+          f"{'CUDA peak MiB':>15}")
     for row in rows:
         cuda_peak = f"{row['cuda_peak_mib']:.0f}" if "cuda_peak_mib" in row else "-"
         print(f"{row['architecture']:14}{row['batch']:>7}{row['bits']:>6}{'yes' if row['bf16'] else 'no':>6}"

@@ -49,7 +49,7 @@ from .data import Split, classwise_forget_split, load_dataset, random_forget_spl
 from .methods import UNLEARNING_METHODS, method_config, method_info, unlearn
 from .metrics import METRIC_KEYS, evaluate_with_membership
 from .recipes import ModelSpec
-from .training import TrainConfig, accuracy, checkpoint_seconds, train_model
+from .training import TrainConfig, accuracy, checkpoint_seconds, save_atomically, train_model
 
 EXTRA_KEYS = ("MIA-AUC", "MIA-AUC-cal")
 ALL_METHODS = [name for name in UNLEARNING_METHODS if name != "retrain"]
@@ -254,10 +254,7 @@ def trained_model(cache: Path, key: str, spec: ModelSpec, data: Split, device: s
     if seconds_before_cut:
         measured.result["time_s"] += seconds_before_cut
         measured.result["resumed_after_s"] = seconds_before_cut
-    model_path.parent.mkdir(parents=True, exist_ok=True)
-    temp = model_path.with_name(f".{model_path.name}.tmp")
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, temp)
-    os.replace(temp, model_path)
+    save_atomically({k: v.detach().cpu() for k, v in model.state_dict().items()}, model_path)
     record = {"key": key, "spec": spec.to_dict(), **measured.result, **extra_eval(model)}
     write_json(record_path, record)
     return model, record

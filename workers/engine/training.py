@@ -106,7 +106,7 @@ def train_model(
         bar.set_postfix(loss=f"{loss.item():.3f}")
         now = time.perf_counter()
         if checkpoint is not None and epoch + 1 < config.epochs and now - last_saved >= checkpoint_every_s:
-            _save_atomically({"epoch": epoch + 1, "seconds": seconds_before + now - started,
+            save_atomically({"epoch": epoch + 1, "seconds": seconds_before + now - started,
                               "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                               "schedule": schedule.state_dict(), "generator": generator.get_state()},
                              Path(checkpoint))
@@ -124,11 +124,13 @@ def checkpoint_seconds(checkpoint: Path) -> float:
     return float(torch.load(checkpoint, map_location="cpu", weights_only=True)["seconds"])
 
 
-def _save_atomically(state: dict, path: Path) -> None:
+def save_atomically(state, path: Path) -> None:
+    """torch.save through a temporary file and a rename: a process killed while saving leaves the
+    previous file whole."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.tmp")
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     torch.save(state, temp)
-    os.replace(temp, path)  # a run killed while saving leaves the previous checkpoint whole
+    os.replace(temp, path)
 
 
 @torch.no_grad()
