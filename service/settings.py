@@ -77,6 +77,9 @@ class Settings(BaseSettings):
     # A reference request that failed this many times is closed (a broken data file, a model that
     # does not fit the GPU): sent again forever, it would hold a GPU worker for nothing.
     reference_max_attempts: int = Field(default=3, ge=1)
+    # A reference's training saves a checkpoint at most this often (seconds), so that a worker
+    # restarted mid-training (a deployment, a lost GPU machine) resumes the request's run.
+    checkpoint_every_seconds: float = Field(default=60.0, ge=0)
 
     api_host: str = "127.0.0.1"
     api_port: int = 8000

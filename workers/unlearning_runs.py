@@ -11,6 +11,7 @@ The database decides who runs what (DESIGN.md invariants 2, 3, 7):
   transaction, and only by the lease holder, so a batch is never applied twice.
 """
 
+import hashlib
 import json
 import logging
 import os
@@ -440,7 +441,10 @@ def train_reference(engine: Engine, settings: Settings, model_name: str, referen
         spec = qf.ModelSpec.from_dict(model.spec)
     data = load_data(spec)
     retain = data.train.subset(active_indices)
-    reference = qf.retrain_reference(spec, retain, device=settings.torch_device, progress=progress)
+    checkpoint = None if reference_request_id is None else reference_checkpoint(
+        settings, reference_request_id, spec, active_indices)
+    reference = qf.retrain_reference(spec, retain, device=settings.torch_device, progress=progress,
+                                     checkpoint=checkpoint, checkpoint_every_s=settings.checkpoint_every_seconds)
     path, sha256 = qf.save_artifact(reference, artifact_spec(spec), Path(settings.model_store))
     with transaction(engine) as session:
         version = ModelVersion(
@@ -464,7 +468,26 @@ def train_reference(engine: Engine, settings: Settings, model_name: str, referen
             details["reference_request_id"] = reference_request_id
         append_audit(session, actor=f"worker:{WORKER_ID}", action="reference.trained",
                      object_type="model_version", object_id=str(version.id), details=details)
-        return version.id
+        version_id = version.id
+    if reference_request_id is not None:  # others of the request's, for a retain set since changed
+        drop_reference_checkpoints(settings, reference_request_id)
+    return version_id
+
+
+def reference_checkpoint(settings: Settings, reference_request_id: int, spec: qf.ModelSpec,
+                         active_indices: list[int]) -> Path:
+    """Where a request's reference training keeps its checkpoint: named by the request and the exact
+    retain set, so that a retried or redelivered task resumes, and one that finds more samples
+    forgotten since starts over (a reference must never have trained on them)."""
+    trained_on = json.dumps([spec.to_dict(), active_indices], sort_keys=True).encode()
+    return (Path(settings.model_store) / "checkpoints"
+            / f"reference-{reference_request_id}-{hashlib.sha256(trained_on).hexdigest()[:16]}.pt")
+
+
+def drop_reference_checkpoints(settings: Settings, reference_request_id: int) -> None:
+    """A closed request's checkpoints: they may hold samples forgotten since, and nothing resumes them."""
+    for path in (Path(settings.model_store) / "checkpoints").glob(f"reference-{reference_request_id}-*.pt"):
+        path.unlink(missing_ok=True)
 
 
 def record_reference_failure(engine: Engine, settings: Settings, reference_request_id: int,
@@ -481,6 +504,7 @@ def record_reference_failure(engine: Engine, settings: Settings, reference_reque
         abandoned = request.failed_attempts >= settings.reference_max_attempts
         if abandoned:
             request.finished_at = utcnow()
+            drop_reference_checkpoints(settings, reference_request_id)
         append_audit(session, actor=f"worker:{WORKER_ID}",
                      action="reference.abandoned" if abandoned else "reference.failed",
                      object_type="model", object_id=request.model_name,

@@ -75,3 +75,48 @@ def test_evidence_before_and_after_a_real_run(settings, one_torch_thread):
     page = client.get("/audit/report").text
     mia = page[page.index('id="mia-distribution"'):page.index('id="request-timeline"')]
     assert "<svg" in mia
+
+
+class WorkerLost(Exception):
+    pass
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_a_reference_cut_mid_training_resumes_from_its_checkpoint(settings, one_torch_thread, monkeypatch):
+    # A GPU machine lost mid-reference: the request is sent again and its training continues from
+    # the checkpoint, to the same reference an uncut run trains (same bytes, same sha256).
+    from service.models import Model, ReferenceRequest
+    from service.references import request_reference
+
+    settings = settings.model_copy(update={"checkpoint_every_seconds": 0})
+    bootstrap(settings, settings.default_model, default_spec(epochs=4), progress=False)
+    engine = get_engine(settings, "tests")
+    uncut_id = runs.train_reference(engine, settings, settings.default_model)
+
+    with transaction(engine) as session:
+        request_id = request_reference(session, session.get(Model, settings.default_model), "test", "test").id
+    checkpoints = settings.model_store / "checkpoints"
+    original_batch = runs.qf.Split.training_batch
+    # The digits' 1,437 training samples make 23 batches of 64 an epoch: lost in the third epoch.
+    batches = {"served": 0, "lost_at": 2 * 23 + 5}
+
+    def counted(self, index, generator, device):
+        batches["served"] += 1
+        if batches["served"] == batches["lost_at"]:
+            raise WorkerLost
+        return original_batch(self, index, generator, device)
+
+    monkeypatch.setattr(runs.qf.Split, "training_batch", counted)
+    with pytest.raises(WorkerLost):
+        runs.train_reference(engine, settings, settings.default_model, request_id)
+    [checkpoint] = checkpoints.glob(f"reference-{request_id}-*.pt")
+    assert torch.load(checkpoint, weights_only=True)["epoch"] == 2
+
+    batches.update(served=0, lost_at=None)
+    resumed_id = runs.train_reference(engine, settings, settings.default_model, request_id)
+    assert batches["served"] == 2 * 23  # epochs 3 and 4 only: it resumed, it did not start over
+    assert list(checkpoints.glob("*.pt")) == []
+    with transaction(engine) as session:
+        uncut, resumed = session.get(ModelVersion, uncut_id), session.get(ModelVersion, resumed_id)
+        assert resumed.sha256 == uncut.sha256 and resumed.excluded_sample_ids == uncut.excluded_sample_ids
+        assert session.get(ReferenceRequest, request_id).reference_version_id == resumed_id

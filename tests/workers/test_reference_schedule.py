@@ -184,6 +184,10 @@ def test_a_failing_request_is_sent_again_then_closed_after_its_last_attempt(engi
     [request_id] = schedule(engine, every_versions=1)
     resend_after = timedelta(hours=1)
     now = utcnow()
+    # What the failed runs' training left to resume from (runs.reference_checkpoint names it).
+    leftover = settings.model_store / "checkpoints" / f"reference-{request_id}-0123456789abcdef.pt"
+    leftover.parent.mkdir(parents=True)
+    leftover.write_bytes(b"checkpoint")
     for attempt in range(1, settings.reference_max_attempts + 1):
         with transaction(engine) as session:  # the first send, then each resend after a failure
             sent_at = now + (attempt - 1) * resend_after
@@ -194,6 +198,7 @@ def test_a_failing_request_is_sent_again_then_closed_after_its_last_attempt(engi
             assert (request.failed_attempts, request.error) == (attempt, "RuntimeError: CUDA out of memory")
             assert (request.finished_at is not None) == (attempt == settings.reference_max_attempts)
 
+    assert not leftover.exists()  # nothing resumes a closed request
     with transaction(engine) as session:
         assert claim_requests_to_send(session, now + timedelta(days=1), resend_after) == []  # closed: never again
         actions = session.scalars(select(AuditEntry.action).where(AuditEntry.action.like("reference.%"))

@@ -6,6 +6,7 @@ give, so the gaps to it measure an unlearning method.
 """
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -74,7 +75,10 @@ def train_original(
 
 
 def retrain_reference(
-    spec: ModelSpec, retain: Split, device: str | torch.device = "cpu", progress: bool = True
+    spec: ModelSpec, retain: Split, device: str | torch.device = "cpu", progress: bool = True,
+    checkpoint: Path | None = None, checkpoint_every_s: float = 60.0,
 ) -> nn.Module:
-    """The same recipe from scratch on the retain set only: the gold standard of unlearning."""
-    return train_model(spec.build(), retain, spec.train, device, progress, desc="retrain")
+    """The same recipe from scratch on the retain set only: the gold standard of unlearning.
+    checkpoint: as train_model's (a cut run resumes from it)."""
+    return train_model(spec.build(), retain, spec.train, device, progress, desc="retrain",
+                       checkpoint=checkpoint, checkpoint_every_s=checkpoint_every_s)
