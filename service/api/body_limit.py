@@ -24,22 +24,14 @@ class BodySizeLimit:
         if declared is not None and declared > self.max_bytes:
             await self._refuse(send)
             return
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return  # the client went away before the body was complete: nothing to answer
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_bytes:
-                await self._refuse(send)
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-
-        await self.app(scope, replaying(b"".join(chunks), receive), send)
+        try:
+            body = await read_body(receive, self.max_bytes)
+        except BodyTooLarge:
+            await self._refuse(send)
+            return
+        if body is None:
+            return  # the client went away before the body was complete: nothing to answer
+        await self.app(scope, replaying(body, receive), send)
 
     async def _refuse(self, send: Send) -> None:
         limit = f"{self.max_bytes} bytes" + (f" ({self.max_bytes / 2**20:g} MiB)" if self.max_bytes >= 2**20 else "")
@@ -57,6 +49,28 @@ class BodySizeLimit:
             }
         )
         await send({"type": "http.response.body", "body": body})
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+async def read_body(receive: Receive, max_bytes: int | None = None) -> bytes | None:
+    """The whole request body, or None if the client disconnected first; BodyTooLarge as soon as
+    more than max_bytes have arrived."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if max_bytes is not None and size > max_bytes:
+            raise BodyTooLarge
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
 
 
 def replaying(body: bytes, receive: Receive) -> Receive:

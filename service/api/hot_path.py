@@ -16,7 +16,7 @@ from fastapi import FastAPI, Request
 from pydantic import ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.api.body_limit import replaying
+from service.api.body_limit import read_body, replaying
 from service.api.deps import check_reader, check_submitter
 from service.api.routes import forget_requests as routes
 from service.api.schemas import ForgetRequestCreate
@@ -50,7 +50,7 @@ class HotPath:
         if caller is None or content_type != b"application/json" or b"idempotency-key" in headers:
             await self.app(scope, receive, send)
             return
-        body = await _read_body(receive)
+        body = await read_body(receive)
         if body is None:
             return  # the client went away
         try:
@@ -102,17 +102,6 @@ def _cached_caller(scope: Scope, headers: dict[bytes, bytes]):
     if scheme.lower() != "bearer" or not key:
         return None
     return scope["app"].state.api_keys.get(key)
-
-
-async def _read_body(receive: Receive) -> bytes | None:
-    chunks = []
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return None
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            return b"".join(chunks)
 
 
 async def _answer(scope: Scope, receive: Receive, send: Send, work) -> None:
