@@ -41,6 +41,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 from urllib.parse import urlsplit
 
 from sqlalchemy import create_engine, insert, make_url, text
@@ -396,9 +397,19 @@ def report(results: Results) -> str:
     return "\n".join(lines)
 
 
+class _Mark(NamedTuple):
+    """The CPU counters at one moment of a run."""
+
+    generator_cpu: float
+    api_cpu: float | None
+    postgres_cpu: float | None
+    machine_busy: float
+    wall: float
+
+
 async def _drive(load: Load, connections: int, api_pid: int | None, postgres_pid: int | None) -> Results:
     loop = asyncio.get_running_loop()
-    marks: dict[str, tuple[float, float | None, float | None, float, float]] = {}
+    marks: dict[str, _Mark] = {}
     peak = 0
 
     def mark(name: str) -> None:
@@ -408,7 +419,7 @@ async def _drive(load: Load, connections: int, api_pid: int | None, postgres_pid
             rss, api_cpu = tree_rss_and_cpu(api_pid)
             peak = max(peak, rss)
         postgres_cpu = tree_rss_and_cpu(postgres_pid)[1] if postgres_pid is not None else None
-        marks[name] = (time.process_time(), api_cpu, postgres_cpu, machine_busy_seconds(), time.perf_counter())
+        marks[name] = _Mark(time.process_time(), api_cpu, postgres_cpu, machine_busy_seconds(), time.perf_counter())
 
     async def watch() -> None:
         nonlocal peak
@@ -423,15 +434,15 @@ async def _drive(load: Load, connections: int, api_pid: int | None, postgres_pid
     results = await load.run(connections)
     mark("end")
     watcher.cancel()
-    start = marks.get("start", marks["end"])
-    results.generator_cpu_seconds = marks["end"][0] - start[0]
-    results.machine_busy_seconds = marks["end"][3] - start[3]
-    results.cpu_window_seconds = marks["end"][4] - start[4]
+    start, end = marks.get("start", marks["end"]), marks["end"]
+    results.generator_cpu_seconds = end.generator_cpu - start.generator_cpu
+    results.machine_busy_seconds = end.machine_busy - start.machine_busy
+    results.cpu_window_seconds = end.wall - start.wall
     if api_pid is not None:
-        results.api_cpu_seconds = marks["end"][1] - start[1]
+        results.api_cpu_seconds = end.api_cpu - start.api_cpu
         results.api_peak_rss = peak
     if postgres_pid is not None:
-        results.postgres_cpu_seconds = marks["end"][2] - start[2]
+        results.postgres_cpu_seconds = end.postgres_cpu - start.postgres_cpu
     return results
 
 
