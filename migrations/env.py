@@ -5,8 +5,8 @@ from logging.config import fileConfig
 from alembic import context
 from sqlalchemy import create_engine, pool, text
 
-from service.models import Base
-from service.settings import get_settings
+from service.core.models import Base
+from service.core.settings import get_settings
 
 # Any constant will do; every process that migrates a PostgreSQL database takes the same one.
 MIGRATION_LOCK_KEY = 0x716F7267_0001

@@ -1,6 +1,6 @@
 """Fixtures shared by every test directory: migrated databases, seed data, an API client.
 
-Databases are built by the real migrations (service.migrate.upgrade_database), never by
+Databases are built by the real migrations (service.core.migrate.upgrade_database), never by
 metadata.create_all, so every run also tests the migrations.
 
 - `database_url` (function; parametrised, ids "sqlite" and "postgresql"): the URL of an empty
@@ -16,13 +16,13 @@ metadata.create_all, so every run also tests the migrations.
   (each such test must leave it empty, or use `database_url`).
 - `empty_postgres_url` (function): a brand-new PostgreSQL database with no schema, dropped after the
   test (migration tests).
-- `engine` (function): service.db.make_engine(database_url, "test"), disposed after the test.
+- `engine` (function): service.core.db.make_engine(database_url, "test"), disposed after the test.
 - `settings` (function): Settings on `database_url` with data_dir under tmp_path; no .env read.
 - `seed` (function): inserts the model "digits-cnn-4bit" (data set "digits") with a deployed
   original version and subjects with active samples; returns a `Seed` (see below).
 - `row_counts` (function): a callable returning {table name: row count} for every table.
 - `api_key` (function): a callable `api_key(role="admin", model=None) -> str` that creates an API key
-  (service.api_keys.create_api_key) in the test database and returns it.
+  (service.core.api_keys.create_api_key) in the test database and returns it.
 - `bearer` (function): a callable `bearer(role="admin", model=None) -> dict`: the Authorization header
   of a new key with that role, for `client.get(..., headers=bearer("auditor"))`.
 - `client` (function): a fastapi TestClient on service.api.app.create_app(settings), lifespan run,
@@ -43,10 +43,10 @@ from sqlalchemy import Engine, create_engine, func, insert, make_url, select, te
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.pool import NullPool
 
-from service.db import make_engine, transaction
-from service.migrate import upgrade_database
-from service.models import Base, Model, ModelVersion, Sample, Subject, VersionKind
-from service.settings import Settings
+from service.core.db import make_engine, transaction
+from service.core.migrate import upgrade_database
+from service.core.models import Base, Model, ModelVersion, Sample, Subject, VersionKind
+from service.core.settings import Settings
 
 POSTGRES_ADMIN_URL = os.environ.get(
     "QFORGET_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -212,7 +212,7 @@ def row_counts(engine: Engine) -> Callable[[], dict[str, int]]:
 
 @pytest.fixture
 def api_key(engine: Engine) -> Callable[..., str]:
-    from service.api_keys import create_api_key
+    from service.core.api_keys import create_api_key
 
     def make(role: str = "admin", model: str | None = None) -> str:
         with transaction(engine) as session:

@@ -7,13 +7,13 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy import func, insert, select
 
-from service.audit_log import append_audit
-from service.db import get_engine, transaction
-from service.migrate import upgrade_database
-from service.models import Model, ModelVersion, Sample, Subject, VersionKind
-from service.settings import Settings
+from service.core.audit_log import append_audit
+from service.core.db import get_engine, transaction
+from service.core.migrate import upgrade_database
+from service.core.models import Model, ModelVersion, Sample, Subject, VersionKind
+from service.core.settings import Settings
 from workers import engine as qf
-from workers.unlearning_runs import artifact_spec, configure_torch, load_data
+from workers.runtime import artifact_spec, configure_torch, load_data
 
 log = logging.getLogger(__name__)
 

@@ -7,35 +7,16 @@ what is due every `scheduler_interval_seconds`.
 
 from celery import Celery, signals
 
-from service.logging_setup import bind_log_context, clear_log_context, configure_logging
-from service.settings import Settings, get_settings
-
-GPU_QUEUE = "gpu"  # unlearning runs and retrain references: long, one model per worker slot
-CONTROL_QUEUE = "control"  # the scheduler's cheap dispatch task
-
-DISPATCH_TASK = "qforget.dispatch"
-UNLEARN_TASK = "qforget.run_unlearning"
-REFERENCE_TASK = "qforget.train_reference"
-
-
-def redelivery_seconds(settings: Settings) -> int:
-    """How long the broker keeps an unacknowledged task before delivering it again (Redis). It must
-    outlast the longest run, or a healthy long run would be started a second time; a task sent
-    longer ago than this and still not done was lost."""
-    return max(3600, 4 * settings.lease_seconds)
-
-
-def broker_transport_options(settings: Settings) -> dict:
-    if settings.broker_url.startswith("filesystem://"):
-        # kombu's filesystem transport: producers and consumers share one folder of messages.
-        # Its control folder (queue bindings) defaults to the working directory: keep it beside.
-        queue_folder, control_folder = settings.broker_folder / "queue", settings.broker_folder / "control"
-        for folder in (queue_folder, control_folder):
-            folder.mkdir(parents=True, exist_ok=True)
-        return {"data_folder_in": str(queue_folder), "data_folder_out": str(queue_folder),
-                "control_folder": str(control_folder)}
-    # Redis redelivers an unacknowledged message after the visibility timeout.
-    return {"visibility_timeout": redelivery_seconds(settings)}
+from service.core.logging_setup import bind_log_context, clear_log_context, configure_logging
+from service.core.settings import Settings, get_settings
+from service.core.tasks import (
+    CONTROL_QUEUE,
+    DISPATCH_TASK,
+    GPU_QUEUE,
+    REFERENCE_TASK,
+    UNLEARN_TASK,
+    broker_transport_options,
+)
 
 
 def create_celery(settings: Settings) -> Celery:
@@ -71,7 +52,7 @@ app = create_celery(get_settings())
 @signals.setup_logging.connect
 def _configure_logging(loglevel=None, **_kwargs) -> None:
     # With a receiver connected Celery leaves logging alone: worker and beat log as the API does
-    # (JSON in production, service/logging_setup.py).
+    # (JSON in production, service/core/logging_setup.py).
     configure_logging(loglevel or "INFO", get_settings().log_json)
 
 

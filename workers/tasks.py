@@ -7,14 +7,15 @@ sends dispatches, never loads it.
 import logging
 from datetime import timedelta
 
-from service import idempotency
-from service.db import get_engine, transaction
-from service.logging_setup import bind_log_context
-from service.models import utcnow
-from service.references import claim_requests_to_send, schedule_references
-from service.settings import get_settings
-from workers.batching import BatchPolicy, due_models
-from workers.celery_app import DISPATCH_TASK, REFERENCE_TASK, UNLEARN_TASK, app, redelivery_seconds
+from service.core.db import get_engine, transaction
+from service.core.logging_setup import bind_log_context
+from service.core.models import utcnow
+from service.core.settings import get_settings
+from service.core.tasks import DISPATCH_TASK, REFERENCE_TASK, UNLEARN_TASK, redelivery_seconds
+from service.references.schedule import claim_requests_to_send, schedule_references
+from service.requests import idempotency
+from workers.batches.policy import BatchPolicy, due_models
+from workers.celery_app import app
 
 log = logging.getLogger(__name__)
 
@@ -57,25 +58,28 @@ def dispatch_references() -> list[int]:
 @app.task(name=UNLEARN_TASK)
 def run_unlearning(model_name: str) -> int | None:
     """Claim the model's pending requests (or an expired batch), run Q-MUL, deploy the result."""
-    from workers import unlearning_runs
+    from service.deployments.retention import prune_artifacts
+    from workers.batches.claims import claim_batch, record_failure
+    from workers.batches.run import run_batch
+    from workers.runtime import WORKER_ID, configure_torch
 
     settings = get_settings()
-    unlearning_runs.configure_torch(settings)
+    configure_torch(settings)
     engine = get_engine(settings, "worker")
-    claimed = unlearning_runs.claim_batch(engine, settings, model_name)
+    claimed = claim_batch(engine, settings, model_name)
     if claimed is None:
         return None
     # Every line logged from here on in this task (unlearning_runs' too) carries the ids.
     bind_log_context(model=model_name, batch_id=claimed.batch_id)
     log.info("batch %s claimed for model %s", claimed.batch_id, model_name)
     try:
-        version_id = unlearning_runs.run_batch(engine, settings, claimed)
+        version_id = run_batch(engine, settings, claimed)
     except Exception as error:  # recorded on the batch; the scheduler retries it after a backoff
         log.exception("batch %s failed", claimed.batch_id)
-        unlearning_runs.record_failure(engine, settings, claimed, error)
+        record_failure(engine, settings, claimed, error)
         return None
     log.info("batch %s finished: deployed version %s", claimed.batch_id, version_id, extra={"version_id": version_id})
-    unlearning_runs.prune_artifacts(engine, settings, model_name)
+    prune_artifacts(engine, settings, model_name, actor=f"worker:{WORKER_ID}")
     return version_id
 
 
@@ -86,20 +90,23 @@ def train_reference(model_name: str, reference_request_id: int | None = None) ->
     With a reference request id (the scheduler's sends), the request is closed with the reference,
     and a request already closed is not trained again (a duplicate delivery).
     """
-    from workers import unlearning_runs
+    from workers.evaluation.deployment import evaluate_deployment
+    from workers.references.training import record_reference_failure
+    from workers.references.training import train_reference as train
+    from workers.runtime import configure_torch
 
     settings = get_settings()
-    unlearning_runs.configure_torch(settings)
+    configure_torch(settings)
     engine = get_engine(settings, "worker")
     try:
-        reference_id = unlearning_runs.train_reference(engine, settings, model_name, reference_request_id)
+        reference_id = train(engine, settings, model_name, reference_request_id)
     except Exception as error:  # recorded on the request: sent again later, or closed after the last attempt
         log.exception("reference for model %s failed", model_name)
         if reference_request_id is not None:
-            unlearning_runs.record_reference_failure(engine, settings, reference_request_id, error)
+            record_reference_failure(engine, settings, reference_request_id, error)
         return None
     if reference_id is None:
         return None
     log.info("reference version %s trained for model %s", reference_id, model_name,
              extra={"model": model_name, "version_id": reference_id})
-    return unlearning_runs.evaluate_deployment(engine, settings, model_name)
+    return evaluate_deployment(engine, settings, model_name)

@@ -9,10 +9,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import OperationalError
 
+from service.api.batch_queue import intake_queue, read_queue
 from service.api.body_limit import BodySizeLimit
 from service.api.deps import ApiKeyCache, reject_unknown_query_parameters
 from service.api.hot_path import HotPath
-from service.api.intake import intake_queue, read_queue
 from service.api.request_logging import RequestLogging
 from service.api.routes import (
     audit,
@@ -27,10 +27,10 @@ from service.api.routes import (
     subjects,
 )
 from service.api.schemas import ErrorPublic
-from service.db import get_engine, session_factory
-from service.forget_requests import RequestValidationProblem
-from service.readiness import make_probe_engine
-from service.settings import Settings, get_settings
+from service.core.db import get_engine, session_factory
+from service.core.readiness import make_probe_engine
+from service.core.settings import Settings, get_settings
+from service.requests.problems import RequestValidationProblem
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.session_factory = session_factory(engine)
     app.state.intake = intake_queue(app.state.session_factory, forget_requests.response_body)
     # Reads of requests by id run without a transaction on PostgreSQL (no BEGIN and ROLLBACK round
-    # trips; one statement is its own snapshot). SQLite's transactions begin IMMEDIATE (service.db):
+    # trips; one statement is its own snapshot). SQLite's transactions begin IMMEDIATE (service.core.db):
     # it reads on a plain session.
     reads = engine.execution_options(isolation_level="AUTOCOMMIT") if engine.dialect.name == "postgresql" else engine
     app.state.reads = read_queue(session_factory(reads))

@@ -17,9 +17,9 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from service.api_keys import Caller, authenticate, hash_key
-from service.models import Role
-from service.settings import Settings
+from service.core.api_keys import Caller, authenticate, hash_key
+from service.core.models import Role
+from service.core.settings import Settings
 
 # Dependencies that do no I/O are `async def`: FastAPI runs a plain `def` dependency in its thread
 # pool, a hand-off that costs more than the few lines they run.

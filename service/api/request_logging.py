@@ -2,7 +2,7 @@
 
 The id is the caller's `X-Request-ID` when it is a plausible id (a proxy or client that already
 assigned one keeps it end to end), else a fresh one; the response carries it back and every log
-line written while serving the request carries it (service/logging_setup.py).
+line written while serving the request carries it (service/core/logging_setup.py).
 
 The line holds method, route, status and duration. The route is the path template
 (`/subjects/{subject_id}`), not the path: paths and query strings can hold subject ids, which are
@@ -14,7 +14,7 @@ import re
 import time
 import uuid
 
-from service.logging_setup import log_context
+from service.core.logging_setup import log_context
 
 log = logging.getLogger("qforget.access")
 

@@ -6,8 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
-from service.forget_requests import MAX_SAMPLES_PER_REQUEST
-from service.models import (
+from service.core.models import (
     AuditEntry,
     ForgetRequest,
     ModelVersion,
@@ -17,7 +16,8 @@ from service.models import (
     VersionKind,
     as_utc,
 )
-from service.samples import MAX_SAMPLES_PER_REGISTRATION
+from service.requests.intake import MAX_SAMPLES_PER_REQUEST
+from service.requests.samples import MAX_SAMPLES_PER_REGISTRATION
 
 UtcDatetime = Annotated[datetime, AfterValidator(as_utc)]
 
@@ -57,7 +57,7 @@ class ForgetRequestCreate(BaseModel):
     sample_ids: list[SampleId] | None = Field(
         default=None,
         description="The subject's samples to forget; omitted: all of the subject's active samples.",
-        # Documented here, enforced by service.forget_requests for every caller, with its messages.
+        # Documented here, enforced by service.requests.intake for every caller, with its messages.
         json_schema_extra={"minItems": 1, "maxItems": MAX_SAMPLES_PER_REQUEST, "uniqueItems": True},
     )
     model: str | None = Field(

@@ -9,10 +9,9 @@ and forget requests in several states (one past due). It returns the figures a r
 from dataclasses import dataclass
 from datetime import timedelta
 
-from service.audit_log import append_audit
-from service.db import transaction
-from service.forget_requests import file_forget_request
-from service.models import (
+from service.core.audit_log import append_audit
+from service.core.db import transaction
+from service.core.models import (
     Batch,
     BatchStatus,
     Evaluation,
@@ -23,6 +22,7 @@ from service.models import (
     VersionKind,
     utcnow,
 )
+from service.requests.intake import file_forget_request
 
 METRICS = {"FA": 91.5, "RA": 97.25, "TA": 95.0, "MIA": 12.5}
 REFERENCE_METRICS = {"FA": 90.0, "RA": 97.0, "TA": 95.5, "MIA": 10.0}

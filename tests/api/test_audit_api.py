@@ -2,8 +2,8 @@
 
 from datetime import datetime, timedelta
 
-from service.db import transaction
-from service.models import Evaluation, Model, ModelVersion, VersionKind, utcnow
+from service.core.db import transaction
+from service.core.models import Evaluation, Model, ModelVersion, VersionKind, utcnow
 
 METRICS = {"FA": 97.5, "RA": 99.0, "TA": 96.0, "MIA": 20.0}
 REFERENCE = {"FA": 95.0, "RA": 99.5, "TA": 96.5, "MIA": 15.0}

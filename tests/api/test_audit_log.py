@@ -7,9 +7,9 @@ from datetime import datetime, timezone
 import pytest
 from sqlalchemy import select, text
 
-from service.audit_log import GENESIS_HASH, append_audit, entry_hash, verify_chain
-from service.db import session_factory, transaction
-from service.models import AuditEntry
+from service.core.audit_log import GENESIS_HASH, append_audit, entry_hash, verify_chain
+from service.core.db import session_factory, transaction
+from service.core.models import AuditEntry
 
 
 def append(engine, count: int, action: str = "request.received") -> list[int]:

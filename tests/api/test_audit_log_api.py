@@ -2,8 +2,8 @@
 
 from sqlalchemy import text
 
-from service.audit_log import append_audit
-from service.db import transaction
+from service.core.audit_log import append_audit
+from service.core.db import transaction
 
 
 def append(engine, entries: list[tuple[str, str, str]]) -> None:

@@ -10,9 +10,8 @@ import re
 import pytest
 from sqlalchemy import func, select
 
-from service.db import transaction
-from service.forget_requests import file_forget_request
-from service.models import (
+from service.core.db import transaction
+from service.core.models import (
     AuditEntry,
     Batch,
     BatchStatus,
@@ -26,6 +25,7 @@ from service.models import (
     VersionKind,
     utcnow,
 )
+from service.requests.intake import file_forget_request
 
 METRICS = {"FA": 97.5, "RA": 99.0, "TA": 96.0, "MIA": 20.0}
 REFERENCE = {"FA": 95.0, "RA": 99.5, "TA": 96.5, "MIA": 15.0}
@@ -85,11 +85,11 @@ def test_an_admin_queues_a_reference_once_per_deployment(client, engine, seed):
 
 
 def test_an_admin_asks_again_for_a_deployment_whose_reference_failed_every_attempt(client, engine, seed, settings):
-    from workers import unlearning_runs
+    from workers.references.training import record_reference_failure
 
     first = client.post(f"/models/{seed.model}/references").json()
     for _ in range(settings.reference_max_attempts):
-        unlearning_runs.record_reference_failure(engine, settings, first["id"], RuntimeError("disk full"))
+        record_reference_failure(engine, settings, first["id"], RuntimeError("disk full"))
     # The closed request is not given back: a new one is queued, with its attempts counted afresh.
     again = client.post(f"/models/{seed.model}/references").json()
     assert again["created"] is True and again["id"] != first["id"] and again["failed_attempts"] == 0

@@ -7,11 +7,11 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select, text
 
 from service import cli
-from service.api_keys import ApiKeyError, create_api_key, find_api_key, hash_key, revoke_api_key
-from service.audit_log import verify_chain
-from service.db import session_factory, transaction
-from service.models import ApiKey, AuditEntry, Model
-from service.settings import get_settings
+from service.core.api_keys import ApiKeyError, create_api_key, find_api_key, hash_key, revoke_api_key
+from service.core.audit_log import verify_chain
+from service.core.db import session_factory, transaction
+from service.core.models import ApiKey, AuditEntry, Model
+from service.core.settings import get_settings
 
 # Every route behind a key, with a harmless request for each: {"METHOD /template": (path, json body)}.
 PROTECTED = {

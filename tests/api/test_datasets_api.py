@@ -3,9 +3,9 @@
 import pytest
 from sqlalchemy import select
 
-from service.db import transaction
-from service.models import AuditEntry, Sample, Subject
-from service.samples import MAX_SAMPLES_PER_REGISTRATION
+from service.core.db import transaction
+from service.core.models import AuditEntry, Sample, Subject
+from service.requests.samples import MAX_SAMPLES_PER_REGISTRATION
 
 
 def register(client, samples: list[dict], dataset: str = "cifar10"):

@@ -5,9 +5,9 @@ import subprocess
 
 import pytest
 
-from service.db import transaction
-from service.forget_requests import file_forget_request
-from service.models import Batch, BatchStatus, ForgetRequest, Model, ModelVersion, RequestStatus, VersionKind
+from service.core.db import transaction
+from service.core.models import Batch, BatchStatus, ForgetRequest, Model, ModelVersion, RequestStatus, VersionKind
+from service.requests.intake import file_forget_request
 
 
 @pytest.fixture

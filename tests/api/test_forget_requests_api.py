@@ -8,9 +8,9 @@ from typing import NamedTuple
 import pytest
 from sqlalchemy import event, insert, select, update
 
-from service.db import transaction
-from service.forget_requests import MAX_SAMPLES_PER_REQUEST
-from service.models import AuditEntry, ForgetRequest, RequestStatus, Sample, SampleStatus, Subject
+from service.core.db import transaction
+from service.core.models import AuditEntry, ForgetRequest, RequestStatus, Sample, SampleStatus, Subject
+from service.requests.intake import MAX_SAMPLES_PER_REQUEST
 
 
 def test_create_then_read(client, seed, engine, api_key):

@@ -27,9 +27,9 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 from sqlalchemy import update
 
 from service.api.app import create_app
-from service.db import transaction
-from service.models import Model, ModelVersion, VersionKind
-from service.settings import Settings
+from service.core.db import transaction
+from service.core.models import Model, ModelVersion, VersionKind
+from service.core.settings import Settings
 
 # Per operation and backend; QFORGET_FUZZ_EXAMPLES=300 (and a random seed) for a deeper run.
 MAX_EXAMPLES = int(os.environ.get("QFORGET_FUZZ_EXAMPLES", "20"))

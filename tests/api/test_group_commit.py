@@ -8,19 +8,14 @@ import httpx
 import pytest
 from sqlalchemy import event, func, select
 
-from service.api.intake import MAX_BATCH_PARAMETERS, intake_queue, take_intake_batch
-from service.audit_log import verify_chain
-from service.db import make_engine, session_factory, transaction
-from service.forget_requests import (
-    FiledRequest,
-    IdempotencyClaim,
-    RequestConflict,
-    RequestValidationProblem,
-    Submission,
-    file_forget_requests,
-)
-from service.idempotency import Replay
-from service.models import ApiKey, AuditEntry, ForgetRequest, ForgetRequestSample, IdempotencyRecord
+from service.api.batch_queue import MAX_BATCH_PARAMETERS, intake_queue, take_intake_batch
+from service.core.audit_log import verify_chain
+from service.core.db import make_engine, session_factory, transaction
+from service.core.models import ApiKey, AuditEntry, ForgetRequest, ForgetRequestSample, IdempotencyRecord
+from service.requests.idempotency import Replay
+from service.requests.intake import IdempotencyClaim, Submission, file_forget_requests
+from service.requests.problems import RequestConflict, RequestValidationProblem
+from service.requests.queries import FiledRequest
 
 
 def submission(subject: str, sample_ids: list[int] | None = None, model: str = "digits-cnn-4bit", **extra):

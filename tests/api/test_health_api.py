@@ -11,7 +11,7 @@ import redis
 from fastapi.testclient import TestClient
 
 from service.api.app import create_app
-from service.settings import Settings
+from service.core.settings import Settings
 
 UNREACHABLE_POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:1/nowhere"
 LOCAL_REDIS = "redis://127.0.0.1:6379/15"

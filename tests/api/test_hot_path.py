@@ -6,8 +6,8 @@ from fastapi import routing
 from fastapi.testclient import TestClient
 
 from service.api.app import create_app
-from service.db import transaction
-from service.models import Model
+from service.core.db import transaction
+from service.core.models import Model
 
 
 @pytest.fixture

@@ -6,8 +6,8 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select, update
 
-from service.db import transaction
-from service.models import ForgetRequest, IdempotencyRecord, RequestStatus
+from service.core.db import transaction
+from service.core.models import ForgetRequest, IdempotencyRecord, RequestStatus
 
 
 def request_count(engine) -> int:
@@ -117,8 +117,8 @@ def test_concurrent_retries_file_one_request(client, seed, engine, bearer):
 def test_an_expired_key_is_forgotten_and_makes_a_new_request(client, seed, engine):
     from datetime import timedelta
 
-    from service.idempotency import prune_expired
-    from service.models import utcnow
+    from service.core.models import utcnow
+    from service.requests.idempotency import prune_expired
 
     first = client.post("/forget-requests", json={"subject_id": "alice"}, headers={"Idempotency-Key": "old"})
     fresh = client.post("/forget-requests", json={"subject_id": "bob"}, headers={"Idempotency-Key": "new"})

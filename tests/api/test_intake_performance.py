@@ -3,18 +3,18 @@ once, an API process without model code, and the `qforget loadtest` command. No 
 the speed figures come from `qforget loadtest` (docs/performance.md)."""
 
 import asyncio
-import time
 import subprocess
 import sys
 import threading
+import time
 
 import httpx
 import pytest
 from sqlalchemy import event, insert, select, text
 
 from service import cli
-from service.db import transaction
-from service.models import Sample, Subject
+from service.core.db import transaction
+from service.core.models import Sample, Subject
 from tests.conftest import POSTGRES_ADMIN_URL
 
 
@@ -135,7 +135,7 @@ def test_at_most_api_database_sessions_requests_hold_a_connection_at_once(settin
 def test_api_database_sessions_beyond_the_pool_is_refused_naming_it(tmp_path):
     from pydantic import ValidationError
 
-    from service.settings import Settings
+    from service.core.settings import Settings
 
     with pytest.raises(ValidationError, match="api_database_sessions"):
         Settings(data_dir=tmp_path, api_database_sessions=31, _env_file=None)
@@ -145,7 +145,7 @@ def test_the_api_process_imports_no_model_code(tmp_path):
     program = (
         "import sys\n"
         "from service.api.app import create_app\n"
-        "from service.settings import Settings\n"
+        "from service.core.settings import Settings\n"
         f"create_app(Settings(data_dir={str(tmp_path)!r}, _env_file=None))\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'numpy', 'sklearn')"
         " or m.startswith('workers.engine')))\n"
@@ -218,7 +218,7 @@ def test_an_open_loop_load_counts_the_wait_for_a_busy_connection_as_latency():
     """A server that takes 100 ms per answer, one connection, 20 requests/s due for 1 s: the
     requests queue behind each other, and the last is answered about 1 s after it was due. A
     closed loop would have sent 10 requests, each 100 ms, and hidden the queue."""
-    from service.loadtest import Load
+    from service.cli.loadtest import Load
 
     async def slow_server(reader, writer):
         while True:
@@ -249,7 +249,7 @@ def test_an_open_loop_load_counts_the_wait_for_a_busy_connection_as_latency():
 
 
 def test_loadtest_counts_unexpected_answers_as_errors():
-    from service.loadtest import Results, report
+    from service.cli.loadtest import Results, report
 
     results = Results(seconds=2.0)
     results.latencies["POST"] = [0.010, 0.020]
@@ -262,7 +262,7 @@ def test_loadtest_counts_unexpected_answers_as_errors():
 def test_a_pooled_connection_is_pinged_only_after_sitting_idle(postgres_url, monkeypatch):
     import psycopg
 
-    from service import db
+    from service.core import db
 
     monkeypatch.setattr(db, "PING_AFTER_IDLE_SECONDS", 0.2)
     engine = db.make_engine(postgres_url, "test")

@@ -5,8 +5,8 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from sqlalchemy import inspect, update
 
-from service.db import transaction
-from service.models import ForgetRequest, Model, RequestStatus, Sample, SampleStatus
+from service.core.db import transaction
+from service.core.models import ForgetRequest, Model, RequestStatus, Sample, SampleStatus
 
 
 def file(client, subject: str, **body) -> dict:

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from service.api.request_logging import REQUEST_ID_HEADER
-from service.logging_setup import (
+from service.core.logging_setup import (
     ContextFilter,
     JsonFormatter,
     TextFormatter,
@@ -18,7 +18,7 @@ from service.logging_setup import (
     log_context,
     logging_config,
 )
-from service.settings import Settings
+from service.core.settings import Settings
 
 
 def record(message="batch %s claimed", *args, exc_info=None, **extra) -> logging.LogRecord:
@@ -90,8 +90,8 @@ def test_a_bad_log_format_is_refused(tmp_path):
 
 def test_a_process_configured_from_its_settings_writes_json_lines(tmp_path):
     # What `qforget api|worker|scheduler` do first, in a fresh process: the root logger's only handler.
-    code = ("import logging; from service.logging_setup import configure_logging; "
-            "from service.settings import get_settings; "
+    code = ("import logging; from service.core.logging_setup import configure_logging; "
+            "from service.core.settings import get_settings; "
             "configure_logging('INFO', get_settings().log_json); "
             "logging.getLogger('qforget.check').info('hello %s', 'there', extra={'batch_id': 5})")
     env = {"QFORGET_LOG_FORMAT": "json", "QFORGET_DATA_DIR": str(tmp_path), "PATH": "/usr/bin:/bin",

@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.api.app import create_app
-from service.settings import Settings
+from service.core.settings import Settings
 from tests.api.operations_seed import GAPS, HOLD_REASON, METRICS, REFERENCE_METRICS, seed_operations
 
 REDIS_TEST_URL = "redis://127.0.0.1:6379/13"
@@ -116,7 +116,8 @@ def test_metrics_of_an_empty_database_are_valid(anonymous, tmp_path):
 
 def _queue_gpu_runs(settings: Settings, count: int) -> None:
     # Real Celery messages, routed as the scheduler's are; no worker consumes them here.
-    from workers.celery_app import UNLEARN_TASK, create_celery
+    from service.core.tasks import UNLEARN_TASK
+    from workers.celery_app import create_celery
 
     celery = create_celery(settings)
     for _ in range(count):

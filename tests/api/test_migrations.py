@@ -1,4 +1,4 @@
-"""The migrations build exactly the schema of service/models.py, and can be undone."""
+"""The migrations build exactly the schema of service/core/models.py, and can be undone."""
 
 import os
 import subprocess
@@ -12,9 +12,9 @@ from sqlalchemy import create_engine, inspect
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.pool import NullPool
 
-from service.db import transaction
-from service.migrate import downgrade_database, upgrade_database
-from service.models import Base, Batch, BatchStatus
+from service.core.db import transaction
+from service.core.migrate import downgrade_database, upgrade_database
+from service.core.models import Base, Batch, BatchStatus
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -62,7 +62,7 @@ def test_upgrade_twice_is_a_no_op(database_url):
 
 def test_concurrent_upgrades_on_postgresql_both_succeed(empty_postgres_url):
     # Separate processes, as the API and the workers are (alembic's context is per process).
-    command = [sys.executable, "-c", "import sys; from service.migrate import upgrade_database; "
+    command = [sys.executable, "-c", "import sys; from service.core.migrate import upgrade_database; "
                "upgrade_database(sys.argv[1])", empty_postgres_url]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     processes = [subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True) for _ in range(3)]

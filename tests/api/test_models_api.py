@@ -8,9 +8,9 @@ from types import SimpleNamespace
 import pytest
 from sqlalchemy import update
 
-from service import artifacts
-from service.db import transaction
-from service.models import Batch, BatchStatus, Model, ModelVersion, VersionKind
+from service.core.db import transaction
+from service.core.models import Batch, BatchStatus, Model, ModelVersion, VersionKind
+from service.deployments import artifacts
 
 CONTENT = b"\x80quantized weights\x00" * 100_000  # about 2 MB: more than one chunk
 

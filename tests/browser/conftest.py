@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from service.migrate import upgrade_database
-from service.processes import Processes
-from service.settings import Settings
+from service.cli.processes import Processes
+from service.core.migrate import upgrade_database
+from service.core.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = os.environ.get("QFORGET_TEST_CHROMIUM", "/usr/bin/chromium")

@@ -2,7 +2,7 @@
 
 from selenium.webdriver.common.by import By
 
-from service.models import Role
+from service.core.models import Role
 from tests.api.operations_seed import GAPS, METRICS, seed_operations
 
 

@@ -2,13 +2,14 @@
 
 from selenium.webdriver.common.by import By
 
-from service.models import Role
+from service.core.models import Role
 from tests.api.operations_seed import GAPS, HOLD_REASON, METRICS, REFERENCE_METRICS, seed_operations
 
 
 def _queue_gpu_runs(settings, count: int) -> None:
     # Real Celery messages in the live server's broker folder; no worker consumes them.
-    from workers.celery_app import UNLEARN_TASK, create_celery
+    from service.core.tasks import UNLEARN_TASK
+    from workers.celery_app import create_celery
 
     celery = create_celery(settings)
     for _ in range(count):

@@ -15,10 +15,10 @@ import redis
 from fastapi.testclient import TestClient
 
 from service.api.app import create_app
-from service.api_keys import create_api_key
-from service.db import get_engine, transaction
-from service.processes import Processes
-from service.settings import Settings
+from service.cli.processes import Processes
+from service.core.api_keys import create_api_key
+from service.core.db import get_engine, transaction
+from service.core.settings import Settings
 from workers.bootstrap import bootstrap, default_spec
 
 REDIS_URL = "redis://127.0.0.1:6379/15"

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from service.audit_log import verify_chain
-from service.db import transaction
-from service.models import (
+from service.core.audit_log import verify_chain
+from service.core.db import transaction
+from service.core.models import (
     AuditEntry,
     Batch,
     BatchStatus,
@@ -25,7 +25,8 @@ from service.models import (
     SampleStatus,
     VersionKind,
 )
-from workers.celery_app import REFERENCE_TASK, create_celery
+from service.core.tasks import REFERENCE_TASK
+from workers.celery_app import create_celery
 
 pytestmark = pytest.mark.integration
 

@@ -9,9 +9,9 @@ import pytest
 import redis
 from sqlalchemy import func, select
 
-from service.audit_log import verify_chain
-from service.db import transaction
-from service.models import AuditEntry, Batch, BatchStatus, ForgetRequest, Model, ModelVersion
+from service.core.audit_log import verify_chain
+from service.core.db import transaction
+from service.core.models import AuditEntry, Batch, BatchStatus, ForgetRequest, Model, ModelVersion
 
 pytestmark = pytest.mark.integration
 

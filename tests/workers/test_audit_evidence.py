@@ -10,12 +10,16 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from service.api.app import create_app
-from service.api_keys import create_api_key
-from service.db import get_engine, transaction
-from service.forget_requests import file_forget_request
-from service.models import Evaluation, ModelVersion, SampleScore
-from workers import unlearning_runs as runs
+from service.core.api_keys import create_api_key
+from service.core.db import get_engine, transaction
+from service.core.models import Evaluation, ModelVersion, SampleScore
+from service.requests.intake import file_forget_request
+from workers import engine as qf
+from workers.batches.claims import claim_batch
+from workers.batches.run import run_batch
 from workers.bootstrap import bootstrap, default_spec
+from workers.evaluation.deployment import evaluate_deployment
+from workers.references.training import train_reference
 
 
 @pytest.fixture
@@ -35,11 +39,11 @@ def test_evidence_before_and_after_a_real_run(settings, one_torch_thread):
         request_id = file_forget_request(session, subject_id="subject-0001", sample_ids=None,
                                            model_name=settings.default_model, deadline_days=30, actor="test").request.id
         _, key = create_api_key(session, role="auditor", name="tests", actor="tests")
-    claimed = runs.claim_batch(engine, settings, settings.default_model)
-    version_id = runs.run_batch(engine, settings, claimed)
+    claimed = claim_batch(engine, settings, settings.default_model)
+    version_id = run_batch(engine, settings, claimed)
     assert version_id is not None
-    reference_id = runs.train_reference(engine, settings, settings.default_model)
-    evaluation_id = runs.evaluate_deployment(engine, settings, settings.default_model)
+    reference_id = train_reference(engine, settings, settings.default_model)
+    evaluation_id = evaluate_deployment(engine, settings, settings.default_model)
     assert evaluation_id is not None
 
     with transaction(engine) as session:
@@ -85,18 +89,18 @@ class WorkerLost(Exception):
 def test_a_reference_cut_mid_training_resumes_from_its_checkpoint(settings, one_torch_thread, monkeypatch):
     # A GPU machine lost mid-reference: the request is sent again and its training continues from
     # the checkpoint, to the same reference an uncut run trains (same bytes, same sha256).
-    from service.models import Model, ReferenceRequest
-    from service.references import request_reference
+    from service.core.models import Model, ReferenceRequest
+    from service.references.schedule import request_reference
 
     settings = settings.model_copy(update={"checkpoint_every_seconds": 0})
     bootstrap(settings, settings.default_model, default_spec(epochs=4), progress=False)
     engine = get_engine(settings, "tests")
-    uncut_id = runs.train_reference(engine, settings, settings.default_model)
+    uncut_id = train_reference(engine, settings, settings.default_model)
 
     with transaction(engine) as session:
         request_id = request_reference(session, session.get(Model, settings.default_model), "test", "test").id
     checkpoints = settings.model_store / "checkpoints"
-    original_batch = runs.qf.Split.training_batch
+    original_batch = qf.Split.training_batch
     # The digits' 1,437 training samples make 23 batches of 64 an epoch: lost in the third epoch.
     batches = {"served": 0, "lost_at": 2 * 23 + 5}
 
@@ -106,14 +110,14 @@ def test_a_reference_cut_mid_training_resumes_from_its_checkpoint(settings, one_
             raise WorkerLost
         return original_batch(self, index, generator, device)
 
-    monkeypatch.setattr(runs.qf.Split, "training_batch", counted)
+    monkeypatch.setattr(qf.Split, "training_batch", counted)
     with pytest.raises(WorkerLost):
-        runs.train_reference(engine, settings, settings.default_model, request_id)
+        train_reference(engine, settings, settings.default_model, request_id)
     [checkpoint] = checkpoints.glob(f"reference-{request_id}-*.pt")
     assert torch.load(checkpoint, weights_only=True)["epoch"] == 2
 
     batches.update(served=0, lost_at=None)
-    resumed_id = runs.train_reference(engine, settings, settings.default_model, request_id)
+    resumed_id = train_reference(engine, settings, settings.default_model, request_id)
     assert batches["served"] == 2 * 23  # epochs 3 and 4 only: it resumed, it did not start over
     assert list(checkpoints.glob("*.pt")) == []
     with transaction(engine) as session:

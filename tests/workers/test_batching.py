@@ -2,7 +2,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from workers.batching import BatchPolicy, PendingStats, is_due
+from workers.batches.policy import BatchPolicy, PendingStats, is_due
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=timezone.utc)
 POLICY = BatchPolicy(min_samples=100, max_wait_seconds=600, due_margin_days=3)

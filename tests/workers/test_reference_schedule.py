@@ -9,13 +9,15 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from sqlalchemy import func, select
 
-from service.audit_log import verify_chain
-from service.db import transaction
-from service.forget_requests import file_forget_request
-from service.models import AuditEntry, Model, ModelVersion, ReferenceRequest, VersionKind, utcnow
-from service.references import ReferenceState, claim_requests_to_send, reference_due, schedule_references
-from workers import unlearning_runs as runs
+from service.core.audit_log import verify_chain
+from service.core.db import transaction
+from service.core.models import AuditEntry, Model, ModelVersion, ReferenceRequest, VersionKind, utcnow
+from service.references.schedule import ReferenceState, claim_requests_to_send, reference_due, schedule_references
+from service.requests.intake import file_forget_request
+from workers.batches.claims import claim_batch
+from workers.batches.run import _record_result
 from workers.engine import QMulConfig
+from workers.references.training import record_reference_failure, train_reference
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=timezone.utc)
 
@@ -50,9 +52,9 @@ def deploy_batch(engine, settings, seed, subject: str) -> int:
     with transaction(engine) as session:
         file_forget_request(session, subject_id=subject, sample_ids=None, model_name=seed.model,
                               deadline_days=30, actor="test")
-    claimed = runs.claim_batch(engine, settings, seed.model)
+    claimed = claim_batch(engine, settings, seed.model)
     metrics = {"FA": 10.0, "RA": 99.0, "TA": 95.0, "MIA": 50.0}
-    return runs._record_result(engine, settings, claimed, sorted(seed.samples[subject]), "/nonexistent/v.pt",
+    return _record_result(engine, settings, claimed, sorted(seed.samples[subject]), "/nonexistent/v.pt",
                                "1" * 64, QMulConfig(epochs=1), metrics, history=[])
 
 
@@ -137,7 +139,7 @@ def test_a_closed_request_trains_nothing(engine, settings, seed, parent_ta):
     [request_id] = schedule(engine, every_versions=1)
     record_reference(engine, seed, seed.samples["alice"], request_id)
     # A duplicate delivery of the same task: returns before loading any data or model.
-    assert runs.train_reference(engine, settings, seed.model, request_id) is None
+    assert train_reference(engine, settings, seed.model, request_id) is None
     with transaction(engine) as session:
         assert session.scalar(select(func.count()).select_from(ModelVersion)
                               .where(ModelVersion.kind == VersionKind.reference)) == 1
@@ -154,7 +156,7 @@ def test_models_without_a_deployment_are_not_scheduled(engine, settings, seed):
 
 def test_the_reference_command_records_one_request_per_state(engine, settings, seed, parent_ta, monkeypatch, capsys):
     from service.cli import main
-    from service.settings import get_settings
+    from service.core.settings import get_settings
 
     monkeypatch.setenv("QFORGET_DATABASE_URL", settings.database_url)
     monkeypatch.setenv("QFORGET_DATA_DIR", str(settings.data_dir))
@@ -176,7 +178,7 @@ def test_the_reference_command_records_one_request_per_state(engine, settings, s
 
 def fail_reference(engine, settings, request_id) -> None:
     """What a worker's train_reference task records when the training raises."""
-    runs.record_reference_failure(engine, settings, request_id, RuntimeError("CUDA out of memory"))
+    record_reference_failure(engine, settings, request_id, RuntimeError("CUDA out of memory"))
 
 
 def test_a_failing_request_is_sent_again_then_closed_after_its_last_attempt(engine, settings, seed, parent_ta):
@@ -184,7 +186,7 @@ def test_a_failing_request_is_sent_again_then_closed_after_its_last_attempt(engi
     [request_id] = schedule(engine, every_versions=1)
     resend_after = timedelta(hours=1)
     now = utcnow()
-    # What the failed runs' training left to resume from (runs.reference_checkpoint names it).
+    # What the failed runs' training left to resume from (reference_checkpoint names it).
     leftover = settings.model_store / "checkpoints" / f"reference-{request_id}-0123456789abcdef.pt"
     leftover.parent.mkdir(parents=True)
     leftover.write_bytes(b"checkpoint")

@@ -10,10 +10,9 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import func, select, update
 
-from service.audit_log import verify_chain
-from service.db import transaction
-from service.forget_requests import file_forget_request
-from service.models import (
+from service.core.audit_log import verify_chain
+from service.core.db import transaction
+from service.core.models import (
     AuditEntry,
     Batch,
     BatchStatus,
@@ -25,8 +24,11 @@ from service.models import (
     SampleStatus,
     utcnow,
 )
-from service import deployments
-from workers import unlearning_runs as runs
+from service.deployments import deploy as deployments
+from service.deployments.retention import prune_artifacts
+from service.requests.intake import file_forget_request
+from workers.batches.claims import claim_batch, record_failure
+from workers.batches.run import _record_result, unlearn_config
 from workers.engine import QMulConfig
 
 
@@ -47,7 +49,7 @@ def finish_run(engine, settings, claimed, ta: float) -> int | None:
         forget_ids = session.scalars(select(Sample.id).join(ForgetRequest.samples)
                                      .where(ForgetRequest.batch_id == claimed.batch_id)).all()
     metrics = {"FA": 10.0, "RA": 99.0, "TA": ta, "MIA": 50.0}
-    return runs._record_result(engine, settings, claimed, sorted(forget_ids), "/nonexistent/new.pt", "1" * 64,
+    return _record_result(engine, settings, claimed, sorted(forget_ids), "/nonexistent/new.pt", "1" * 64,
                                QMulConfig(epochs=1), metrics, history=[])
 
 
@@ -60,7 +62,7 @@ def parent_ta(engine, seed) -> float:
 
 def test_a_claimed_batch_deploys_once_and_completes_its_requests(engine, settings, seed, parent_ta):
     request_ids = [file_request(engine, seed, "alice"), file_request(engine, seed, "bob")]
-    claimed = runs.claim_batch(engine, settings, seed.model)
+    claimed = claim_batch(engine, settings, seed.model)
     assert claimed.parent_version_id == seed.version_id
     late = file_request(engine, seed, "carol")  # arrives during the run: waits for the next batch
 
@@ -84,9 +86,9 @@ def test_a_claimed_batch_deploys_once_and_completes_its_requests(engine, setting
 
 def test_one_run_per_model_at_a_time(engine, settings, seed):
     file_request(engine, seed, "alice")
-    assert runs.claim_batch(engine, settings, seed.model) is not None
+    assert claim_batch(engine, settings, seed.model) is not None
     file_request(engine, seed, "bob")
-    assert runs.claim_batch(engine, settings, seed.model) is None  # the lease is alive
+    assert claim_batch(engine, settings, seed.model) is None  # the lease is alive
 
 
 def test_concurrent_claims_make_one_batch(engine, settings, seed):
@@ -96,7 +98,7 @@ def test_concurrent_claims_make_one_batch(engine, settings, seed):
 
     def claim():
         start.wait()
-        results.append(runs.claim_batch(engine, settings, seed.model))
+        results.append(claim_batch(engine, settings, seed.model))
 
     threads = [threading.Thread(target=claim) for _ in range(4)]
     for thread in threads:
@@ -117,15 +119,15 @@ def expire_lease(engine, batch_id: int) -> None:
 
 def test_an_expired_lease_is_taken_over_from_the_same_parent_then_given_up(engine, settings, seed):
     request_id = file_request(engine, seed, "alice")
-    first = runs.claim_batch(engine, settings, seed.model)
+    first = claim_batch(engine, settings, seed.model)
     for attempt in range(2, settings.max_attempts + 1):
         expire_lease(engine, first.batch_id)
-        again = runs.claim_batch(engine, settings, seed.model)
+        again = claim_batch(engine, settings, seed.model)
         assert again == first  # same batch, same parent version
         with transaction(engine) as session:
             assert session.get(Batch, first.batch_id).attempts == attempt
     expire_lease(engine, first.batch_id)
-    assert runs.claim_batch(engine, settings, seed.model) is None  # attempts exhausted
+    assert claim_batch(engine, settings, seed.model) is None  # attempts exhausted
     with transaction(engine) as session:
         batch = session.get(Batch, first.batch_id)
         request = session.get(ForgetRequest, request_id)
@@ -137,19 +139,19 @@ def test_an_expired_lease_is_taken_over_from_the_same_parent_then_given_up(engin
 
 def test_a_failed_attempt_backs_off_then_is_retried(engine, settings, seed):
     file_request(engine, seed, "alice")
-    claimed = runs.claim_batch(engine, settings, seed.model)
-    runs.record_failure(engine, settings, claimed, RuntimeError("CUDA out of memory"))
-    assert runs.claim_batch(engine, settings, seed.model) is None  # backing off
+    claimed = claim_batch(engine, settings, seed.model)
+    record_failure(engine, settings, claimed, RuntimeError("CUDA out of memory"))
+    assert claim_batch(engine, settings, seed.model) is None  # backing off
     with transaction(engine) as session:
         batch = session.get(Batch, claimed.batch_id)
         assert batch.error == "RuntimeError: CUDA out of memory" and batch.lease_owner is None
     expire_lease(engine, claimed.batch_id)
-    assert runs.claim_batch(engine, settings, seed.model) == claimed
+    assert claim_batch(engine, settings, seed.model) == claimed
 
 
 def test_the_quality_gate_holds_a_version_until_an_admin_approves(engine, settings, seed, parent_ta):
     request_id = file_request(engine, seed, "alice")
-    claimed = runs.claim_batch(engine, settings, seed.model)
+    claimed = claim_batch(engine, settings, seed.model)
     drop = settings.quality_gate_max_ta_drop + 1
     assert finish_run(engine, settings, claimed, ta=parent_ta - drop) is None
     with transaction(engine) as session:
@@ -158,7 +160,7 @@ def test_the_quality_gate_holds_a_version_until_an_admin_approves(engine, settin
         assert session.get(ForgetRequest, request_id).status == RequestStatus.pending
         assert session.get(Model, seed.model).deployed_version_id == seed.version_id
     file_request(engine, seed, "bob")
-    assert runs.claim_batch(engine, settings, seed.model) is None  # the model waits for the review
+    assert claim_batch(engine, settings, seed.model) is None  # the model waits for the review
 
     version_id = in_transaction(engine, deployments.approve_batch, claimed.batch_id, actor="key:admin")
     with transaction(engine) as session:
@@ -171,7 +173,7 @@ def test_the_quality_gate_holds_a_version_until_an_admin_approves(engine, settin
 
 def test_a_discarded_batch_returns_its_requests_with_new_settings(engine, settings, seed, parent_ta):
     request_id = file_request(engine, seed, "alice")
-    claimed = runs.claim_batch(engine, settings, seed.model)
+    claimed = claim_batch(engine, settings, seed.model)
     finish_run(engine, settings, claimed, ta=0.0)
     in_transaction(engine, deployments.discard_batch, claimed.batch_id, actor="key:admin", new_config={"epochs": 3, "lr": 0.001})
     with transaction(engine) as session:
@@ -179,19 +181,19 @@ def test_a_discarded_batch_returns_its_requests_with_new_settings(engine, settin
         request = session.get(ForgetRequest, request_id)
         assert (request.status, request.batch_id) == (RequestStatus.pending, None)
         model = session.get(Model, seed.model)
-        assert runs.unlearn_config(settings, model) == QMulConfig(
+        assert unlearn_config(settings, model) == QMulConfig(
             epochs=3, lr=0.001, grad_norm_batches=settings.unlearn_grad_norm_batches)
         # 0 asks for the full pass over each set.
         full = settings.model_copy(update={"unlearn_grad_norm_batches": 0})
-        assert runs.unlearn_config(full, model).grad_norm_batches is None
-    assert runs.claim_batch(engine, settings, seed.model) is not None
+        assert unlearn_config(full, model).grad_norm_batches is None
+    assert claim_batch(engine, settings, seed.model) is not None
 
 
 def test_rollback_only_to_a_version_that_forgot_everything(engine, settings, seed, parent_ta):
     file_request(engine, seed, "alice")
-    first = finish_run(engine, settings, runs.claim_batch(engine, settings, seed.model), ta=parent_ta)
+    first = finish_run(engine, settings, claim_batch(engine, settings, seed.model), ta=parent_ta)
     file_request(engine, seed, "bob")
-    second = finish_run(engine, settings, runs.claim_batch(engine, settings, seed.model), ta=parent_ta)
+    second = finish_run(engine, settings, claim_batch(engine, settings, seed.model), ta=parent_ta)
     for target in (seed.version_id, first):
         with pytest.raises(deployments.AdminRefusal, match="bring them back"):
             in_transaction(engine, deployments.rollback, seed.model, target, actor="key:admin")
@@ -215,11 +217,11 @@ def test_retention_deletes_files_that_still_carry_forgotten_samples(engine, sett
     with transaction(engine) as session:
         session.get(ModelVersion, seed.version_id).artifact_path = str(original_file)
     file_request(engine, seed, "alice")
-    finish_run(engine, settings, runs.claim_batch(engine, settings, seed.model), ta=parent_ta)
-    assert runs.prune_artifacts(engine, settings, seed.model) == []  # within the retention time
+    finish_run(engine, settings, claim_batch(engine, settings, seed.model), ta=parent_ta)
+    assert prune_artifacts(engine, settings, seed.model, actor="test") == []  # within the retention time
     assert original_file.exists()
     immediate = settings.model_copy(update={"artifact_retention_hours": 0})
-    assert runs.prune_artifacts(engine, immediate, seed.model) == [seed.version_id]
+    assert prune_artifacts(engine, immediate, seed.model, actor="test") == [seed.version_id]
     assert not original_file.exists()
     with transaction(engine) as session:
         assert session.get(ModelVersion, seed.version_id).artifact_deleted_at is not None
@@ -238,8 +240,8 @@ def test_different_models_run_at_the_same_time(engine, settings, seed):
         for model_name, subject in ((seed.model, "alice"), ("digits-cnn-8bit", "bob")):
             file_forget_request(session, subject_id=subject, sample_ids=None, model_name=model_name,
                                   deadline_days=30, actor="test")
-    first = runs.claim_batch(engine, settings, seed.model)
-    second = runs.claim_batch(engine, settings, "digits-cnn-8bit")
+    first = claim_batch(engine, settings, seed.model)
+    second = claim_batch(engine, settings, "digits-cnn-8bit")
     assert first is not None and second is not None and first.batch_id != second.batch_id
     with transaction(engine) as session:
         running = session.scalars(select(Batch.model_name).where(Batch.status == BatchStatus.running)).all()

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from service.settings import Settings
+from service.core.settings import Settings
 
 REPORT = (
-    "import os; from service.processes import lower_cpu_priority; lower_cpu_priority({nice}); "
+    "import os; from service.cli.processes import lower_cpu_priority; lower_cpu_priority({nice}); "
     "print(os.nice(0)); print(open('/proc/self/autogroup').read())"
 )
 ROOT = Path(__file__).resolve().parents[2]

@@ -2,7 +2,7 @@
 
 For each batch size B, a copy of one bootstrapped embedded deployment (SQLite, digits CNN) gets B
 single-sample forget requests; the batch is claimed, unlearned with Q-MUL, evaluated, stored and
-deployed (workers.unlearning_runs), and timed. A Q-MUL epoch is a pass over the retain set, so a
+deployed (workers.batches.run), and timed. A Q-MUL epoch is a pass over the retain set, so a
 run costs about the same whatever B is and the cost per request falls roughly as 1/B.
 
     python -m workers.benchmarks.batch_cost [--sizes 1 10 100 1000] [--epochs 10]
@@ -17,12 +17,13 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from service.db import get_engine, transaction
-from service.forget_requests import file_forget_request
-from service.models import Sample
-from service.settings import Settings
+from service.core.db import get_engine, transaction
+from service.core.models import Sample
+from service.core.settings import Settings
+from service.requests.intake import file_forget_request
+from workers.batches.claims import claim_batch
+from workers.batches.run import run_batch
 from workers.bootstrap import bootstrap, default_spec
-from workers.unlearning_runs import claim_batch, run_batch
 
 
 def run(sizes: list[int], epochs: int, threads: int) -> list[dict]:

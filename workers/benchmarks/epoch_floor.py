@@ -40,7 +40,7 @@ class Setup:
 SETUPS = {
     # The embedded default: the service's digits model and its recipe, Q-MUL as the worker runs it.
     "digits": Setup("digits", {}, "digits-cnn", TrainConfig(), QMulConfig(epochs=10), 8),
-    # The cpu-cifar10 benchmark preset (workers/engine/bench.py): 250 images per class, small CNN.
+    # The cpu-cifar10 benchmark preset (workers/benchmarks/bench.py): 250 images per class, small CNN.
     "cifar-subset": Setup("cifar10", {"train_per_class": 250, "test_per_class": 100}, "cifar-cnn",
                           TrainConfig(epochs=15, lr=0.05), QMulConfig(epochs=5), 8),
     # Issue 8's GPU target: ResNet-18, LSQ+ W4A4, full CIFAR-10, retrain 160 epochs, Q-MUL 10,

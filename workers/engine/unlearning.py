@@ -41,7 +41,7 @@ Choices the paper leaves open, made here:
 - Ablations: similar_labels=False draws seeded random labels != y once per run (RL-style);
   gradient_reweighting=False uses w_f = w_r = 1.
 
-The schedule, and why "sequential" (measured with `python -m workers.engine.bench`, the
+The schedule, and why "sequential" (measured with `python -m workers.benchmarks.bench`, the
 cpu-cifar10 preset's data and models with 10 unlearning epochs; AG against the retrain reference,
 per seed, mean +- std over seeds 0-2; bench-results/qmul-schedule-study, docs/engine.md):
 

@@ -21,9 +21,9 @@ from service.api.schemas import (
     ReferenceStatePublic,
     VersionAuditPublic,
 )
-from service.audit_log import verify_chain
-from service.models import AuditEntry, Evaluation, Model, ModelVersion, Role, VersionKind
-from service.references import compare_with_references
+from service.audit.comparison import compare_with_references
+from service.core.audit_log import verify_chain
+from service.core.models import AuditEntry, Evaluation, Model, ModelVersion, Role, VersionKind
 
 router = APIRouter(
     prefix="/audit",
@@ -102,7 +102,7 @@ def read_audit_report(
     model: Annotated[str | None, Query(min_length=1, max_length=64, pattern=NO_NUL)] = None,
 ) -> HTMLResponse:
     """Get the audit as a printable HTML page: gaps over time, membership scores, requests against the deadline."""
-    from service import reports  # matplotlib: loaded by the first report, not by every API process
+    from service.audit import report as reports  # matplotlib: loaded by the first report, not by every API process
 
     db_model = _model(session, model or settings.default_model)
     page = reports.build_report(session, db_model, deployment_audit(session, db_model), settings.deadline_days)

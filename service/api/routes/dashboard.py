@@ -17,7 +17,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from service.api.deps import SessionDep, SettingsDep, require_role
 from service.api.routes.metrics import read_figures
 from service.api.schemas import AUTH_ERRORS, DATABASE_UNAVAILABLE
-from service.models import Role
+from service.core.models import Role
 
 router = APIRouter(tags=["operations"])
 

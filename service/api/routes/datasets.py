@@ -5,7 +5,6 @@ from typing import Annotated
 from fastapi import APIRouter, Path, status
 from sqlalchemy.exc import IntegrityError
 
-from service import samples as sample_registry
 from service.api.deps import AdminDep, SessionDep
 from service.api.schemas import (
     AUTH_ERRORS,
@@ -18,7 +17,8 @@ from service.api.schemas import (
     SamplesCreate,
     SamplesRegistered,
 )
-from service.forget_requests import RequestConflict
+from service.requests import samples as sample_registry
+from service.requests.problems import RequestConflict
 
 router = APIRouter(prefix="/datasets", tags=["datasets"], responses={**AUTH_ERRORS, **DATABASE_UNAVAILABLE})
 

@@ -7,10 +7,10 @@ from fastapi import APIRouter, HTTPException, Path, Query
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import func, select
 
-from service import deployments
 from service.api.deps import ActorDep, AdminDep, AuditorDep, SessionDep
 from service.api.schemas import AUTH_ERRORS, DATABASE_UNAVAILABLE, NO_NUL, ErrorPublic, ProblemPublic, UtcDatetime
-from service.models import Batch, BatchStatus, ForgetRequest, Model
+from service.core.models import Batch, BatchStatus, ForgetRequest, Model
+from service.deployments import deploy as deployments
 
 router = APIRouter(tags=["deployments"], responses={**AUTH_ERRORS, **DATABASE_UNAVAILABLE})
 

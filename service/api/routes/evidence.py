@@ -1,7 +1,7 @@
 """Per-request evidence: a forget request's samples before and after unlearning, against a reference.
 
 The figures are computed by the workers (the API holds no model, issue 8) and stored per version
-and sample (service.models.SampleScore): when a batch runs, for its parent and its new version;
+and sample (service.core.models.SampleScore): when a batch runs, for its parent and its new version;
 when an evaluation runs, for the evaluated version and its reference. This route only reads them.
 """
 
@@ -22,7 +22,8 @@ from service.api.schemas import (
     ProblemPublic,
     SampleFiguresPublic,
 )
-from service.models import (
+from service.audit.comparison import compare_with_references
+from service.core.models import (
     Batch,
     ForgetRequest,
     ForgetRequestSample,
@@ -32,7 +33,6 @@ from service.models import (
     SampleScore,
     VersionKind,
 )
-from service.references import compare_with_references
 
 router = APIRouter(prefix="/forget-requests", tags=["forget-requests"],
                    responses={**AUTH_ERRORS, **DATABASE_UNAVAILABLE})

@@ -6,7 +6,6 @@ from fastapi import APIRouter, FastAPI, Header, HTTPException, Path, Query, Requ
 from fastapi.responses import JSONResponse
 from sqlalchemy import func, select
 
-from service import forget_requests, idempotency
 from service.api.deps import ReaderDep, SessionDep, SubmitterDep
 from service.api.schemas import (
     AUTH_ERRORS,
@@ -20,8 +19,12 @@ from service.api.schemas import (
     ProblemPublic,
     UtcInput,
 )
-from service.api_keys import Caller
-from service.models import ForgetRequest, RequestStatus
+from service.core.api_keys import Caller
+from service.core.models import ForgetRequest, RequestStatus
+from service.requests import idempotency
+from service.requests.intake import IdempotencyClaim, Submission
+from service.requests.problems import RequestValidationProblem
+from service.requests.queries import FiledRequest, sample_ids_of_requests
 
 router = APIRouter(
     prefix="/forget-requests", tags=["forget-requests"], responses={**AUTH_ERRORS, **DATABASE_UNAVAILABLE}
@@ -84,10 +87,10 @@ async def file_request(
     check_model_allowed(caller, model)
     claim = None
     if idempotency_key is not None:
-        claim = forget_requests.IdempotencyClaim(
+        claim = IdempotencyClaim(
             caller.key_id, idempotency_key, idempotency.fingerprint(body.model_dump(mode="json"))
         )
-    submission = forget_requests.Submission(
+    submission = Submission(
         subject_id=body.subject_id,
         sample_ids=body.sample_ids,
         model_name=model,
@@ -95,9 +98,9 @@ async def file_request(
         actor=caller.actor,
         idempotency=claim,
     )
-    # Filed with whatever else arrived meanwhile, in one transaction (service/api/intake.py).
+    # Filed with whatever else arrived meanwhile, in one transaction (service/api/batch_queue.py).
     outcome = await app.state.intake.submit(submission)
-    if isinstance(outcome, forget_requests.RequestValidationProblem):
+    if isinstance(outcome, RequestValidationProblem):
         raise outcome
     if isinstance(outcome, idempotency.Replay):
         return JSONResponse(
@@ -107,7 +110,7 @@ async def file_request(
     return JSONResponse(status_code=status.HTTP_202_ACCEPTED, content=response_body(outcome))
 
 
-def response_body(filed: forget_requests.FiledRequest) -> dict:
+def response_body(filed: FiledRequest) -> dict:
     """A request's body, as answered (202 when filed, 200 when read) and as stored for its idempotency key."""
     return ForgetRequestPublic.of(filed.request, filed.sample_ids).model_dump(mode="json")
 
@@ -151,7 +154,7 @@ def list_forget_requests(
         .limit(limit)
         .offset(offset)
     ).all()
-    sample_ids = forget_requests.sample_ids_of_requests(session, [request.id for request in requests])
+    sample_ids = sample_ids_of_requests(session, [request.id for request in requests])
     return ForgetRequestsPublic(
         data=[ForgetRequestPublic.of(request, sample_ids[request.id]) for request in requests], count=count
     )
@@ -171,7 +174,7 @@ async def read_forget_request(
 
 async def read_request(app: FastAPI, request_id: str, caller: Caller) -> JSONResponse:
     """The route's work once its input is checked (also called by service/api/hot_path.py)."""
-    # Read with the other ids asked for meanwhile, in one statement (service/api/intake.py).
+    # Read with the other ids asked for meanwhile, in one statement (service/api/batch_queue.py).
     filed = await app.state.reads.submit(request_id)
     # Another model's request is "not found" to a key limited to a model, as in its listing.
     if filed is None or (caller.model is not None and filed.request.model_name != caller.model):

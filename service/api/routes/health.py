@@ -3,8 +3,8 @@
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from service import readiness
 from service.api.schemas import HealthPublic, ReadyPublic
+from service.core import readiness
 
 router = APIRouter(tags=["health"])
 

@@ -19,7 +19,7 @@ from sqlalchemy import String, cast, func, select
 from sqlalchemy.orm import Session
 
 from service.api.deps import SessionDep, SettingsDep
-from service.models import (
+from service.core.models import (
     AuditEntry,
     Batch,
     BatchStatus,
@@ -32,7 +32,7 @@ from service.models import (
     as_utc,
     utcnow,
 )
-from service.settings import Settings
+from service.core.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def queue_lengths(settings: Settings) -> dict[str, int] | None:
     from kombu import Connection
     from kombu.exceptions import ChannelError
 
-    from workers.celery_app import CONTROL_QUEUE, GPU_QUEUE, broker_transport_options
+    from service.core.tasks import CONTROL_QUEUE, GPU_QUEUE, broker_transport_options
 
     options = {**broker_transport_options(settings), "socket_connect_timeout": BROKER_TIMEOUT_SECONDS,
                "socket_timeout": BROKER_TIMEOUT_SECONDS, "max_retries": 0}

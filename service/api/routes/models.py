@@ -7,7 +7,6 @@ from fastapi import APIRouter, Header, HTTPException, Path, Query, Response, sta
 from fastapi.responses import StreamingResponse
 from sqlalchemy import Select, func, select
 
-from service import artifacts
 from service.api.deps import AdminDep, AuditorDep, SessionDep, SettingsDep
 from service.api.schemas import (
     AUTH_ERRORS,
@@ -19,8 +18,9 @@ from service.api.schemas import (
     ProblemPublic,
     ReferenceRequestPublic,
 )
-from service.models import Model, ModelVersion, ReferenceRequest, VersionKind
-from service.references import open_request, request_reference
+from service.core.models import Model, ModelVersion, ReferenceRequest, VersionKind
+from service.deployments import artifacts
+from service.references.schedule import open_request, request_reference
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +175,7 @@ def request_retrain_reference(
 
 
 def _reference_request_public(request: ReferenceRequest, created: bool) -> ReferenceRequestPublic:
-    from workers.celery_app import GPU_QUEUE  # a constant; importing it loads no model code
+    from service.core.tasks import GPU_QUEUE  # a constant; importing it loads no model code
 
     return ReferenceRequestPublic(
         id=request.id, model=request.model_name, requested_at=request.requested_at,

@@ -5,7 +5,6 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Path
 from sqlalchemy import select
 
-from service import forget_requests
 from service.api.deps import ReaderDep, SessionDep
 from service.api.schemas import (
     AUTH_ERRORS,
@@ -16,7 +15,8 @@ from service.api.schemas import (
     SamplePublic,
     SubjectPublic,
 )
-from service.models import ForgetRequest, Model, Sample, SampleStatus, Subject
+from service.core.models import ForgetRequest, Model, Sample, SampleStatus, Subject
+from service.requests.queries import sample_ids_of_requests
 
 router = APIRouter(prefix="/subjects", tags=["subjects"], responses={**AUTH_ERRORS, **DATABASE_UNAVAILABLE})
 
@@ -48,7 +48,7 @@ def read_subject(
         requests = requests.where(ForgetRequest.model_name == caller.model)
     sample_rows = session.scalars(samples).all()
     request_rows = session.scalars(requests).all()
-    sample_ids = forget_requests.sample_ids_of_requests(session, [request.id for request in request_rows])
+    sample_ids = sample_ids_of_requests(session, [request.id for request in request_rows])
     return SubjectPublic(
         id=subject.id,
         created_at=subject.created_at,

@@ -1,0 +1,98 @@
+"""Database engines and sessions.
+
+Each process names its engine (api, worker, scheduler, cli) so that PostgreSQL's
+pg_stat_activity shows who holds which connection. On SQLite every transaction begins
+IMMEDIATE: the write lock is taken up front, so two writers serialise instead of failing when
+one upgrades a read lock (the audit log's hash chain reads the last entry, then appends).
+"""
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import lru_cache
+
+from sqlalchemy import Engine, create_engine, event, exc, make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.core.settings import Settings, get_settings
+
+# Connections per engine (and process): the API lets at most its settings.api_database_sessions
+# requests hold one at once, which must not exceed POOL_SIZE + MAX_OVERFLOW.
+POOL_SIZE = 10
+MAX_OVERFLOW = 20
+# A PostgreSQL connection idle this long is pinged before it is handed out (see _ping_connections_idle_for).
+PING_AFTER_IDLE_SECONDS = 1.0
+
+
+def make_engine(database_url: str, name: str = "qforget") -> Engine:
+    if database_url.startswith("sqlite"):
+        # An in-memory database lives in one connection (SingletonThreadPool): no pool to size.
+        in_memory = make_url(database_url).database in (None, "", ":memory:")
+        pool = {} if in_memory else {"pool_size": POOL_SIZE, "max_overflow": MAX_OVERFLOW}
+        engine = create_engine(database_url, **pool, connect_args={"timeout": 30, "check_same_thread": False})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_connection, _record):
+            dbapi_connection.isolation_level = None  # let SQLAlchemy's begin event issue BEGIN
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.close()
+
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin_immediate(connection):
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+    engine = create_engine(
+        database_url,
+        pool_size=POOL_SIZE,
+        max_overflow=MAX_OVERFLOW,
+        connect_args={"application_name": f"qforget-{name}"},
+    )
+    _ping_connections_idle_for(engine, PING_AFTER_IDLE_SECONDS)
+    return engine
+
+
+def _ping_connections_idle_for(engine: Engine, seconds: float) -> None:
+    """Ping a pooled connection at checkout only if it sat idle `seconds` or more; a dead one is
+    replaced (SQLAlchemy's pessimistic disconnect handling, as pool_pre_ping does for every
+    checkout). A connection in steady use is not pinged: a round trip saved per request. One the
+    server dropped within `seconds` of its last use fails its statement once (503, retry), and
+    SQLAlchemy then replaces every connection of the pool."""
+
+    @event.listens_for(engine, "checkin")
+    def _remember_checkin(_dbapi_connection, record):
+        record.info["checked_in_at"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _ping_if_idle(dbapi_connection, record, _proxy):
+        checked_in_at = record.info.get("checked_in_at")
+        if checked_in_at is None or time.monotonic() - checked_in_at < seconds:
+            return
+        try:
+            engine.dialect.do_ping(dbapi_connection)
+        except Exception as error:  # whatever the driver raises for a dead connection
+            raise exc.DisconnectionError(f"pooled connection is dead: {error}") from error
+
+
+@lru_cache
+def _engine_for(database_url: str, name: str) -> Engine:
+    return make_engine(database_url, name)
+
+
+def get_engine(settings: Settings | None = None, name: str = "qforget") -> Engine:
+    settings = settings or get_settings()
+    return _engine_for(settings.database_url, name)
+
+
+def session_factory(engine: Engine) -> sessionmaker[Session]:
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+@contextmanager
+def transaction(engine: Engine) -> Iterator[Session]:
+    """A session whose work commits on success and rolls back on any exception."""
+    with session_factory(engine)() as session, session.begin():
+        yield session

@@ -1,0 +1,134 @@
+"""One settings object for every qforget process, read from the environment (prefix QFORGET_).
+
+The defaults are the embedded set-up: a SQLite file, a Celery broker kept in a folder, a model
+store folder, all under `data_dir`; no server to install. Production sets the database and broker
+URLs to PostgreSQL and Redis.
+"""
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="QFORGET_", env_file=".env", extra="ignore")
+
+    environment: Literal["development", "production"] = "development"
+    data_dir: Path = Path("var")
+    # Empty means "the embedded default under data_dir".
+    database_url: str = ""
+    broker_url: str = ""
+    model_store: Path | None = None
+
+    # The model a request targets when it names none; bootstrap registers it.
+    default_model: str = "digits-cnn-4bit"
+    device: str = "auto"  # "auto": CUDA when present, else the CPU
+    torch_threads: int = 0  # 0 leaves torch's own choice
+    # A worker runs at this CPU niceness (0 to 19; service/cli/processes.py): where it shares cores with
+    # the API, its minutes-long training yields to the requests, which someone is waiting on.
+    worker_nice: int = Field(19, ge=0, le=19)
+
+    # Q-MUL run parameters the worker uses (the engine's QMulConfig defaults otherwise).
+    unlearn_epochs: int = 10
+    unlearn_lr: float = 0.01
+    # Adaptive Gradient Reweighting estimates the forget and retain gradient norms each epoch on at
+    # most this many mini-batches per set (0: a full pass). A full pass over a large retain set costs
+    # about one more epoch per epoch (docs/performance.md: 22-24% of a run saved at 8 batches).
+    unlearn_grad_norm_batches: int = 20
+
+    # Batch policy (workers/batches/policy.py): a default, and overrides per model name, e.g.
+    # QFORGET_BATCH_POLICIES='{"digits-cnn-4bit": {"min_samples": 1}}'.
+    batch_min_samples: int = 50
+    batch_max_wait_seconds: float = 600.0
+    batch_due_margin_days: float = 3.0
+    batch_policies: dict[str, dict] = {}
+
+    # Scheduling and leases: how often the scheduler looks for due work, how long a claimed batch
+    # may go without a heartbeat before another worker may take it over.
+    scheduler_interval_seconds: float = 5.0
+    lease_seconds: int = 900
+    max_attempts: int = 3
+    # After a failed attempt the batch waits retry_backoff_seconds * 2^(attempt-1) before the next;
+    # after the last attempt its model gets no new batch for failed_batch_cooldown_seconds.
+    retry_backoff_seconds: float = 30.0
+    failed_batch_cooldown_seconds: float = 3600.0
+
+    # Quality gate: a new version whose test accuracy fell more than this many points below its
+    # parent's is held for review instead of deployed.
+    quality_gate_max_ta_drop: float = 5.0
+    # Artifacts of versions that still carry forgotten samples are deleted this long after the
+    # deployment forgot them (kept meanwhile for audit evidence); the deployed one never is.
+    artifact_retention_hours: float = 24.0
+    # An Idempotency-Key is remembered this long (the scheduler deletes older records): a client
+    # retries within minutes, and a key reused after this is a new request.
+    idempotency_retention_hours: float = 24.0
+
+    # GDPR Art. 12(3): one month to act on a request.
+    deadline_days: int = 30
+
+    # Retrain reference schedule (service/references/schedule.py): a new reference once this many unlearned
+    # versions were deployed since the newest one, or once the newest one is this many days old,
+    # whenever the deployment has forgotten samples the newest reference still holds. 0: off.
+    reference_every_versions: int = Field(default=0, ge=0)
+    reference_every_days: float = Field(default=0.0, ge=0)
+    # A reference request that failed this many times is closed (a broken data file, a model that
+    # does not fit the GPU): sent again forever, it would hold a GPU worker for nothing.
+    reference_max_attempts: int = Field(default=3, ge=1)
+    # A reference's training saves a checkpoint at most this often (seconds), so that a worker
+    # restarted mid-training (a deployment, a lost GPU machine) resumes the request's run.
+    checkpoint_every_seconds: float = Field(default=60.0, ge=0)
+
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    # Requests that hold a database session at once, per API process; the others wait in the event
+    # loop, holding nothing. At most the connection pool (service/core/db.py: 10 + 20 overflow), so that
+    # a request thread never waits for a connection held by a request that itself waits for a thread
+    # (that deadlocked until the pool's 30 s timeout under 200 connections). Fewer also means less
+    # contention for the GIL, hence lower latency at the same throughput (docs/performance.md).
+    api_database_sessions: int = Field(10, ge=1, le=30)
+    # An API process trusts a key it authenticated for this long without asking the database again:
+    # a revoked key keeps working up to this long (0: every request asks; service/api/deps.py).
+    api_key_cache_seconds: float = Field(5.0, ge=0, le=300)
+    # Request bodies larger than this are refused with 413 (service/api/body_limit.py).
+    api_max_body_bytes: int = 1 << 20
+
+    # Log lines: "json" (one object a line, for a log collector), "text" (readable), or "auto":
+    # JSON in production, text otherwise (service/core/logging_setup.py).
+    log_format: Literal["auto", "json", "text"] = "auto"
+
+    @model_validator(mode="after")
+    def _fill_embedded_defaults(self) -> "Settings":
+        if not self.database_url:
+            self.database_url = f"sqlite:///{(self.data_dir / 'qforget.db').resolve()}"
+        if not self.broker_url:
+            self.broker_url = "filesystem://"
+        if self.model_store is None:
+            self.model_store = self.data_dir / "models"
+        if self.environment == "production" and self.database_url.startswith("sqlite"):
+            raise ValueError("QFORGET_DATABASE_URL: production needs a server database, not SQLite")
+        return self
+
+    @property
+    def log_json(self) -> bool:
+        return self.log_format == "json" or (self.log_format == "auto" and self.environment == "production")
+
+    @property
+    def torch_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch  # only the processes that train ask for it
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    @property
+    def broker_folder(self) -> Path:
+        """Where the filesystem broker keeps its messages (embedded default only)."""
+        return (self.data_dir / "broker").resolve()
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

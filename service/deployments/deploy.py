@@ -1,0 +1,128 @@
+"""Deploying model versions, and the admin decisions around deployment (DESIGN.md invariants 2, 4).
+
+Database work only, no model code, inside the caller's transaction: the worker deploys through
+`deploy_version`, and the API's admin routes approve or discard a batch the quality gate held, or
+roll back, through the rest.
+"""
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from service.core.audit_log import append_audit
+from service.core.models import (
+    Batch,
+    BatchStatus,
+    ForgetRequest,
+    ForgetRequestSample,
+    Model,
+    ModelVersion,
+    RequestStatus,
+    Sample,
+    SampleStatus,
+    VersionKind,
+    utcnow,
+)
+
+
+def deploy_version(session, batch: Batch, model: Model, version: ModelVersion, forget_ids: list[int], actor: str) -> None:
+    """Deployment pointer, completed requests, forgotten samples: all in the caller's transaction."""
+    now = utcnow()
+    model.deployed_version_id = version.id
+    session.execute(
+        update(Sample)
+        .where(Sample.id.in_(forget_ids))
+        .values(status=SampleStatus.forgotten, forgotten_at=now, forgotten_by_version_id=version.id)
+    )
+    request_ids = session.scalars(select(ForgetRequest.id).where(ForgetRequest.batch_id == batch.id)).all()
+    session.execute(
+        update(ForgetRequest)
+        .where(ForgetRequest.batch_id == batch.id)
+        .values(status=RequestStatus.completed, completed_version_id=version.id, completed_at=now, error=None)
+    )
+    batch.status = BatchStatus.completed
+    batch.finished_at = now
+    append_audit(session, actor=actor, action="model.deployed", object_type="model_version",
+                 object_id=str(version.id),
+                 details={"model": model.name, "parent_version_id": batch.parent_version_id,
+                          "batch_id": batch.id, "sha256": version.sha256, "metrics": version.metrics})
+    append_audit(session, actor=actor, action="samples.forgotten", object_type="batch",
+                 object_id=str(batch.id), details={"sample_ids": forget_ids, "version_id": version.id})
+    for request_id in request_ids:
+        append_audit(session, actor=actor, action="request.completed", object_type="forget_request",
+                     object_id=request_id, details={"version_id": version.id, "batch_id": batch.id})
+    append_audit(session, actor=actor, action="batch.completed", object_type="batch",
+                 object_id=str(batch.id), details={"version_id": version.id, "requests": len(request_ids)})
+
+
+class AdminRefusal(Exception):
+    """An admin action that would break an invariant; the message says which."""
+
+
+class UnknownObject(AdminRefusal):
+    """The batch or version the action names does not exist."""
+
+
+def _held_batch(session, batch_id: int) -> Batch:
+    batch = session.get(Batch, batch_id, with_for_update=True)
+    if batch is None:
+        raise UnknownObject(f"batch {batch_id} does not exist")
+    if batch.status != BatchStatus.held:
+        raise AdminRefusal(f"batch {batch_id} is {batch.status.value}, not held")
+    return batch
+
+
+def approve_batch(session: Session, batch_id: int, actor: str) -> int:
+    """Deploy a held batch's version despite the quality gate. Returns the version id."""
+    batch = _held_batch(session, batch_id)
+    model = session.get(Model, batch.model_name, with_for_update=True)
+    if model.deployed_version_id != batch.parent_version_id:
+        raise AdminRefusal(f"batch {batch_id} was run from version {batch.parent_version_id}, "
+                           f"but version {model.deployed_version_id} is deployed now")
+    version = session.get(ModelVersion, batch.result_version_id)
+    forget_ids = session.scalars(
+        select(ForgetRequestSample.sample_id).join(ForgetRequest)
+        .where(ForgetRequest.batch_id == batch.id)
+    ).all()
+    append_audit(session, actor=actor, action="batch.approved", object_type="batch",
+                 object_id=str(batch.id), details={"version_id": version.id, "hold_reason": batch.hold_reason})
+    deploy_version(session, batch, model, version, sorted(set(forget_ids)), actor)
+    return version.id
+
+
+def discard_batch(session: Session, batch_id: int, actor: str, new_config: dict | None = None) -> None:
+    """Refuse a held batch: its requests go back to pending, optionally with new Q-MUL settings.
+
+    `new_config` holds QMulConfig fields; the caller (the API's schema) has validated them.
+    """
+    batch = _held_batch(session, batch_id)
+    batch.status = BatchStatus.discarded
+    batch.finished_at = utcnow()
+    session.execute(update(ForgetRequest).where(ForgetRequest.batch_id == batch.id)
+                    .values(status=RequestStatus.pending, batch_id=None))
+    if new_config is not None:
+        session.get(Model, batch.model_name).unlearn_config = new_config
+    append_audit(session, actor=actor, action="batch.discarded", object_type="batch",
+                 object_id=str(batch.id), details={"new_config": new_config})
+
+
+def rollback(session: Session, model_name: str, version_id: int, actor: str) -> None:
+    """Deploy an earlier version, only if it has already forgotten every forgotten sample."""
+    model = session.get(Model, model_name, with_for_update=True)
+    version = session.get(ModelVersion, version_id)
+    if model is None or version is None or version.model_name != model_name:
+        raise UnknownObject(f"version {version_id} is not a version of model {model_name!r}")
+    if version.kind == VersionKind.reference:
+        raise AdminRefusal(f"version {version_id} is a retrain reference, never deployed")
+    if version.artifact_deleted_at is not None:
+        raise AdminRefusal(f"version {version_id}'s artifact was deleted by the retention policy")
+    forgotten = set(session.scalars(
+        select(Sample.id).where(Sample.dataset == model.dataset, Sample.status == SampleStatus.forgotten)
+    ))
+    remembered = sorted(forgotten - set(version.excluded_sample_ids))
+    if remembered:
+        raise AdminRefusal(f"version {version_id} was made before {len(remembered)} forgotten samples "
+                           f"were forgotten (e.g. sample {remembered[0]}): deploying it would bring them back")
+    previous = model.deployed_version_id
+    model.deployed_version_id = version.id
+    append_audit(session, actor=actor, action="model.rolled_back", object_type="model_version",
+                 object_id=str(version.id), details={"model": model_name, "previous_version_id": previous})

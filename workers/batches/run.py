@@ -1,0 +1,141 @@
+"""Running Q-MUL on a claimed batch, and the quality gate that decides whether its version is
+deployed or held."""
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import Engine, select, update
+
+from service.core.audit_log import append_audit
+from service.core.db import transaction
+from service.core.models import (
+    Batch,
+    BatchStatus,
+    ForgetRequest,
+    Model,
+    ModelVersion,
+    RequestStatus,
+    Sample,
+    SampleStatus,
+    VersionKind,
+)
+from service.core.settings import Settings
+from service.deployments.deploy import deploy_version
+from workers import engine as qf
+from workers.batches.claims import ClaimedBatch, LeaseKeeper
+from workers.evaluation.samples import SampleAssessment, assess_samples, record_sample_scores
+from workers.runtime import WORKER_ID, artifact_spec, load_data
+
+log = logging.getLogger(__name__)
+
+
+def run_batch(engine: Engine, settings: Settings, claimed: ClaimedBatch, progress: bool = False) -> int | None:
+    """Run Q-MUL for a claimed batch and deploy the result. Returns the new version id."""
+    with transaction(engine) as session:
+        model = session.get(Model, claimed.model_name)
+        parent = session.get(ModelVersion, claimed.parent_version_id)
+        forget_rows = session.execute(
+            select(Sample.id, Sample.dataset_index)
+            .join(ForgetRequest.samples)
+            .where(ForgetRequest.batch_id == claimed.batch_id)
+            .order_by(Sample.id)
+        ).all()
+        forget_ids = sorted({row.id for row in forget_rows})
+        retain_indices = session.scalars(
+            select(Sample.dataset_index)
+            .where(Sample.dataset == model.dataset, Sample.status == SampleStatus.active,
+                   Sample.id.not_in(forget_ids))
+            .order_by(Sample.dataset_index)
+        ).all()
+        spec = qf.ModelSpec.from_dict(model.spec)
+        config = unlearn_config(settings, model)
+        parent_path, parent_sha256 = parent.artifact_path, parent.sha256
+    forget_indices = sorted({row.dataset_index for row in forget_rows})
+    id_of_index = {row.dataset_index: row.id for row in forget_rows}
+
+    keeper = LeaseKeeper(engine, claimed.batch_id, settings.lease_seconds)
+    keeper.start()
+    try:
+        data = load_data(spec)
+        network, _ = qf.load_artifact(Path(parent_path), parent_sha256, device=settings.torch_device)
+        forget, retain = data.train.subset(forget_indices), data.train.subset(retain_indices)
+        log.info("batch %s: Q-MUL on %d forget / %d retain samples", claimed.batch_id, len(forget), len(retain))
+        result = qf.qmul_unlearn(network, forget, retain, config, device=settings.torch_device, progress=progress)
+        # Per-request evidence: the batch's samples before (the parent) and after (the new version).
+        evidence = BatchEvidence(
+            sample_ids=[id_of_index[index] for index in forget_indices],
+            before=assess_samples(network, forget, retain, data.test, settings.torch_device),
+            after=assess_samples(result.model, forget, retain, data.test, settings.torch_device),
+        )
+        metrics = evidence.after.metrics
+        path, sha256 = qf.save_artifact(result.model, artifact_spec(spec), Path(settings.model_store))
+    finally:
+        keeper.stop()
+    if keeper.lost:
+        log.warning("batch %s: lease lost during the run; another worker owns it now", claimed.batch_id)
+        return None
+    return _record_result(engine, settings, claimed, forget_ids, path, sha256, config, metrics, result.history,
+                          evidence)
+
+
+def unlearn_config(settings: Settings, model: Model) -> qf.QMulConfig:
+    """The service-wide Q-MUL settings, overridden by what an admin set for this model."""
+    return qf.QMulConfig(**{"epochs": settings.unlearn_epochs, "lr": settings.unlearn_lr,
+                            "grad_norm_batches": settings.unlearn_grad_norm_batches or None,
+                            **(model.unlearn_config or {})})
+
+
+@dataclass(frozen=True)
+class BatchEvidence:
+    sample_ids: list[int]  # in the order of the assessments' arrays
+    before: SampleAssessment  # the parent version
+    after: SampleAssessment  # the new version
+
+
+def _record_result(engine, settings, claimed, forget_ids, path, sha256, config, metrics, history,
+                   evidence: BatchEvidence | None = None) -> int | None:
+    """One transaction: the new version and its evidence, then either its deployment or a hold by
+    the quality gate."""
+    actor = f"worker:{WORKER_ID}"
+    with transaction(engine) as session:
+        batch = session.get(Batch, claimed.batch_id, with_for_update=True)
+        if batch.status != BatchStatus.running or batch.lease_owner != WORKER_ID:
+            return None  # already deployed by this batch's run, or taken over: deploy nothing
+        model = session.get(Model, claimed.model_name, with_for_update=True)
+        parent = session.get(ModelVersion, batch.parent_version_id)
+        previously_forgotten = session.scalars(
+            select(Sample.id).where(Sample.dataset == model.dataset, Sample.status == SampleStatus.forgotten)
+        ).all()
+        version = ModelVersion(
+            model_name=model.name,
+            kind=VersionKind.unlearned,
+            parent_id=batch.parent_version_id,
+            batch_id=batch.id,
+            method="qmul",
+            config={**vars(config), "history": history},
+            metrics=metrics,
+            sha256=sha256,
+            artifact_path=str(path),
+            excluded_sample_ids=sorted([*previously_forgotten, *forget_ids]),
+        )
+        session.add(version)
+        session.flush()
+        batch.result_version_id = version.id
+        if evidence is not None:
+            record_sample_scores(session, batch.parent_version_id, evidence.sample_ids, evidence.before)
+            record_sample_scores(session, version.id, evidence.sample_ids, evidence.after)
+        drop = parent.metrics.get("TA", metrics["TA"]) - metrics["TA"]
+        if drop > settings.quality_gate_max_ta_drop:
+            batch.status = BatchStatus.held
+            batch.hold_reason = (f"test accuracy fell {drop:.2f} points (parent {parent.metrics['TA']:.2f}, "
+                                 f"new {metrics['TA']:.2f}); the gate allows {settings.quality_gate_max_ta_drop}")
+            # The requests stay pending (and attached to the held batch) until an admin decides.
+            session.execute(update(ForgetRequest).where(ForgetRequest.batch_id == batch.id)
+                            .values(status=RequestStatus.pending))
+            append_audit(session, actor=actor, action="batch.held", object_type="batch", object_id=str(batch.id),
+                         details={"version_id": version.id, "reason": batch.hold_reason})
+            log.warning("batch %s held for review: %s", batch.id, batch.hold_reason)
+            return None
+        deploy_version(session, batch, model, version, forget_ids, actor)
+        return version.id
