@@ -7,10 +7,36 @@ URLs to PostgreSQL and Redis.
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+# The Q-MUL settings of a run, each bounded here once: the service-wide values in Settings
+# (QFORGET_UNLEARN_*) and an admin's per-model overrides (UnlearnSettings) are checked against the
+# same bounds, and the worker hands every one to the engine's QMulConfig.
+UnlearnEpochs = Annotated[int, Field(ge=1, le=1000)]
+LearningRate = Annotated[float, Field(gt=0, le=1)]
+Momentum = Annotated[float, Field(ge=0, lt=1)]
+WeightDecay = Annotated[float, Field(ge=0, le=1)]
+BatchSize = Annotated[int, Field(ge=1, le=4096)]
+GradNormBatches = Annotated[int, Field(ge=0, le=100_000)]  # 0: a full pass over each set
+
+
+class UnlearnSettings(BaseModel):
+    """Q-MUL settings for a model's next runs, overriding the service-wide ones; omitted: unchanged.
+    `similar_labels` and `gradient_reweighting` turn Q-MUL's two components off (ablations)."""
+
+    model_config = ConfigDict(extra="forbid")
+    epochs: UnlearnEpochs | None = None
+    lr: LearningRate | None = None
+    momentum: Momentum | None = None
+    weight_decay: WeightDecay | None = None
+    batch_size: BatchSize | None = None
+    similar_labels: bool | None = None
+    gradient_reweighting: bool | None = None
+    grad_norm_batches: GradNormBatches | None = None
 
 
 class Settings(BaseSettings):
@@ -31,13 +57,16 @@ class Settings(BaseSettings):
     # the API, its minutes-long training yields to the requests, which someone is waiting on.
     worker_nice: int = Field(19, ge=0, le=19)
 
-    # Q-MUL run parameters the worker uses (the engine's QMulConfig defaults otherwise).
-    unlearn_epochs: int = 10
-    unlearn_lr: float = 0.01
+    # Q-MUL settings of every model's runs (an admin may override them per model: UnlearnSettings).
+    unlearn_epochs: UnlearnEpochs = 10
+    unlearn_lr: LearningRate = 0.01
+    unlearn_momentum: Momentum = 0.9
+    unlearn_weight_decay: WeightDecay = 5e-4
+    unlearn_batch_size: BatchSize = 64
     # Adaptive Gradient Reweighting estimates the forget and retain gradient norms each epoch on at
     # most this many mini-batches per set (0: a full pass). A full pass over a large retain set costs
     # about one more epoch per epoch (docs/performance.md: 22-24% of a run saved at 8 batches).
-    unlearn_grad_norm_batches: int = 20
+    unlearn_grad_norm_batches: GradNormBatches = 20
 
     # Batch policy (workers/batches/policy.py): a default, and overrides per model name, e.g.
     # QFORGET_BATCH_POLICIES='{"digits-cnn-4bit": {"min_samples": 1}}'.
@@ -110,6 +139,13 @@ class Settings(BaseSettings):
         if self.environment == "production" and self.database_url.startswith("sqlite"):
             raise ValueError("QFORGET_DATABASE_URL: production needs a server database, not SQLite")
         return self
+
+    def unlearn_settings(self, overrides: dict | None = None) -> dict:
+        """A model's Q-MUL settings: the service-wide ones, then the admin's overrides for it."""
+        values = {"epochs": self.unlearn_epochs, "lr": self.unlearn_lr, "momentum": self.unlearn_momentum,
+                  "weight_decay": self.unlearn_weight_decay, "batch_size": self.unlearn_batch_size,
+                  "grad_norm_batches": self.unlearn_grad_norm_batches}
+        return values | (overrides or {})
 
     @property
     def log_json(self) -> bool:

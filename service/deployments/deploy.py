@@ -16,42 +16,29 @@ from service.core.models import (
     ForgetRequestSample,
     Model,
     ModelVersion,
-    RequestStatus,
     Sample,
     SampleStatus,
     VersionKind,
     utcnow,
 )
+from service.requests import lifecycle
 
 
 def deploy_version(session, batch: Batch, model: Model, version: ModelVersion, forget_ids: list[int], actor: str) -> None:
-    """Deployment pointer, completed requests, forgotten samples: all in the caller's transaction."""
-    now = utcnow()
+    """Deployment pointer, forgotten samples, completed batch and requests: all in the caller's transaction."""
     model.deployed_version_id = version.id
     session.execute(
         update(Sample)
         .where(Sample.id.in_(forget_ids))
-        .values(status=SampleStatus.forgotten, forgotten_at=now, forgotten_by_version_id=version.id)
+        .values(status=SampleStatus.forgotten, forgotten_at=utcnow(), forgotten_by_version_id=version.id)
     )
-    request_ids = session.scalars(select(ForgetRequest.id).where(ForgetRequest.batch_id == batch.id)).all()
-    session.execute(
-        update(ForgetRequest)
-        .where(ForgetRequest.batch_id == batch.id)
-        .values(status=RequestStatus.completed, completed_version_id=version.id, completed_at=now, error=None)
-    )
-    batch.status = BatchStatus.completed
-    batch.finished_at = now
     append_audit(session, actor=actor, action="model.deployed", object_type="model_version",
                  object_id=str(version.id),
                  details={"model": model.name, "parent_version_id": batch.parent_version_id,
                           "batch_id": batch.id, "sha256": version.sha256, "metrics": version.metrics})
     append_audit(session, actor=actor, action="samples.forgotten", object_type="batch",
                  object_id=str(batch.id), details={"sample_ids": forget_ids, "version_id": version.id})
-    for request_id in request_ids:
-        append_audit(session, actor=actor, action="request.completed", object_type="forget_request",
-                     object_id=request_id, details={"version_id": version.id, "batch_id": batch.id})
-    append_audit(session, actor=actor, action="batch.completed", object_type="batch",
-                 object_id=str(batch.id), details={"version_id": version.id, "requests": len(request_ids)})
+    lifecycle.complete(session, batch, version, actor)
 
 
 class AdminRefusal(Exception):
@@ -95,14 +82,9 @@ def discard_batch(session: Session, batch_id: int, actor: str, new_config: dict 
     `new_config` holds QMulConfig fields; the caller (the API's schema) has validated them.
     """
     batch = _held_batch(session, batch_id)
-    batch.status = BatchStatus.discarded
-    batch.finished_at = utcnow()
-    session.execute(update(ForgetRequest).where(ForgetRequest.batch_id == batch.id)
-                    .values(status=RequestStatus.pending, batch_id=None))
     if new_config is not None:
         session.get(Model, batch.model_name).unlearn_config = new_config
-    append_audit(session, actor=actor, action="batch.discarded", object_type="batch",
-                 object_id=str(batch.id), details={"new_config": new_config})
+    lifecycle.discard(session, batch, actor, new_config)
 
 
 def rollback(session: Session, model_name: str, version_id: int, actor: str) -> None:

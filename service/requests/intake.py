@@ -24,12 +24,12 @@ from service.core.models import (
     ForgetRequestSample,
     IdempotencyRecord,
     Model,
-    RequestStatus,
     Sample,
     SampleStatus,
     Subject,
     utcnow,
 )
+from service.requests import lifecycle
 from service.requests.idempotency import HEADER as IDEMPOTENCY_HEADER
 from service.requests.idempotency import Replay
 from service.requests.problems import RequestConflict, RequestValidationProblem, format_ids
@@ -38,8 +38,6 @@ from service.requests.queries import FiledRequest
 MAX_SAMPLES_PER_REQUEST = 10_000
 
 
-# A sample in one of these is already on its way to being forgotten.
-OPEN_STATUSES = (RequestStatus.received, RequestStatus.pending, RequestStatus.batched)
 
 
 @dataclass(frozen=True)
@@ -279,7 +277,7 @@ _OPEN_LINKS = (
     select(ForgetRequestSample.sample_id, ForgetRequestSample.request_id, ForgetRequest.model_name)
     .join(ForgetRequest, ForgetRequest.id == ForgetRequestSample.request_id)
     .join(Sample, Sample.id == ForgetRequestSample.sample_id)
-    .where(ForgetRequest.status.in_(OPEN_STATUSES), _WANTED_SAMPLES)
+    .where(ForgetRequest.status.in_(lifecycle.OPEN_STATUSES), _WANTED_SAMPLES)
 )
 
 
@@ -329,7 +327,7 @@ class _BatchCheck:
             id=str(uuid.uuid4()),
             subject_id=subject_id,
             model_name=model.name,
-            status=RequestStatus.pending,
+            status=lifecycle.FILED,
             received_at=received_at,
             due_at=received_at + timedelta(days=submission.deadline_days),
         )

@@ -11,6 +11,7 @@ from service.core.audit_log import append_audit
 from service.core.db import transaction
 from service.core.models import Batch, BatchStatus, ForgetRequest, Model, RequestStatus, as_utc, utcnow
 from service.core.settings import Settings
+from service.requests import lifecycle
 from workers.runtime import WORKER_ID
 
 log = logging.getLogger(__name__)
@@ -52,30 +53,8 @@ def claim_batch(engine: Engine, settings: Settings, model_name: str) -> ClaimedB
         ).all()
         if not pending:
             return None
-        batch = Batch(
-            model_name=model_name,
-            status=BatchStatus.running,
-            parent_version_id=model.deployed_version_id,
-            lease_owner=WORKER_ID,
-            lease_expires_at=lease_until,
-        )
-        session.add(batch)
-        session.flush()
-        for request in pending:
-            request.status = RequestStatus.batched
-            request.batch_id = batch.id
-        append_audit(
-            session,
-            actor=f"worker:{WORKER_ID}",
-            action="batch.claimed",
-            object_type="batch",
-            object_id=str(batch.id),
-            details={
-                "model": model_name,
-                "parent_version_id": batch.parent_version_id,
-                "requests": [request.id for request in pending],
-            },
-        )
+        batch = lifecycle.claim(session, pending, model_name, model.deployed_version_id, WORKER_ID, lease_until,
+                                actor=f"worker:{WORKER_ID}")
         return ClaimedBatch(batch.id, model_name, batch.parent_version_id)
 
 
@@ -84,18 +63,7 @@ def _take_over(session, settings: Settings, batch: Batch, lease_until) -> Claime
     if batch.attempts > settings.max_attempts:
         # Never silently dropped: the requests go back to pending with the error recorded.
         error = f"batch {batch.id} abandoned after {settings.max_attempts} attempts: {batch.error or 'worker lost'}"
-        batch.status = BatchStatus.failed
-        batch.finished_at = utcnow()
-        batch.error = error
-        session.execute(
-            update(ForgetRequest)
-            .where(ForgetRequest.batch_id == batch.id)
-            .values(status=RequestStatus.pending, batch_id=None, error=error)
-        )
-        append_audit(
-            session, actor=f"worker:{WORKER_ID}", action="batch.failed", object_type="batch",
-            object_id=str(batch.id), details={"error": error},
-        )
+        lifecycle.give_up(session, batch, error, actor=f"worker:{WORKER_ID}")
         return None
     previous_owner = batch.lease_owner
     batch.lease_owner = WORKER_ID

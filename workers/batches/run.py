@@ -5,9 +5,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Engine, select
 
-from service.core.audit_log import append_audit
 from service.core.db import transaction
 from service.core.models import (
     Batch,
@@ -15,13 +14,13 @@ from service.core.models import (
     ForgetRequest,
     Model,
     ModelVersion,
-    RequestStatus,
     Sample,
     SampleStatus,
     VersionKind,
 )
 from service.core.settings import Settings
 from service.deployments.deploy import deploy_version
+from service.requests import lifecycle
 from workers import engine as qf
 from workers.batches.claims import ClaimedBatch, LeaseKeeper
 from workers.evaluation.samples import SampleAssessment, assess_samples, record_sample_scores
@@ -80,10 +79,9 @@ def run_batch(engine: Engine, settings: Settings, claimed: ClaimedBatch, progres
 
 
 def unlearn_config(settings: Settings, model: Model) -> qf.QMulConfig:
-    """The service-wide Q-MUL settings, overridden by what an admin set for this model."""
-    return qf.QMulConfig(**{"epochs": settings.unlearn_epochs, "lr": settings.unlearn_lr,
-                            "grad_norm_batches": settings.unlearn_grad_norm_batches or None,
-                            **(model.unlearn_config or {})})
+    """The model's Q-MUL settings (service-wide, then what an admin set for it) as the engine's config."""
+    values = settings.unlearn_settings(model.unlearn_config)
+    return qf.QMulConfig(**{**values, "grad_norm_batches": values["grad_norm_batches"] or None})  # 0: a full pass
 
 
 @dataclass(frozen=True)
@@ -127,14 +125,9 @@ def _record_result(engine, settings, claimed, forget_ids, path, sha256, config, 
             record_sample_scores(session, version.id, evidence.sample_ids, evidence.after)
         drop = parent.metrics.get("TA", metrics["TA"]) - metrics["TA"]
         if drop > settings.quality_gate_max_ta_drop:
-            batch.status = BatchStatus.held
-            batch.hold_reason = (f"test accuracy fell {drop:.2f} points (parent {parent.metrics['TA']:.2f}, "
-                                 f"new {metrics['TA']:.2f}); the gate allows {settings.quality_gate_max_ta_drop}")
-            # The requests stay pending (and attached to the held batch) until an admin decides.
-            session.execute(update(ForgetRequest).where(ForgetRequest.batch_id == batch.id)
-                            .values(status=RequestStatus.pending))
-            append_audit(session, actor=actor, action="batch.held", object_type="batch", object_id=str(batch.id),
-                         details={"version_id": version.id, "reason": batch.hold_reason})
+            reason = (f"test accuracy fell {drop:.2f} points (parent {parent.metrics['TA']:.2f}, "
+                      f"new {metrics['TA']:.2f}); the gate allows {settings.quality_gate_max_ta_drop}")
+            lifecycle.hold(session, batch, version, reason, actor)
             log.warning("batch %s held for review: %s", batch.id, batch.hold_reason)
             return None
         deploy_version(session, batch, model, version, forget_ids, actor)
