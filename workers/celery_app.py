@@ -1,6 +1,6 @@
-"""The Celery app: queue names, reliability settings for long GPU runs, and the beat schedule.
+"""The Celery app: reliability settings for long GPU runs, and the beat schedule.
 
-The broker only carries wake-ups (DESIGN.md invariant 1): every task reads its work from the
+The broker only carries wake-ups (docs/design.md, invariant 1): every task reads its work from the
 database, so a lost or duplicated message costs at most a no-op run, and the scheduler re-sends
 what is due every `scheduler_interval_seconds`.
 """

@@ -1,7 +1,7 @@
 """The initial schema.
 
 Subjects and their samples, models and their versions, batches, forget requests, evaluations, and
-the audit log: everything in service/core/models.py at issue 3.
+the audit log: everything in the ORM models at the first release.
 
 Revision ID: 0001
 Revises:

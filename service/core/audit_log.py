@@ -1,4 +1,4 @@
-"""The audit log: every state change appends one entry, hash-chained (DESIGN.md invariant 5).
+"""The audit log: every state change appends one entry, hash-chained (docs/design.md, invariant 5).
 
 Each entry's hash covers its predecessor's hash and its own contents, so editing, inserting or
 deleting an entry anywhere but at the end breaks the chain at the first entry after the change.

@@ -1,6 +1,6 @@
 """The database schema (SQLAlchemy 2 typed models). Alembic migrations are the only way it changes.
 
-Vocabulary (DESIGN.md): a subject owns samples; a forget request asks to forget a subject's
+Vocabulary (docs/design.md): a subject owns samples; a forget request asks to forget a subject's
 samples from one model; requests are run in batches; each run produces an immutable model
 version; the deployment is the model's pointer to the version now serving; a retrain reference
 is a version of kind "reference", trained from scratch without the forgotten samples.

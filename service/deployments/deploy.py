@@ -1,4 +1,5 @@
-"""Deploying model versions, and the admin decisions around deployment (DESIGN.md invariants 2, 4).
+"""Deploying model versions, and the admin decisions around deployment (docs/design.md,
+invariants 2 and 4).
 
 Database work only, no model code, inside the caller's transaction: the worker deploys through
 `deploy_version`, and the API's admin routes approve or discard a batch the quality gate held, or

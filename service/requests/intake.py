@@ -4,8 +4,7 @@ Plain functions over a Session, for the API and any other caller. Every check ru
 first write, so input that is refused leaves no trace, not even an audit entry. The work is a
 fixed number of statements whatever the number of samples, and of requests filed together (the
 API files concurrent requests in one transaction: service/api/batch_queue.py). The checks are
-synchronous, so a stored request goes straight to `pending` (DESIGN.md's `received` is the moment
-of this call).
+synchronous, so a stored request goes straight to `pending` (service/requests/lifecycle.py).
 """
 
 import uuid

@@ -1,4 +1,4 @@
-"""Issue 7's audit routes: POST /models/{model}/references, GET /audit/versions/{id}, the reference
+"""The audit routes: POST /models/{model}/references, GET /audit/versions/{id}, the reference
 state in GET /audit, GET /forget-requests/{id}/evidence and GET /audit/report.
 
 Versions, references, evaluations and per-sample figures are inserted as the workers would write

@@ -4,7 +4,6 @@ the speed figures come from `qforget loadtest` (docs/performance.md)."""
 
 import asyncio
 import subprocess
-import sys
 import threading
 import time
 
@@ -139,20 +138,6 @@ def test_api_database_sessions_beyond_the_pool_is_refused_naming_it(tmp_path):
 
     with pytest.raises(ValidationError, match="api_database_sessions"):
         Settings(data_dir=tmp_path, api_database_sessions=31, _env_file=None)
-
-
-def test_the_api_process_imports_no_model_code(tmp_path):
-    program = (
-        "import sys\n"
-        "from service.api.app import create_app\n"
-        "from service.core.settings import Settings\n"
-        f"create_app(Settings(data_dir={str(tmp_path)!r}, _env_file=None))\n"
-        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'numpy', 'sklearn')"
-        " or m.startswith('workers.engine')))\n"
-    )
-    result = subprocess.run([sys.executable, "-c", program], check=False, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "[]"
 
 
 @pytest.mark.parametrize(

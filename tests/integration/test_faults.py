@@ -1,6 +1,6 @@
 """Fault injection against the real stack: a worker killed mid-run, Redis stopped mid-flow, two
 workers on one model. Whatever dies when, every request completes exactly once and the deployed
-version is the newest in an unbroken lineage (DESIGN.md invariants 1, 3 and 7)."""
+version is the newest in an unbroken lineage (docs/design.md, invariants 1, 3 and 7)."""
 
 import subprocess
 import time

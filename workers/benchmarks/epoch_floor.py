@@ -8,7 +8,7 @@ estimated over the whole sets every epoch and once over a sample of mini-batches
 torch.profiler's top operators over one Q-MUL epoch follow the table.
 
     python -m workers.benchmarks.epoch_floor [--configs digits cifar-subset] [--profile]
-    python -m workers.benchmarks.epoch_floor --configs resnet18-cifar10 --device cuda   # issue 8, on a GPU
+    python -m workers.benchmarks.epoch_floor --configs resnet18-cifar10 --device cuda   # on a GPU
 
 Times are wall-clock seconds (CUDA synchronised); one torch thread by default, as on the shared CPU.
 """
@@ -43,7 +43,7 @@ SETUPS = {
     # The cpu-cifar10 benchmark preset (workers/benchmarks/bench.py): 250 images per class, small CNN.
     "cifar-subset": Setup("cifar10", {"train_per_class": 250, "test_per_class": 100}, "cifar-cnn",
                           TrainConfig(epochs=15, lr=0.05), QMulConfig(epochs=5), 8),
-    # Issue 8's GPU target: ResNet-18, LSQ+ W4A4, full CIFAR-10, retrain 160 epochs, Q-MUL 10,
+    # The GPU target: ResNet-18, LSQ+ W4A4, full CIFAR-10, retrain 160 epochs, Q-MUL 10,
     # batch 256 (the gpu-paper preset). Hours on a CPU: use --device cuda.
     "resnet18-cifar10": Setup("cifar10", {}, "resnet18", TrainConfig(epochs=160, lr=0.1, batch_size=256),
                               QMulConfig(epochs=10, batch_size=256), 20),
@@ -77,7 +77,7 @@ def timed(device: str, work) -> tuple[float, object]:
 
 @dataclass(frozen=True)
 class Levers:
-    """Issue 8's levers a run can switch, each against the engine's default."""
+    """The speed levers a run can switch, each against the engine's default."""
 
     contiguous: bool = False  # the standard NCHW layout instead of the engine's channels-last
     compile_model: bool = False  # torch.compile (training.compiled_forward)

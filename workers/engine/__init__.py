@@ -66,11 +66,11 @@ __all__ = [
     "load_artifact", "load_dataset", "mia_efficacy", "predict_probs", "qmul_unlearn",
     "quantize_model", "retrain_reference", "save_artifact", "similar_labels", "train_model",
     "train_original",
-    # quantizers, models, data and export (issue 4)
+    # quantizers, models, data and export
     "CifarCNN", "CropFlip", "DoReFaWeightQuantizer", "DsqQuantizer", "FakeQuantizer",
     "PactQuantizer", "classwise_forget_split", "export_integer", "integer_model",
     "load_integer_model", "random_forget_split", "save_integer_artifact",
-    # unlearning methods and metrics (issue 4)
+    # unlearning methods and metrics
     "UNLEARNING_METHODS", "FTConfig", "GAConfig", "IUConfig", "L1SparseConfig", "QMulNoAGRConfig",
     "QMulNoSLConfig", "RLConfig", "RetrainConfig", "SalUnConfig", "evaluate_with_membership",
     "membership_auc", "method_config", "unlearn",

@@ -188,7 +188,7 @@ class AffineFakeQuantize(torch.autograd.Function):
     The same as `round_ste(torch.clamp((x - offset) / scale, q_min, q_max)) * scale + offset`, value
     for value, but that expression records eight element-wise steps over the whole tensor, each
     saving its inputs for the backward pass; this one saves only v = (x - offset) / scale and
-    derives every gradient from it in one pass. (One of the fused quantizer levers of issue 8.)
+    derives every gradient from it in one pass.
     """
 
     @staticmethod
