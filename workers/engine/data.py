@@ -422,10 +422,6 @@ def read_image_source(source: Path, image_size=None, use_cache=True):
 RECIPE_OPTIONS = ("val_fraction", "train_per_class", "val_per_class", "test_per_class")
 
 
-def recipe_options(options: dict) -> dict:
-    return {name: options[name] for name in RECIPE_OPTIONS if name in options}
-
-
 def check_options(name: str, options: dict, allowed: tuple[str, ...]) -> None:
     unknown = set(options) - set(allowed)
     if unknown:
