@@ -69,7 +69,7 @@ def run_unlearning(model_name: str) -> int | None:
     claimed = claim_batch(engine, settings, model_name)
     if claimed is None:
         return None
-    # Every line logged from here on in this task (unlearning_runs' too) carries the ids.
+    # Every line logged from here on in this task (the run's own too) carries the ids.
     bind_log_context(model=model_name, batch_id=claimed.batch_id)
     log.info("batch %s claimed for model %s", claimed.batch_id, model_name)
     try:
@@ -91,8 +91,7 @@ def train_reference(model_name: str, reference_request_id: int | None = None) ->
     and a request already closed is not trained again (a duplicate delivery).
     """
     from workers.evaluation.deployment import evaluate_deployment
-    from workers.references.training import record_reference_failure
-    from workers.references.training import train_reference as train
+    from workers.references.training import record_reference_failure, train_reference as train
     from workers.runtime import configure_torch
 
     settings = get_settings()

@@ -1,7 +1,8 @@
-"""Retrain references: when one is due, asking for one, and which reference a version is audited against.
+"""Retrain references: when one is due, and asking for one.
 
 Database work only (no model code), inside the caller's transaction: the API's admin route and
-the scheduler ask for references here, the audit routes compare versions with references here.
+the scheduler ask for references here (which reference a version is audited against:
+service/audit/comparison.py).
 
 A reference is asked for by a `ReferenceRequest` row; the scheduler sends the training task for
 it (workers/tasks.py), the worker records the reference and closes the request. The schedule

@@ -1,4 +1,11 @@
-"""Claiming batches and holding their leases."""
+"""Claiming batches and holding their leases: the database decides who runs what.
+
+Claiming locks the model row (FOR UPDATE SKIP LOCKED on PostgreSQL; SQLite serialises every
+transaction) and creates at most one `running` batch per model (a partial unique index: docs/design.md,
+invariant 3). The running worker renews the batch's lease; a batch whose lease expired is taken over
+and run again from the same parent version (invariant 7), and only the lease holder may record its
+result, so a batch is never applied twice.
+"""
 
 import logging
 import threading

@@ -1,5 +1,6 @@
 """Running Q-MUL on a claimed batch, and the quality gate that decides whether its version is
-deployed or held."""
+deployed or held. The new version, its evidence and its deployment (or hold) are recorded in one
+transaction, by the lease holder only (docs/design.md, invariants 2 and 7)."""
 
 import logging
 from dataclasses import dataclass
