@@ -15,9 +15,9 @@ from fastapi import APIRouter, Depends, HTTPException
 from fastapi.responses import FileResponse, JSONResponse
 
 from service.api.deps import SessionDep, SettingsDep, require_role
-from service.api.routes.metrics import read_figures
 from service.api.schemas import AUTH_ERRORS, DATABASE_UNAVAILABLE
 from service.core.models import Role
+from service.operations.figures import read_figures
 
 router = APIRouter(tags=["operations"])
 
@@ -57,5 +57,4 @@ def dashboard_asset(name: str) -> FileResponse:
 def dashboard_data(session: SessionDep, settings: SettingsDep) -> JSONResponse:
     """The figures behind /metrics as JSON: requests, due dates, batches and their durations, queues,
     leases, held batches, batch events, deployments with their newest evaluation (auditor, admin)."""
-    figures = read_figures(session, settings)
-    return JSONResponse(figures, headers={"Cache-Control": "no-store"})
+    return JSONResponse(read_figures(session, settings).as_json(), headers={"Cache-Control": "no-store"})
