@@ -3,9 +3,10 @@
 Plots are drawn here, server-side, by matplotlib as inline SVG: the page needs no JavaScript and
 no network, and prints as it shows (a print stylesheet keeps sections whole). Everything shown
 comes from the database (evaluations, their score histograms, references, forget requests); no
-model is loaded. Stable element ids (documented in docs/audit.md) let a browser test find:
-`audit-summary` (with `audit-status`), `reference-state`, `gaps-over-time`, `mia-distribution`,
-`request-timeline`.
+model is loaded. This module computes the figures; the page itself is the Jinja template
+templates/report.html, rendered with autoescaping. Stable element ids (documented in docs/audit.md)
+let a browser test find: `audit-summary` (with `audit-status`), `reference-state`, `gaps-over-time`,
+`mia-distribution`, `request-timeline`.
 """
 
 import io
@@ -13,10 +14,12 @@ import math
 import statistics
 import threading
 from collections import Counter
+from dataclasses import dataclass
 from datetime import datetime, timedelta
-from html import escape
 
 import matplotlib
+from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
+from markupsafe import Markup
 from matplotlib.dates import AutoDateLocator, ConciseDateFormatter, DateFormatter, DayLocator
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
@@ -35,11 +38,27 @@ from service.core.models import (
     as_utc,
     utcnow,
 )
+from service.requests import lifecycle
 
 METRICS = ("FA", "RA", "TA", "MIA")
+GAP_KEYS = (*METRICS, "AG")
 # matplotlib's global state (rcParams) is not thread-safe; the API serves requests from a thread pool.
 _drawing = threading.Lock()
 _SVG_STYLE = {"svg.fonttype": "none", "svg.hashsalt": "qforget", "font.size": 9}
+_DASH = Markup("&ndash;")  # what a missing time or figure shows
+
+
+@dataclass(frozen=True)
+class RequestFigures:
+    """The forget requests of one model against the deadline, for the request-timeline section."""
+
+    plot: Markup
+    received: int
+    per_status: list[tuple[str, int]]
+    median_days: float | None  # from receipt to completion; None while nothing is completed
+    longest_days: float | None
+    late: int  # completed after their deadline
+    overdue: int  # open and past their deadline
 
 
 def build_report(session: Session, model: Model, audit: AuditPublic, deadline_days: int) -> str:
@@ -65,107 +84,32 @@ def build_report(session: Session, model: Model, audit: AuditPublic, deadline_da
         .where(ForgetRequest.model_name == model.name)
     ).all()
     now = utcnow()
-    sections = [
-        _summary_section(audit),
-        _reference_section(audit, references, open_requests),
-        _gaps_section(evaluations),
-        _mia_section(audit, evaluations),
-        _requests_section(requests, deadline_days, now),
-    ]
-    title = f"Audit report: model {model.name}"
-    return f"""<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<title>{escape(title)}</title>
-<style>{_CSS}</style>
-</head>
-<body>
-<header>
-<h1>{escape(title)}</h1>
-<p>Data set <strong>{escape(model.dataset)}</strong>; deployed version
-<strong>{_text(audit.deployed_version_id)}</strong>; generated {escape(_when(now))} (UTC).</p>
-<p class="note">FA, RA, TA: accuracy (percent) on the forgotten samples, the retained training samples and the
-test set; MIA: membership-inference efficacy on the forgotten samples (percent the attacker calls non-members);
-each gap is |version &minus; retrain reference|, AG their average. A retrain reference is a model trained from
-scratch without the forgotten samples: the target unlearning aims at.</p>
-</header>
-<main>
-{"".join(sections)}
-</main>
-</body>
-</html>
-"""
-
-
-def _summary_section(audit: AuditPublic) -> str:
-    evaluation = audit.evaluation
     reference_status = audit.reference.status if audit.reference is not None else "missing"
-    # One plain word a reader sees first, then the sentences behind it.
-    verdict = "current" if audit.status == "current" else f"{audit.status} evaluation, {reference_status} reference"
-    body = [(f'<p id="audit-status" class="status status-{escape(audit.status)}" data-status="{escape(audit.status)}" '
-             f'data-reference-status="{escape(reference_status)}"><strong>Status: {escape(verdict)}.</strong> '
-             f"{escape(audit.message)}</p>")]
-    if evaluation is None:
-        body.append("<p>No figures: nothing has been evaluated against a retrain reference.</p>")
-    else:
-        rows = [
-            ("version " + str(evaluation.version_id), evaluation.metrics.model_dump(), None),
-            ("retrain reference " + str(evaluation.reference_id), evaluation.reference_metrics.model_dump(), None),
-            ("gap |version &minus; reference|", evaluation.gaps.model_dump(), evaluation.gaps.AG),
-        ]
-        table = ['<table id="audit-figures"><caption>Figures in percent</caption><thead><tr><th scope="col">model'
-                 "</th>" + "".join(f'<th scope="col">{key}</th>' for key in METRICS) + '<th scope="col">AG</th>'
-                 "</tr></thead><tbody>"]
-        for label, values, average in rows:
-            cells = "".join(f"<td>{values[key]:.2f}</td>" for key in METRICS)
-            table.append(f'<tr><th scope="row">{label}</th>{cells}<td>{_number(average)}</td></tr>')
-        table.append("</tbody></table>")
-        body.append("".join(table))
-        body.append(
-            '<table id="audit-details"><tbody>'
-            f'<tr><th scope="row">evaluation</th><td>{evaluation.id}, computed {escape(_when(evaluation.computed_at))}'
-            "</td></tr>"
-            f'<tr><th scope="row">samples</th><td>forget {evaluation.forget_count}, retain {evaluation.retain_count}, '
-            f"test {evaluation.test_count}</td></tr>"
-            f'<tr><th scope="row">reference</th><td>version {evaluation.reference_id}</td></tr>'
-            "</tbody></table>"
-        )
-    return _section("audit-summary", "Summary", "".join(body))
+    mia_evaluation = _mia_evaluation(audit, evaluations)
+    return _templates.get_template("report.html").render(
+        model=model,
+        audit=audit,
+        generated_at=now,
+        reference_status=reference_status,
+        # One plain word a reader sees first, then the sentences behind it.
+        verdict="current" if audit.status == "current" else f"{audit.status} evaluation, {reference_status} reference",
+        references=references[:20],
+        open_requests=open_requests,
+        gaps_plot=_gaps_plot(evaluations) if evaluations else None,
+        recent_evaluations=list(reversed(evaluations[-50:])),
+        mia_evaluation=mia_evaluation,
+        mia_plot=_mia_plot(mia_evaluation) if mia_evaluation is not None else None,
+        request_figures=_request_figures(requests, deadline_days, now) if requests else None,
+        deadline_days=deadline_days,
+    )
 
 
-def _reference_section(audit: AuditPublic, references: list[ModelVersion],
-                       open_requests: list[ReferenceRequest]) -> str:
-    state = audit.reference
-    if state is None:
-        body = ["<p>No version is deployed.</p>"]
-    else:
-        body = [(f'<p class="status status-{escape(state.status)}" data-reference-status="{escape(state.status)}">'
-                 f"<strong>Retrain reference: {escape(state.status)}.</strong> {escape(state.message)}</p>")]
-        if state.status == "stale":
-            body.append(f"<p>Forgotten by the deployed version but still in the reference's training data: "
-                        f"{_id_list(state.missing_from_reference)}.</p>")
-    if references:
-        body.append('<table><caption>Retrain references, newest first</caption><thead><tr><th scope="col">version'
-                    '</th><th scope="col">trained</th><th scope="col">samples excluded</th></tr></thead><tbody>')
-        body += [f"<tr><td>{r.id}</td><td>{escape(_when(r.created_at))}</td><td>{len(r.excluded_sample_ids)}</td></tr>"
-                 for r in references[:20]]
-        body.append("</tbody></table>")
-    if open_requests:
-        body.append("<p>Reference requests waiting for a worker: " + "; ".join(
-            f"#{r.id} asked {escape(_when(r.requested_at))} by {escape(r.requested_by)} ({escape(r.reason)})"
-            + (f", last error: {escape(r.error)}" if r.error else "") for r in open_requests) + ".</p>")
-    return _section("reference-state", "Retrain reference", "".join(body))
-
-
-def _gaps_section(evaluations: list[Evaluation]) -> str:
-    if not evaluations:
-        return _section("gaps-over-time", "Gaps to the reference over time", "<p>No evaluations yet.</p>")
+def _gaps_plot(evaluations: list[Evaluation]) -> Markup:
     times = [as_utc(e.created_at) for e in evaluations]
     with _drawing, matplotlib.rc_context(_SVG_STYLE):
         figure = Figure(figsize=(7.5, 3.2), layout="constrained")
         axes = figure.add_subplot()
-        for key in (*METRICS, "AG"):
+        for key in GAP_KEYS:
             axes.plot(times, [e.gaps[key] for e in evaluations], marker="o", label=key,
                       linewidth=2.5 if key == "AG" else 1.2)
         for moment, evaluation in zip(times, evaluations):
@@ -182,37 +126,26 @@ def _gaps_section(evaluations: list[Evaluation]) -> str:
         axes.set_ylim(bottom=0)
         figure.legend(loc="outside upper center", ncols=5, fontsize=8)
         axes.grid(alpha=0.3)
-        svg = _svg(figure)
-    rows = "".join(
-        f"<tr><td>{escape(_when(e.created_at))}</td><td>{e.version_id}</td><td>{e.reference_id}</td>"
-        + "".join(f"<td>{e.gaps[key]:.2f}</td>" for key in (*METRICS, "AG")) + "</tr>"
-        for e in reversed(evaluations[-50:])
-    )
-    table = ('<table><caption>Evaluations, newest first (at most 50)</caption><thead><tr><th scope="col">computed'
-             '</th><th scope="col">version</th><th scope="col">reference</th>'
-             + "".join(f'<th scope="col">{key} gap</th>' for key in (*METRICS, "AG"))
-             + f"</tr></thead><tbody>{rows}</tbody></table>")
-    figure_html = _figure(svg, "Each gap per evaluation; labels name the version evaluated.")
-    return _section("gaps-over-time", "Gaps to the reference over time", figure_html + table)
+        return _svg(figure)
 
 
-def _mia_section(audit: AuditPublic, evaluations: list[Evaluation]) -> str:
-    # The evaluation the summary shows, if it kept histograms; else the newest that did.
+def _mia_evaluation(audit: AuditPublic, evaluations: list[Evaluation]) -> Evaluation | None:
+    """The evaluation the summary shows, if it kept histograms; else the newest that did."""
     shown = audit.evaluation.id if audit.evaluation is not None else None
     with_histograms = [e for e in evaluations if e.score_histograms]
-    chosen = next((e for e in with_histograms if e.id == shown), with_histograms[-1] if with_histograms else None)
-    title = "Membership scores: forgotten vs test samples"
-    if chosen is None:
-        return _section("mia-distribution", title, "<p>No evaluation with membership score histograms yet.</p>")
-    histograms = chosen.score_histograms
+    return next((e for e in with_histograms if e.id == shown), with_histograms[-1] if with_histograms else None)
+
+
+def _mia_plot(evaluation: Evaluation) -> Markup:
+    histograms = evaluation.score_histograms
     edges = histograms["bin_edges"]
     # Bin positions on a log axis: the first bin starts at 0, drawn from a tenth of its upper edge.
     lefts = [edges[1] / 10 if edge == 0 else edge for edge in edges[:-1]]
     with _drawing, matplotlib.rc_context(_SVG_STYLE):
         figure = Figure(figsize=(7.5, 2.8))
         panels = figure.subplots(1, 2, sharey=True)
-        for axes, role, label in ((panels[0], "version", f"version {chosen.version_id}"),
-                                  (panels[1], "reference", f"reference {chosen.reference_id}")):
+        for axes, role, label in ((panels[0], "version", f"version {evaluation.version_id}"),
+                                  (panels[1], "reference", f"reference {evaluation.reference_id}")):
             for split, colour in (("forget", "tab:red"), ("test", "tab:blue")):
                 counts = histograms[role][split]
                 total = sum(counts) or 1
@@ -225,25 +158,17 @@ def _mia_section(audit: AuditPublic, evaluations: list[Evaluation]) -> str:
         panels[0].set_ylabel("share of samples (%)")
         panels[0].legend(fontsize=8)
         figure.tight_layout()
-        svg = _svg(figure)
-    caption = (f"Evaluation {chosen.id}: distribution of the membership score (the loss; members of the training "
-               "set have low loss) on the forgotten samples and on the test set. Unlearning succeeds when the "
-               "version's forget curve looks like the reference's.")
-    return _section("mia-distribution", title, _figure(svg, caption))
+        return _svg(figure)
 
 
-def _requests_section(requests, deadline_days: int, now: datetime) -> str:
-    title = "Forget requests against the one-month deadline"
-    if not requests:
-        return _section("request-timeline", title, "<p>No forget requests for this model.</p>")
+def _request_figures(requests, deadline_days: int, now: datetime) -> RequestFigures:
     days_to_complete = [(as_utc(done) - as_utc(received)) / timedelta(days=1)
                         for received, done, _, status in requests if status == RequestStatus.completed and done]
     late = sum(1 for _, done, due, status in requests
                if status == RequestStatus.completed and done and as_utc(done) > as_utc(due))
-    open_statuses = (RequestStatus.received, RequestStatus.pending, RequestStatus.batched)
     open_ages = [(now - as_utc(received)) / timedelta(days=1)
-                 for received, _, _, status in requests if status in open_statuses]
-    overdue = sum(1 for _, _, due, status in requests if status in open_statuses and as_utc(due) < now)
+                 for received, _, _, status in requests if status in lifecycle.OPEN_STATUSES]
+    overdue = sum(1 for _, _, due, status in requests if status in lifecycle.OPEN_STATUSES and as_utc(due) < now)
     per_day = Counter(as_utc(received).date() for received, *_ in requests)
     statuses = Counter(status.value for *_, status in requests)
     with _drawing, matplotlib.rc_context(_SVG_STYLE):
@@ -270,74 +195,50 @@ def _requests_section(requests, deadline_days: int, now: datetime) -> str:
         timing.set_title("time to completion", fontsize=9)
         timing.set_xlabel("days since receipt")
         figure.tight_layout()
-        svg = _svg(figure)
-    median = f"{statistics.median(days_to_complete):.2f}" if days_to_complete else "&ndash;"
-    longest = f"{max(days_to_complete):.2f}" if days_to_complete else "&ndash;"
-    table = (
-        '<table id="request-figures"><caption>Requests</caption><tbody>'
-        f'<tr><th scope="row">received</th><td>{len(requests)}</td></tr>'
-        + "".join(f'<tr><th scope="row">{escape(status)}</th><td>{count}</td></tr>'
-                  for status, count in sorted(statuses.items()))
-        + f'<tr><th scope="row">days to complete, median</th><td>{median}</td></tr>'
-        f'<tr><th scope="row">days to complete, longest</th><td>{longest}</td></tr>'
-        f'<tr><th scope="row">completed after their deadline</th><td>{late}</td></tr>'
-        f'<tr><th scope="row">open and past their deadline</th><td>{overdue}</td></tr>'
-        "</tbody></table>"
+        plot = _svg(figure)
+    return RequestFigures(
+        plot=plot,
+        received=len(requests),
+        per_status=sorted(statuses.items()),
+        median_days=statistics.median(days_to_complete) if days_to_complete else None,
+        longest_days=max(days_to_complete) if days_to_complete else None,
+        late=late,
+        overdue=overdue,
     )
-    caption = f"Requests per day, and days from receipt to completion against the {deadline_days}-day deadline."
-    return _section("request-timeline", title, _figure(svg, caption) + table)
 
 
-def _svg(figure: Figure) -> str:
+def _svg(figure: Figure) -> Markup:
     buffer = io.StringIO()
     figure.savefig(buffer, format="svg", bbox_inches="tight")
     text = buffer.getvalue()
-    return text[text.index("<svg"):]  # inline: without the XML declaration and doctype
-
-
-def _figure(svg: str, caption: str) -> str:
-    return f'<figure>{svg}<figcaption>{escape(caption)}</figcaption></figure>'
-
-
-def _section(element_id: str, title: str, body: str) -> str:
-    return f'<section id="{element_id}" aria-labelledby="{element_id}-title">\n' \
-           f'<h2 id="{element_id}-title">{escape(title)}</h2>\n{body}\n</section>\n'
+    # Inline: without the XML declaration and doctype. Markup: matplotlib wrote this SVG and escaped its
+    # own text; the plots' labels are numbers and fixed words, nothing from a request.
+    return Markup(text[text.index("<svg"):])
 
 
 def _when(moment: datetime | None) -> str:
-    return "&ndash;" if moment is None else as_utc(moment).strftime("%Y-%m-%d %H:%M")
-
-
-def _text(value) -> str:
-    return "none" if value is None else escape(str(value))
+    return _DASH if moment is None else as_utc(moment).strftime("%Y-%m-%d %H:%M")
 
 
 def _number(value: float | None) -> str:
-    return "" if value is None else f"{value:.2f}"
+    return _DASH if value is None else f"{value:.2f}"
 
 
-def _id_list(ids: list[int], limit: int = 50) -> str:
+def _sample_list(ids: list[int], limit: int = 50) -> str:
     shown = ", ".join(str(i) for i in ids[:limit])
     return f"samples {shown}" + (f" and {len(ids) - limit} more" if len(ids) > limit else "")
 
 
-_CSS = """
-body { font-family: system-ui, sans-serif; max-width: 60rem; margin: 1.5rem auto; padding: 0 1rem; color: #222; }
-h1 { font-size: 1.5rem; } h2 { font-size: 1.2rem; border-bottom: 1px solid #ccc; padding-bottom: .2rem; }
-table { border-collapse: collapse; margin: .6rem 0; font-size: .9rem; }
-th, td { border: 1px solid #ccc; padding: .25rem .5rem; text-align: right; }
-th[scope=row], caption { text-align: left; } caption { font-weight: 600; padding: .2rem 0; }
-.note { color: #555; font-size: .85rem; }
-.status { padding: .5rem .75rem; border-left: .4rem solid; }
-.status-current, .status-matching { border-color: #2a7; background: #efe; }
-.status-stale { border-color: #d80; background: #fff4e0; }
-.status-missing { border-color: #c33; background: #fee; }
-figure { margin: .5rem 0; } figure svg { max-width: 100%; height: auto; }
-figcaption { font-size: .85rem; color: #555; }
-@media print {
-  body { max-width: none; margin: 0; font-size: 10pt; }
-  section, figure, table { break-inside: avoid; }
-  .status { -webkit-print-color-adjust: exact; print-color-adjust: exact; }
-}
-@page { size: A4; margin: 15mm; }
-"""
+# Created once per process; get_template caches the compiled templates.
+_templates = Environment(
+    loader=PackageLoader("service.audit", "templates"),
+    # HTML is escaped, and so is any other template unless named here: the style sheet is included verbatim,
+    # as escaping would corrupt CSS (a selector such as `ul > li`).
+    autoescape=select_autoescape(disabled_extensions=("css",), default=True),
+    undefined=StrictUndefined,
+    trim_blocks=True,
+    lstrip_blocks=True,
+    keep_trailing_newline=True,
+)
+_templates.filters.update(when=_when, number=_number, sample_list=_sample_list)
+_templates.globals.update(metrics=METRICS, gap_keys=GAP_KEYS)
