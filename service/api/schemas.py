@@ -1,21 +1,18 @@
-"""Request and response bodies. Times are UTC (ISO 8601 with the offset)."""
+"""Request and response bodies. Times are UTC (ISO 8601 with the offset).
+
+Response bodies are read from what the domain's queries return (`from_attributes`): ORM objects,
+rows, or small dataclasses that hold an ORM object with figures computed for it. A field named
+otherwise than its source says where it reads from (`validation_alias`); the JSON and the OpenAPI
+document use the field's own name.
+"""
 
 import re
 from datetime import datetime, timezone
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import AfterValidator, AliasPath, BaseModel, BeforeValidator, ConfigDict, Field
 
-from service.core.models import (
-    AuditEntry,
-    ForgetRequest,
-    ModelVersion,
-    RequestStatus,
-    Sample,
-    SampleStatus,
-    VersionKind,
-    as_utc,
-)
+from service.core.models import RequestStatus, SampleStatus, VersionKind, as_utc
 from service.requests.intake import MAX_SAMPLES_PER_REQUEST
 from service.requests.samples import MAX_SAMPLES_PER_REGISTRATION
 
@@ -69,46 +66,45 @@ class ForgetRequestCreate(BaseModel):
     )
 
 
-class ForgetRequestPublic(BaseModel):
-    id: str
-    subject_id: str
-    model: str
-    status: RequestStatus
-    sample_ids: list[int]
-    sample_count: int
-    received_at: UtcDatetime
-    due_at: UtcDatetime = Field(description="The GDPR Art. 12(3) deadline: received_at plus the deadline days.")
-    batch_id: int | None
-    completed_version_id: int | None = Field(description="The deployed model version that forgot the samples.")
-    completed_at: UtcDatetime | None
-    error: str | None
-
-    @classmethod
-    def of(cls, request: ForgetRequest, sample_ids: list[int]) -> "ForgetRequestPublic":
-        return cls(
-            id=request.id,
-            subject_id=request.subject_id,
-            model=request.model_name,
-            status=request.status,
-            sample_ids=sample_ids,
-            sample_count=len(sample_ids),
-            received_at=request.received_at,
-            due_at=request.due_at,
-            batch_id=request.batch_id,
-            completed_version_id=request.completed_version_id,
-            completed_at=request.completed_at,
-            error=request.error,
-        )
+Item = TypeVar("Item")
 
 
-class ForgetRequestsPublic(BaseModel):
-    """One page of forget requests, newest first; `count` is the number of all that match."""
+class Page(BaseModel, Generic[Item]):
+    """One page of a listing, in the order its route gives; `count` is the number of all that match."""
 
-    data: list[ForgetRequestPublic]
+    data: list[Item]
     count: int
 
 
+class ForgetRequestPublic(BaseModel):
+    # Read from a service.requests.queries.FiledRequest: its request's columns, its sample ids and their
+    # count. The hot path (service/api/hot_path.py) answers with it; a path into `request` validates as
+    # fast as a plain attribute.
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str = Field(validation_alias=AliasPath("request", "id"))
+    subject_id: str = Field(validation_alias=AliasPath("request", "subject_id"))
+    model: str = Field(validation_alias=AliasPath("request", "model_name"))
+    status: RequestStatus = Field(validation_alias=AliasPath("request", "status"))
+    sample_ids: list[int]
+    sample_count: int
+    received_at: UtcDatetime = Field(validation_alias=AliasPath("request", "received_at"))
+    due_at: UtcDatetime = Field(
+        validation_alias=AliasPath("request", "due_at"),
+        description="The GDPR Art. 12(3) deadline: received_at plus the deadline days.",
+    )
+    batch_id: int | None = Field(validation_alias=AliasPath("request", "batch_id"))
+    completed_version_id: int | None = Field(
+        validation_alias=AliasPath("request", "completed_version_id"),
+        description="The deployed model version that forgot the samples.",
+    )
+    completed_at: UtcDatetime | None = Field(validation_alias=AliasPath("request", "completed_at"))
+    error: str | None = Field(validation_alias=AliasPath("request", "error"))
+
+
 class SamplePublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
     id: int
     dataset: str
     dataset_index: int = Field(description="The sample's stable position in the data set's training split.")
@@ -117,24 +113,15 @@ class SamplePublic(BaseModel):
     forgotten_at: UtcDatetime | None
     forgotten_by_version_id: int | None = Field(description="The model version deployed when it was forgotten.")
 
-    @classmethod
-    def of(cls, sample: Sample) -> "SamplePublic":
-        return cls(
-            id=sample.id,
-            dataset=sample.dataset,
-            dataset_index=sample.dataset_index,
-            subject_id=sample.subject_id,
-            status=sample.status,
-            forgotten_at=sample.forgotten_at,
-            forgotten_by_version_id=sample.forgotten_by_version_id,
-        )
-
 
 class SubjectPublic(BaseModel):
     """A data subject: their samples with their status, and their forget requests (newest first)."""
 
-    id: str
-    created_at: UtcDatetime
+    # Read from a service.requests.queries.SubjectRecord.
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str = Field(validation_alias=AliasPath("subject", "id"))
+    created_at: UtcDatetime = Field(validation_alias=AliasPath("subject", "created_at"))
     active_sample_count: int
     forgotten_sample_count: int
     samples: list[SamplePublic]
@@ -169,8 +156,11 @@ class SamplesRegistered(BaseModel):
 class ModelVersionPublic(BaseModel):
     """An immutable model version with its lineage."""
 
+    # Read from a row of service.deployments.queries.versions_page.
+    model_config = ConfigDict(from_attributes=True)
+
     id: int
-    model: str
+    model: str = Field(validation_alias="model_name")
     kind: VersionKind
     deployed: bool = Field(description="Whether this version is the model's deployment (the one serving).")
     parent_id: int | None = Field(description="The version it was made from (unlearned versions).")
@@ -182,32 +172,10 @@ class ModelVersionPublic(BaseModel):
     excluded_sample_count: int = Field(description="How many samples this version was made without.")
     created_at: UtcDatetime
 
-    @classmethod
-    def of(cls, version: ModelVersion, *, deployed: bool, excluded_sample_count: int) -> "ModelVersionPublic":
-        return cls(
-            id=version.id,
-            model=version.model_name,
-            kind=version.kind,
-            deployed=deployed,
-            parent_id=version.parent_id,
-            batch_id=version.batch_id,
-            method=version.method,
-            config=version.config,
-            metrics=version.metrics,
-            sha256=version.sha256,
-            excluded_sample_count=excluded_sample_count,
-            created_at=version.created_at,
-        )
-
-
-class ModelVersionsPublic(BaseModel):
-    """One page of model versions, newest first; `count` is the number of all that match."""
-
-    data: list[ModelVersionPublic]
-    count: int
-
 
 class AuditEntryPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
     id: int
     created_at: UtcDatetime
     actor: str = Field(description='Who made the change: "key:<prefix>", "worker:<id>", "cli:<user>".')
@@ -218,29 +186,10 @@ class AuditEntryPublic(BaseModel):
     prev_hash: str
     entry_hash: str
 
-    @classmethod
-    def of(cls, entry: AuditEntry) -> "AuditEntryPublic":
-        return cls(
-            id=entry.id,
-            created_at=entry.created_at,
-            actor=entry.actor,
-            action=entry.action,
-            object_type=entry.object_type,
-            object_id=entry.object_id,
-            details=entry.details,
-            prev_hash=entry.prev_hash,
-            entry_hash=entry.entry_hash,
-        )
-
-
-class AuditEntriesPublic(BaseModel):
-    """One page of the audit log, oldest first (the chain's order); `count` is all that match."""
-
-    data: list[AuditEntryPublic]
-    count: int
-
 
 class ChainReportPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
     ok: bool = Field(description="Whether every entry's hashes fit its contents and its predecessor.")
     entries: int
     first_broken_id: int | None = Field(description="The first entry that does not fit, if any.")
@@ -263,6 +212,8 @@ class GapsPublic(MetricsPublic):
 
 
 class EvaluationPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
     id: int
     version_id: int = Field(description="The model version evaluated.")
     reference_id: int = Field(description="The retrain reference it is compared with.")
@@ -272,7 +223,7 @@ class EvaluationPublic(BaseModel):
     forget_count: int
     retain_count: int
     test_count: int
-    computed_at: UtcDatetime
+    computed_at: UtcDatetime = Field(validation_alias="created_at")
 
 
 class AuditPublic(BaseModel):
@@ -333,7 +284,7 @@ class ProblemPublic(BaseModel):
     detail: list[ProblemItem]
 
 
-# Issue 7, audit: a version against its retrain reference, per-request evidence, reference requests.
+# The audit: a version against its retrain reference, per-request evidence, reference requests.
 
 
 class ReferenceStatePublic(BaseModel):
@@ -382,8 +333,9 @@ class VersionAuditPublic(BaseModel):
 class ReferenceRequestPublic(BaseModel):
     """A retrain reference asked for; the scheduler sends the training task, a worker records it."""
 
+    # Read from the request's columns with `queue` and `created` (service/api/routes/models.py).
     id: int
-    model: str
+    model: str = Field(validation_alias="model_name")
     requested_at: UtcDatetime
     requested_by: str
     reason: str
@@ -403,6 +355,8 @@ class ReferenceRequestPublic(BaseModel):
 class SampleFiguresPublic(BaseModel):
     """One version on one sample, computed by a worker."""
 
+    model_config = ConfigDict(from_attributes=True)
+
     version_id: int
     correct: bool = Field(description="The version predicts the sample's label.")
     confidence: float = Field(description="The softmax probability of the true label (0 to 1).")
@@ -413,6 +367,8 @@ class SampleFiguresPublic(BaseModel):
 class FiguresSummaryPublic(BaseModel):
     """One version on the request's samples."""
 
+    model_config = ConfigDict(from_attributes=True)
+
     version_id: int
     sample_count: int = Field(description="How many of the request's samples have figures.")
     accuracy: float = Field(description="Percent of them the version predicts right.")
@@ -421,6 +377,8 @@ class FiguresSummaryPublic(BaseModel):
 
 
 class EvidenceSamplePublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
     sample_id: int
     dataset_index: int
     before: SampleFiguresPublic | None
@@ -432,9 +390,12 @@ class EvidencePublic(BaseModel):
     """A forget request's samples before (the batch's parent version) and after (the version that
     completed it), against a retrain reference that never saw them."""
 
-    request_id: str
-    model: str
-    request_status: RequestStatus
+    # Read from a service.audit.evidence.Evidence.
+    model_config = ConfigDict(from_attributes=True)
+
+    request_id: str = Field(validation_alias=AliasPath("request", "id"))
+    model: str = Field(validation_alias=AliasPath("request", "model_name"))
+    request_status: RequestStatus = Field(validation_alias=AliasPath("request", "status"))
     status: Literal[
         "pending", "not_applicable", "figures_missing", "reference_missing", "reference_stale", "complete"
     ] = Field(

@@ -59,9 +59,9 @@ def test_approving_deploys_and_completes(client, engine, seed, held_batch):
 def test_discarding_returns_the_requests_with_new_settings(client, engine, seed, held_batch):
     bad = client.post(f"/batches/{held_batch['batch_id']}/discard", json={"unlearn_settings": {"epochs": 0}})
     assert bad.status_code == 422 and bad.json()["detail"][0]["loc"][-1] == "epochs"
-    no_batches = client.post(f"/batches/{held_batch['batch_id']}/discard",
-                             json={"unlearn_settings": {"grad_norm_batches": 0}})
-    assert no_batches.status_code == 422 and no_batches.json()["detail"][0]["loc"][-1] == "grad_norm_batches"
+    negative = client.post(f"/batches/{held_batch['batch_id']}/discard",
+                           json={"unlearn_settings": {"grad_norm_batches": -1}})
+    assert negative.status_code == 422 and negative.json()["detail"][0]["loc"][-1] == "grad_norm_batches"
     unknown = client.post(f"/batches/{held_batch['batch_id']}/discard", json={"unlearn_settings": {"epochz": 3}})
     assert unknown.status_code == 422 and unknown.json()["detail"][0]["loc"][-1] == "epochz"
     with transaction(engine) as session:

@@ -4,26 +4,26 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query
 from fastapi.responses import HTMLResponse
-from sqlalchemy import func, select
 
 from service.api.deps import SessionDep, SettingsDep, require_role
 from service.api.schemas import (
     AUTH_ERRORS,
     DATABASE_UNAVAILABLE,
     NO_NUL,
-    AuditEntriesPublic,
     AuditEntryPublic,
     AuditPublic,
     ChainReportPublic,
     ErrorPublic,
-    EvaluationPublic,
+    Page,
     ProblemPublic,
     ReferenceStatePublic,
     VersionAuditPublic,
 )
 from service.audit.comparison import compare_with_references
+from service.audit.queries import audit_entries_page, matching_evaluation, newest_evaluation_of_model
 from service.core.audit_log import verify_chain
-from service.core.models import AuditEntry, Evaluation, Model, ModelVersion, Role, VersionKind
+from service.core.models import Model, ModelVersion, Role, VersionKind
+from service.deployments.queries import deployed_version, find_model, find_version
 
 router = APIRouter(
     prefix="/audit",
@@ -37,7 +37,7 @@ MAX_PAGE = 1000
 
 @router.get(
     "/log",
-    response_model=AuditEntriesPublic,
+    response_model=Page[AuditEntryPublic],
     responses={422: {"model": ProblemPublic, "description": "A filter or the paging is malformed."}},
 )
 def list_audit_log(
@@ -47,29 +47,18 @@ def list_audit_log(
     object_id: Annotated[str | None, Query(min_length=1, max_length=64, pattern=NO_NUL)] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
     offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
-) -> AuditEntriesPublic:
+) -> Page[AuditEntryPublic]:
     """List audit log entries in the chain's order, filtered by action and by object (type, id)."""
-    conditions = []
-    if action is not None:
-        conditions.append(AuditEntry.action == action)
-    if object_type is not None:
-        conditions.append(AuditEntry.object_type == object_type)
-    if object_id is not None:
-        conditions.append(AuditEntry.object_id == object_id)
-    count = session.scalar(select(func.count()).select_from(AuditEntry).where(*conditions))
-    entries = session.scalars(
-        select(AuditEntry).where(*conditions).order_by(AuditEntry.id).limit(limit).offset(offset)
-    ).all()
-    return AuditEntriesPublic(data=[AuditEntryPublic.of(entry) for entry in entries], count=count)
+    entries, count = audit_entries_page(
+        session, action=action, object_type=object_type, object_id=object_id, limit=limit, offset=offset
+    )
+    return Page[AuditEntryPublic](data=entries, count=count)
 
 
 @router.get("/log/verify", response_model=ChainReportPublic)
 def verify_audit_log(session: SessionDep) -> ChainReportPublic:
     """Recompute the audit log's hash chain; report the first entry that does not fit, if any."""
-    report = verify_chain(session)
-    return ChainReportPublic(
-        ok=report.ok, entries=report.entries, first_broken_id=report.first_broken_id, reason=report.reason
-    )
+    return ChainReportPublic.model_validate(verify_chain(session))
 
 
 @router.get(
@@ -121,32 +110,17 @@ def read_version_audit(
     version_id: Annotated[int, Path(ge=1, le=2**31 - 1)], session: SessionDep
 ) -> VersionAuditPublic:
     """Get one version's FA, RA, TA, MIA against the newest reference that excludes the same samples."""
-    version = session.get(ModelVersion, version_id)
+    version = find_version(session, version_id)
     if version is None:
         raise HTTPException(status_code=404, detail=f"model version {version_id} not found")
     return version_audit(session, version)
 
 
 def _model(session, name: str) -> Model:
-    db_model = session.get(Model, name)
+    db_model = find_model(session, name)
     if db_model is None:
         raise HTTPException(status_code=404, detail=f"model {name!r} not found")
     return db_model
-
-
-def _evaluation_public(evaluation: Evaluation) -> EvaluationPublic:
-    return EvaluationPublic(
-        id=evaluation.id,
-        version_id=evaluation.version_id,
-        reference_id=evaluation.reference_id,
-        metrics=evaluation.metrics,
-        reference_metrics=evaluation.reference_metrics,
-        gaps=evaluation.gaps,
-        forget_count=evaluation.forget_count,
-        retain_count=evaluation.retain_count,
-        test_count=evaluation.test_count,
-        computed_at=evaluation.created_at,
-    )
 
 
 def reference_state_public(session, version: ModelVersion) -> ReferenceStatePublic:
@@ -164,40 +138,21 @@ def reference_state_public(session, version: ModelVersion) -> ReferenceStatePubl
     )
 
 
-def _matching_evaluation(session, version: ModelVersion) -> Evaluation | None:
-    """The version's newest evaluation against a reference that excludes exactly its samples."""
-    excluded = set(version.excluded_sample_ids)
-    evaluations = session.execute(
-        select(Evaluation, ModelVersion.excluded_sample_ids)
-        .join(ModelVersion, ModelVersion.id == Evaluation.reference_id)
-        .where(Evaluation.version_id == version.id)
-        .order_by(Evaluation.created_at.desc(), Evaluation.id.desc())
-    ).all()
-    return next((evaluation for evaluation, reference_excluded in evaluations
-                 if set(reference_excluded) == excluded), None)
-
-
 def deployment_audit(session, db_model: Model) -> AuditPublic:
     """The deployed version's newest evaluation (else the newest of an earlier version), and where
     the deployed version stands against the references."""
     name, deployed_id = db_model.name, db_model.deployed_version_id
-    deployed = session.get(ModelVersion, deployed_id) if deployed_id is not None else None
+    deployed = deployed_version(session, db_model)
     reference = reference_state_public(session, deployed) if deployed is not None else None
-    evaluation = _matching_evaluation(session, deployed) if deployed is not None else None
+    evaluation = matching_evaluation(session, deployed) if deployed is not None else None
     if evaluation is not None:
         return AuditPublic(model=name, deployed_version_id=deployed_id, status="current",
                            message=f"evaluation of the deployed version {deployed_id} against reference "
                            f"{evaluation.reference_id}, trained without the same "
                            f"{len(deployed.excluded_sample_ids)} samples",
-                           evaluation=_evaluation_public(evaluation), reference=reference)
+                           evaluation=evaluation, reference=reference)
     why = "" if reference is None else f"; {reference.message}"
-    earlier = session.scalars(
-        select(Evaluation)
-        .join(ModelVersion, ModelVersion.id == Evaluation.version_id)
-        .where(ModelVersion.model_name == name)
-        .order_by(Evaluation.created_at.desc(), Evaluation.id.desc())
-        .limit(1)
-    ).first()
+    earlier = newest_evaluation_of_model(session, name)
     if earlier is None:
         return AuditPublic(model=name, deployed_version_id=deployed_id, status="missing",
                            message=f"no version of model {name!r} has been evaluated against a retrain reference "
@@ -206,12 +161,12 @@ def deployment_audit(session, db_model: Model) -> AuditPublic:
         model=name, deployed_version_id=deployed_id, status="stale",
         message=f"the deployed version {deployed_id} has not been evaluated yet; this is the evaluation of the "
         f"earlier version {earlier.version_id}{why}",
-        evaluation=_evaluation_public(earlier), reference=reference,
+        evaluation=earlier, reference=reference,
     )
 
 
 def version_audit(session, version: ModelVersion) -> VersionAuditPublic:
-    deployed = session.get(Model, version.model_name).deployed_version_id == version.id
+    deployed = find_model(session, version.model_name).deployed_version_id == version.id
     base = {
         "version_id": version.id, "model": version.model_name, "kind": version.kind, "deployed": deployed,
         "method": version.method, "config": version.config, "created_at": version.created_at,
@@ -231,14 +186,14 @@ def version_audit(session, version: ModelVersion) -> VersionAuditPublic:
     if reference.status == "stale":
         return VersionAuditPublic(**base, status="stale_reference", reference=reference, evaluation=None,
                                   message=f"version {version.id} cannot be audited: {reference.message}")
-    evaluation = _matching_evaluation(session, version)
+    evaluation = matching_evaluation(session, version)
     if evaluation is None:
         return VersionAuditPublic(
             **base, status="not_evaluated", reference=reference, evaluation=None,
             message=f"{reference.message}, but version {version.id} has not been evaluated against it (a worker "
             "evaluates the deployed version when a reference is trained)",
         )
-    return VersionAuditPublic(**base, status="current", reference=reference, evaluation=_evaluation_public(evaluation),
+    return VersionAuditPublic(**base, status="current", reference=reference, evaluation=evaluation,
                               message=f"evaluation of version {version.id} against reference "
                               f"{evaluation.reference_id}, trained without the same "
                               f"{len(version.excluded_sample_ids)} samples")

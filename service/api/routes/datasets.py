@@ -13,7 +13,6 @@ from service.api.schemas import (
     NO_NUL,
     ErrorPublic,
     ProblemPublic,
-    SamplePublic,
     SamplesCreate,
     SamplesRegistered,
 )
@@ -53,7 +52,7 @@ def register_samples(
             dataset=dataset,
             sample_count=len(created),
             subjects_created=subjects_created,
-            samples=[SamplePublic.of(sample) for sample in created],
+            samples=created,
         )
         session.commit()
     except IntegrityError:

@@ -5,12 +5,13 @@ from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Path, Query
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import func, select
 
 from service.api.deps import ActorDep, AdminDep, AuditorDep, SessionDep
-from service.api.schemas import AUTH_ERRORS, DATABASE_UNAVAILABLE, NO_NUL, ErrorPublic, ProblemPublic, UtcDatetime
-from service.core.models import Batch, BatchStatus, ForgetRequest, Model
+from service.api.schemas import AUTH_ERRORS, DATABASE_UNAVAILABLE, NO_NUL, ErrorPublic, Page, ProblemPublic, UtcDatetime
+from service.core.models import BatchStatus
+from service.core.settings import UnlearnSettings
 from service.deployments import deploy as deployments
+from service.deployments.queries import batches_page, find_batch, find_model
 
 router = APIRouter(tags=["deployments"], responses={**AUTH_ERRORS, **DATABASE_UNAVAILABLE})
 
@@ -19,8 +20,11 @@ NOT_FOUND = {404: {"model": ErrorPublic, "description": "No such batch or model.
 
 
 class BatchPublic(BaseModel):
+    # Read from a row of service.deployments.queries.batches_page.
+    model_config = ConfigDict(from_attributes=True)
+
     id: int
-    model: str
+    model: str = Field(validation_alias="model_name")
     status: BatchStatus
     parent_version_id: int = Field(description="The version the run started from (a retry starts there too).")
     result_version_id: int | None = Field(description="The version the run produced, deployed or held.")
@@ -32,33 +36,6 @@ class BatchPublic(BaseModel):
     created_at: UtcDatetime
     finished_at: UtcDatetime | None
     request_count: int
-
-    @classmethod
-    def of(cls, batch: Batch, request_count: int) -> "BatchPublic":
-        return cls(id=batch.id, model=batch.model_name, status=batch.status,
-                   parent_version_id=batch.parent_version_id, result_version_id=batch.result_version_id,
-                   attempts=batch.attempts, error=batch.error, hold_reason=batch.hold_reason,
-                   lease_owner=batch.lease_owner, lease_expires_at=batch.lease_expires_at,
-                   created_at=batch.created_at, finished_at=batch.finished_at, request_count=request_count)
-
-
-class BatchesPublic(BaseModel):
-    data: list[BatchPublic]
-    count: int
-
-
-class UnlearnSettings(BaseModel):
-    """Q-MUL settings for a model's next runs (workers.engine.QMulConfig fields)."""
-
-    model_config = ConfigDict(extra="forbid")
-    epochs: int | None = Field(default=None, ge=1, le=1000)
-    lr: float | None = Field(default=None, gt=0, le=1)
-    momentum: float | None = Field(default=None, ge=0, lt=1)
-    weight_decay: float | None = Field(default=None, ge=0, le=1)
-    batch_size: int | None = Field(default=None, ge=1, le=4096)
-    similar_labels: bool | None = None
-    gradient_reweighting: bool | None = None
-    grad_norm_batches: int | None = Field(default=None, ge=1, le=100_000)
 
 
 class BatchDiscard(BaseModel):
@@ -73,27 +50,24 @@ class Rollback(BaseModel):
 
 
 class DeploymentPublic(BaseModel):
-    model: str
+    # Read from the model.
+    model_config = ConfigDict(from_attributes=True)
+
+    model: str = Field(validation_alias="name")
     deployed_version_id: int | None
 
 
-def _request_counts(session, batch_ids: list[int]) -> dict[int, int]:
-    return dict(session.execute(
-        select(ForgetRequest.batch_id, func.count()).where(ForgetRequest.batch_id.in_(batch_ids))
-        .group_by(ForgetRequest.batch_id)).all())
-
-
 def _batch_public(session, batch_id: int) -> BatchPublic:
-    batch = session.get(Batch, batch_id)
+    batch = find_batch(session, batch_id)
     if batch is None:
         raise HTTPException(status_code=404, detail=f"batch {batch_id} not found")
-    return BatchPublic.of(batch, _request_counts(session, [batch_id]).get(batch_id, 0))
+    return BatchPublic.model_validate(batch)
 
 
 BatchId = Annotated[int, Path(ge=1, le=2**31 - 1)]
 
 
-@router.get("/batches", response_model=BatchesPublic, responses={422: {"model": ProblemPublic}})
+@router.get("/batches", response_model=Page[BatchPublic], responses={422: {"model": ProblemPublic}})
 def list_batches(
     session: SessionDep,
     caller: AuditorDep,
@@ -101,18 +75,10 @@ def list_batches(
     status: BatchStatus | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
-) -> BatchesPublic:
+) -> Page[BatchPublic]:
     """List unlearning batches, newest first: status, attempts, errors, holds and leases."""
-    conditions = []
-    if model is not None:
-        conditions.append(Batch.model_name == model)
-    if status is not None:
-        conditions.append(Batch.status == status)
-    count = session.scalar(select(func.count()).select_from(Batch).where(*conditions))
-    batches = session.scalars(select(Batch).where(*conditions).order_by(Batch.id.desc())
-                              .limit(limit).offset(offset)).all()
-    counts = _request_counts(session, [b.id for b in batches])
-    return BatchesPublic(data=[BatchPublic.of(b, counts.get(b.id, 0)) for b in batches], count=count)
+    batches, count = batches_page(session, model_name=model, status=status, limit=limit, offset=offset)
+    return Page[BatchPublic](data=batches, count=count)
 
 
 @router.get("/batches/{batch_id}", response_model=BatchPublic, responses=NOT_FOUND)
@@ -162,4 +128,4 @@ def rollback(session: SessionDep, caller: AdminDep, actor: ActorDep,
         session.commit()
     except deployments.AdminRefusal as error:
         raise _refused(error) from None
-    return DeploymentPublic(model=model, deployed_version_id=session.get(Model, model).deployed_version_id)
+    return DeploymentPublic.model_validate(find_model(session, model))

@@ -4,7 +4,6 @@ from typing import Annotated
 
 from fastapi import APIRouter, FastAPI, Header, HTTPException, Path, Query, Request, status
 from fastapi.responses import JSONResponse
-from sqlalchemy import func, select
 
 from service.api.deps import ReaderDep, SessionDep, SubmitterDep
 from service.api.schemas import (
@@ -15,16 +14,16 @@ from service.api.schemas import (
     ErrorPublic,
     ForgetRequestCreate,
     ForgetRequestPublic,
-    ForgetRequestsPublic,
+    Page,
     ProblemPublic,
     UtcInput,
 )
 from service.core.api_keys import Caller
-from service.core.models import ForgetRequest, RequestStatus
+from service.core.models import RequestStatus
 from service.requests import idempotency
 from service.requests.intake import IdempotencyClaim, Submission
 from service.requests.problems import RequestValidationProblem
-from service.requests.queries import FiledRequest, sample_ids_of_requests
+from service.requests.queries import FiledRequest, requests_page
 
 router = APIRouter(
     prefix="/forget-requests", tags=["forget-requests"], responses={**AUTH_ERRORS, **DATABASE_UNAVAILABLE}
@@ -112,12 +111,12 @@ async def file_request(
 
 def response_body(filed: FiledRequest) -> dict:
     """A request's body, as answered (202 when filed, 200 when read) and as stored for its idempotency key."""
-    return ForgetRequestPublic.of(filed.request, filed.sample_ids).model_dump(mode="json")
+    return ForgetRequestPublic.model_validate(filed).model_dump(mode="json")
 
 
 @router.get(
     "",
-    response_model=ForgetRequestsPublic,
+    response_model=Page[ForgetRequestPublic],
     responses={422: {"model": ProblemPublic, "description": "A filter or the paging is malformed."}},
 )
 def list_forget_requests(
@@ -130,34 +129,21 @@ def list_forget_requests(
     received_before: Annotated[UtcInput | None, Query(description="Received before this time.")] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
     offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
-) -> ForgetRequestsPublic:
+) -> Page[ForgetRequestPublic]:
     """List forget requests, newest first, filtered by status, subject, model and time received."""
     if model is not None:
         check_model_allowed(caller, model)
-    model = model or caller.model  # a key limited to a model sees that model's requests only
-    conditions = []
-    if status_ is not None:
-        conditions.append(ForgetRequest.status == status_)
-    if subject_id is not None:
-        conditions.append(ForgetRequest.subject_id == subject_id)
-    if model is not None:
-        conditions.append(ForgetRequest.model_name == model)
-    if received_after is not None:
-        conditions.append(ForgetRequest.received_at >= received_after)
-    if received_before is not None:
-        conditions.append(ForgetRequest.received_at < received_before)
-    count = session.scalar(select(func.count()).select_from(ForgetRequest).where(*conditions))
-    requests = session.scalars(
-        select(ForgetRequest)
-        .where(*conditions)
-        .order_by(ForgetRequest.received_at.desc(), ForgetRequest.id.desc())
-        .limit(limit)
-        .offset(offset)
-    ).all()
-    sample_ids = sample_ids_of_requests(session, [request.id for request in requests])
-    return ForgetRequestsPublic(
-        data=[ForgetRequestPublic.of(request, sample_ids[request.id]) for request in requests], count=count
+    requests, count = requests_page(
+        session,
+        status=status_,
+        subject_id=subject_id,
+        model_name=model or caller.model,  # a key limited to a model sees that model's requests only
+        received_after=received_after,
+        received_before=received_before,
+        limit=limit,
+        offset=offset,
     )
+    return Page[ForgetRequestPublic](data=requests, count=count)
 
 
 @router.get(

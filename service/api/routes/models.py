@@ -5,7 +5,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, HTTPException, Path, Query, Response, status
 from fastapi.responses import StreamingResponse
-from sqlalchemy import Select, func, select
+from sqlalchemy import inspect
 
 from service.api.deps import AdminDep, AuditorDep, SessionDep, SettingsDep
 from service.api.schemas import (
@@ -14,12 +14,14 @@ from service.api.schemas import (
     NO_NUL,
     ErrorPublic,
     ModelVersionPublic,
-    ModelVersionsPublic,
+    Page,
     ProblemPublic,
     ReferenceRequestPublic,
 )
-from service.core.models import Model, ModelVersion, ReferenceRequest, VersionKind
+from service.core.models import ReferenceRequest, VersionKind
+from service.core.tasks import GPU_QUEUE
 from service.deployments import artifacts
+from service.deployments.queries import deployed_version, find_model, find_version_with_lineage, versions_page
 from service.references.schedule import open_request, request_reference
 
 log = logging.getLogger(__name__)
@@ -30,21 +32,9 @@ MAX_PAGE = 500
 ModelName = Annotated[str | None, Query(min_length=1, max_length=64, pattern=NO_NUL)]
 
 
-def _versions() -> Select:
-    """(version, whether it is deployed, how many samples it excludes), without loading the id lists."""
-    deployed = (Model.deployed_version_id == ModelVersion.id).label("deployed")
-    excluded = func.coalesce(func.json_array_length(ModelVersion.excluded_sample_ids), 0).label("excluded")
-    return select(ModelVersion, deployed, excluded).join(Model, Model.name == ModelVersion.model_name)
-
-
-def _public(row) -> ModelVersionPublic:
-    version, deployed, excluded = row
-    return ModelVersionPublic.of(version, deployed=bool(deployed), excluded_sample_count=excluded)
-
-
 @router.get(
     "",
-    response_model=ModelVersionsPublic,
+    response_model=Page[ModelVersionPublic],
     responses={422: {"model": ProblemPublic, "description": "A filter or the paging is malformed."}},
 )
 def list_model_versions(
@@ -54,18 +44,10 @@ def list_model_versions(
     kind: VersionKind | None = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
     offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
-) -> ModelVersionsPublic:
+) -> Page[ModelVersionPublic]:
     """List model versions, newest first, with their lineage and which one each model has deployed."""
-    conditions = []
-    if model is not None:
-        conditions.append(ModelVersion.model_name == model)
-    if kind is not None:
-        conditions.append(ModelVersion.kind == kind)
-    count = session.scalar(select(func.count()).select_from(ModelVersion).where(*conditions))
-    rows = session.execute(
-        _versions().where(*conditions).order_by(ModelVersion.id.desc()).limit(limit).offset(offset)
-    ).all()
-    return ModelVersionsPublic(data=[_public(row) for row in rows], count=count)
+    versions, count = versions_page(session, model_name=model, kind=kind, limit=limit, offset=offset)
+    return Page[ModelVersionPublic](data=versions, count=count)
 
 
 @router.get(
@@ -94,12 +76,12 @@ def download_deployed_artifact(
 ) -> Response:
     """Download the deployed version's artifact, verified against its sha256 (a strong ETag)."""
     name = model or settings.default_model
-    db_model = session.get(Model, name)
+    db_model = find_model(session, name)
     if db_model is None:
         raise HTTPException(status_code=404, detail=f"model {name!r} not found")
-    if db_model.deployed_version_id is None:
+    version = deployed_version(session, db_model)
+    if version is None:
         raise HTTPException(status_code=404, detail=f"model {name!r} has no deployed version")
-    version = session.get(ModelVersion, db_model.deployed_version_id)
     version_id, sha256, path = version.id, version.sha256, version.artifact_path
     # End the transaction before the file goes out: on SQLite it holds the write lock, and a
     # download may take long.
@@ -139,10 +121,10 @@ def read_model_version(
     version_id: Annotated[int, Path(ge=1, le=2**31 - 1)], session: SessionDep, caller: AuditorDep
 ) -> ModelVersionPublic:
     """Get a model version: its kind, parent, batch, method, configuration, metrics, sha256, exclusions."""
-    row = session.execute(_versions().where(ModelVersion.id == version_id)).first()
-    if row is None:
+    version = find_version_with_lineage(session, version_id)
+    if version is None:
         raise HTTPException(status_code=404, detail=f"model version {version_id} not found")
-    return _public(row)
+    return ModelVersionPublic.model_validate(version)
 
 
 @router.post(
@@ -160,7 +142,7 @@ def request_retrain_reference(
 ) -> ReferenceRequestPublic:
     """Queue a retrain reference of the model's current state (trained from scratch without every
     forgotten sample) and an evaluation of the deployment against it; the scheduler sends it to a GPU worker."""
-    db_model = session.get(Model, model, with_for_update=True)
+    db_model = find_model(session, model, for_update=True)
     if db_model is None:
         raise HTTPException(status_code=404, detail=f"model {model!r} not found")
     if db_model.deployed_version_id is None:
@@ -175,12 +157,5 @@ def request_retrain_reference(
 
 
 def _reference_request_public(request: ReferenceRequest, created: bool) -> ReferenceRequestPublic:
-    from service.core.tasks import GPU_QUEUE  # a constant; importing it loads no model code
-
-    return ReferenceRequestPublic(
-        id=request.id, model=request.model_name, requested_at=request.requested_at,
-        requested_by=request.requested_by, reason=request.reason, deployed_version_id=request.deployed_version_id,
-        excluded_sample_count=request.excluded_sample_count, queue=GPU_QUEUE, sent_at=request.sent_at,
-        reference_version_id=request.reference_version_id, finished_at=request.finished_at, error=request.error,
-        failed_attempts=request.failed_attempts, created=created,
-    )
+    columns = {column.key: getattr(request, column.key) for column in inspect(request).mapper.column_attrs}
+    return ReferenceRequestPublic.model_validate({**columns, "queue": GPU_QUEUE, "created": created})

@@ -3,20 +3,10 @@
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Path
-from sqlalchemy import select
 
 from service.api.deps import ReaderDep, SessionDep
-from service.api.schemas import (
-    AUTH_ERRORS,
-    DATABASE_UNAVAILABLE,
-    NO_NUL,
-    ErrorPublic,
-    ForgetRequestPublic,
-    SamplePublic,
-    SubjectPublic,
-)
-from service.core.models import ForgetRequest, Model, Sample, SampleStatus, Subject
-from service.requests.queries import sample_ids_of_requests
+from service.api.schemas import AUTH_ERRORS, DATABASE_UNAVAILABLE, NO_NUL, ErrorPublic, SubjectPublic
+from service.requests.queries import find_subject
 
 router = APIRouter(prefix="/subjects", tags=["subjects"], responses={**AUTH_ERRORS, **DATABASE_UNAVAILABLE})
 
@@ -32,28 +22,8 @@ def read_subject(
     caller: ReaderDep,
 ) -> SubjectPublic:
     """Get a subject's samples with their status (active or forgotten) and the subject's forget requests."""
-    subject = session.get(Subject, subject_id)
+    # A key limited to a model sees that model's data set and requests only.
+    subject = find_subject(session, subject_id, model_name=caller.model)
     if subject is None:
         raise HTTPException(status_code=404, detail=f"subject {subject_id!r} not found")
-    samples = select(Sample).where(Sample.subject_id == subject_id).order_by(Sample.id)
-    requests = (
-        select(ForgetRequest)
-        .where(ForgetRequest.subject_id == subject_id)
-        .order_by(ForgetRequest.received_at.desc(), ForgetRequest.id.desc())
-    )
-    if caller.model is not None:
-        # A key limited to a model sees that model's data set and requests only.
-        model = session.get(Model, caller.model)
-        samples = samples.where(Sample.dataset == (model.dataset if model else None))
-        requests = requests.where(ForgetRequest.model_name == caller.model)
-    sample_rows = session.scalars(samples).all()
-    request_rows = session.scalars(requests).all()
-    sample_ids = sample_ids_of_requests(session, [request.id for request in request_rows])
-    return SubjectPublic(
-        id=subject.id,
-        created_at=subject.created_at,
-        active_sample_count=sum(sample.status == SampleStatus.active for sample in sample_rows),
-        forgotten_sample_count=sum(sample.status == SampleStatus.forgotten for sample in sample_rows),
-        samples=[SamplePublic.of(sample) for sample in sample_rows],
-        requests=[ForgetRequestPublic.of(request, sample_ids[request.id]) for request in request_rows],
-    )
+    return SubjectPublic.model_validate(subject)
