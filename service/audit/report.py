@@ -26,7 +26,7 @@ from matplotlib.ticker import MaxNLocator
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service.api.schemas import AuditPublic
+from service.audit.standing import DeploymentAudit
 from service.core.models import (
     Evaluation,
     ForgetRequest,
@@ -61,8 +61,8 @@ class RequestFigures:
     overdue: int  # open and past their deadline
 
 
-def build_report(session: Session, model: Model, audit: AuditPublic, deadline_days: int) -> str:
-    """The whole page for `model`, given its deployment audit (service/api/routes/audit.py)."""
+def build_report(session: Session, model: Model, audit: DeploymentAudit, deadline_days: int) -> str:
+    """The whole page for `model`, given its deployment audit (service/audit/standing.py)."""
     evaluations = session.execute(
         select(Evaluation)
         .join(ModelVersion, ModelVersion.id == Evaluation.version_id)
@@ -129,7 +129,7 @@ def _gaps_plot(evaluations: list[Evaluation]) -> Markup:
         return _svg(figure)
 
 
-def _mia_evaluation(audit: AuditPublic, evaluations: list[Evaluation]) -> Evaluation | None:
+def _mia_evaluation(audit: DeploymentAudit, evaluations: list[Evaluation]) -> Evaluation | None:
     """The evaluation the summary shows, if it kept histograms; else the newest that did."""
     shown = audit.evaluation.id if audit.evaluation is not None else None
     with_histograms = [e for e in evaluations if e.score_histograms]

@@ -16,14 +16,13 @@ from service.api.schemas import (
     ErrorPublic,
     Page,
     ProblemPublic,
-    ReferenceStatePublic,
     VersionAuditPublic,
 )
-from service.audit.comparison import compare_with_references
-from service.audit.queries import audit_entries_page, matching_evaluation, newest_evaluation_of_model
+from service.audit.queries import audit_entries_page
+from service.audit.standing import deployment_audit, version_audit
 from service.core.audit_log import verify_chain
-from service.core.models import Model, ModelVersion, Role, VersionKind
-from service.deployments.queries import deployed_version, find_model, find_version
+from service.core.models import Model, Role
+from service.deployments.queries import find_model, find_version
 
 router = APIRouter(
     prefix="/audit",
@@ -72,7 +71,7 @@ def read_audit(
     model: Annotated[str | None, Query(min_length=1, max_length=64, pattern=NO_NUL)] = None,
 ) -> AuditPublic:
     """Get how far the deployed version is from a model retrained without the forgotten samples."""
-    return deployment_audit(session, _model(session, model or settings.default_model))
+    return AuditPublic.model_validate(deployment_audit(session, _model(session, model or settings.default_model)))
 
 
 @router.get(
@@ -113,7 +112,7 @@ def read_version_audit(
     version = find_version(session, version_id)
     if version is None:
         raise HTTPException(status_code=404, detail=f"model version {version_id} not found")
-    return version_audit(session, version)
+    return VersionAuditPublic.model_validate(version_audit(session, version))
 
 
 def _model(session, name: str) -> Model:
@@ -121,79 +120,3 @@ def _model(session, name: str) -> Model:
     if db_model is None:
         raise HTTPException(status_code=404, detail=f"model {name!r} not found")
     return db_model
-
-
-def reference_state_public(session, version: ModelVersion) -> ReferenceStatePublic:
-    comparison = compare_with_references(session, version)
-    reference = comparison.reference
-    return ReferenceStatePublic(
-        status=comparison.status,
-        message=comparison.describe(version),
-        reference_id=None if reference is None else reference.id,
-        created_at=None if reference is None else reference.created_at,
-        excluded_sample_count=None if reference is None else len(reference.excluded_sample_ids),
-        excluded_sample_ids=None if reference is None else sorted(reference.excluded_sample_ids),
-        missing_from_reference=comparison.missing_from_reference,
-        extra_in_reference=comparison.extra_in_reference,
-    )
-
-
-def deployment_audit(session, db_model: Model) -> AuditPublic:
-    """The deployed version's newest evaluation (else the newest of an earlier version), and where
-    the deployed version stands against the references."""
-    name, deployed_id = db_model.name, db_model.deployed_version_id
-    deployed = deployed_version(session, db_model)
-    reference = reference_state_public(session, deployed) if deployed is not None else None
-    evaluation = matching_evaluation(session, deployed) if deployed is not None else None
-    if evaluation is not None:
-        return AuditPublic(model=name, deployed_version_id=deployed_id, status="current",
-                           message=f"evaluation of the deployed version {deployed_id} against reference "
-                           f"{evaluation.reference_id}, trained without the same "
-                           f"{len(deployed.excluded_sample_ids)} samples",
-                           evaluation=evaluation, reference=reference)
-    why = "" if reference is None else f"; {reference.message}"
-    earlier = newest_evaluation_of_model(session, name)
-    if earlier is None:
-        return AuditPublic(model=name, deployed_version_id=deployed_id, status="missing",
-                           message=f"no version of model {name!r} has been evaluated against a retrain reference "
-                           f"yet{why}", evaluation=None, reference=reference)
-    return AuditPublic(
-        model=name, deployed_version_id=deployed_id, status="stale",
-        message=f"the deployed version {deployed_id} has not been evaluated yet; this is the evaluation of the "
-        f"earlier version {earlier.version_id}{why}",
-        evaluation=earlier, reference=reference,
-    )
-
-
-def version_audit(session, version: ModelVersion) -> VersionAuditPublic:
-    deployed = find_model(session, version.model_name).deployed_version_id == version.id
-    base = {
-        "version_id": version.id, "model": version.model_name, "kind": version.kind, "deployed": deployed,
-        "method": version.method, "config": version.config, "created_at": version.created_at,
-        "excluded_sample_count": len(version.excluded_sample_ids),
-    }
-    if version.kind == VersionKind.reference:
-        return VersionAuditPublic(**base, status="not_applicable", reference=None, evaluation=None,
-                                  message=f"version {version.id} is a retrain reference: versions are audited "
-                                  "against it")
-    if not version.excluded_sample_ids:
-        return VersionAuditPublic(**base, status="not_applicable", reference=None, evaluation=None,
-                                  message=f"version {version.id} excludes no samples: nothing forgotten to audit")
-    reference = reference_state_public(session, version)
-    if reference.status == "missing":
-        return VersionAuditPublic(**base, status="missing_reference", reference=reference, evaluation=None,
-                                  message=f"version {version.id} cannot be audited: {reference.message}")
-    if reference.status == "stale":
-        return VersionAuditPublic(**base, status="stale_reference", reference=reference, evaluation=None,
-                                  message=f"version {version.id} cannot be audited: {reference.message}")
-    evaluation = matching_evaluation(session, version)
-    if evaluation is None:
-        return VersionAuditPublic(
-            **base, status="not_evaluated", reference=reference, evaluation=None,
-            message=f"{reference.message}, but version {version.id} has not been evaluated against it (a worker "
-            "evaluates the deployed version when a reference is trained)",
-        )
-    return VersionAuditPublic(**base, status="current", reference=reference, evaluation=evaluation,
-                              message=f"evaluation of version {version.id} against reference "
-                              f"{evaluation.reference_id}, trained without the same "
-                              f"{len(version.excluded_sample_ids)} samples")
