@@ -400,9 +400,9 @@ class EvidencePublic(BaseModel):
     model: str = Field(validation_alias=AliasPath("request", "model_name"))
     request_status: RequestStatus = Field(validation_alias=AliasPath("request", "status"))
     status: Literal[
-        "pending", "not_applicable", "figures_missing", "reference_missing", "reference_stale", "complete"
+        "pending", "figures_missing", "reference_missing", "reference_stale", "complete"
     ] = Field(
-        description="pending: not completed yet, no figures; not_applicable: rejected or failed; figures_missing: "
+        description="pending: not completed yet, no figures; figures_missing: "
         "completed but the worker recorded no figures for its versions; reference_missing: no reference excluding "
         "these samples has figures yet; reference_stale: the reference given excludes these samples but not the "
         "same set as the version after; complete: before, after and a matching reference."

@@ -24,7 +24,7 @@ from service.core.models import (
 )
 
 EvidenceStatus = Literal[
-    "pending", "not_applicable", "figures_missing", "reference_missing", "reference_stale", "complete"
+    "pending", "figures_missing", "reference_missing", "reference_stale", "complete"
 ]
 
 
@@ -71,9 +71,6 @@ def request_evidence(session: Session, request: ForgetRequest) -> Evidence:
         .order_by(Sample.id)
     ).all()
     sample_ids = [sample_id for sample_id, _ in samples]
-    if request.status in (RequestStatus.rejected, RequestStatus.failed):
-        return Evidence(request, "not_applicable", f"the request is {request.status.value}: its samples were not "
-                        "forgotten", len(samples))
     if request.status != RequestStatus.completed:
         return Evidence(request, "pending", f"the request is {request.status.value}: no version has forgotten its "
                         "samples yet, so there are no figures", len(samples))

@@ -62,12 +62,9 @@ class SampleStatus(str, enum.Enum):
 
 
 class RequestStatus(str, enum.Enum):
-    received = "received"
     pending = "pending"
     batched = "batched"
     completed = "completed"
-    rejected = "rejected"
-    failed = "failed"
 
 
 class BatchStatus(str, enum.Enum):

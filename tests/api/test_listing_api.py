@@ -55,7 +55,7 @@ def test_newest_first_with_the_total(client, three_requests):
     [
         ({"status": "pending"}, ["carol", "alice"]),
         ({"status": "completed"}, ["bob"]),
-        ({"status": "failed"}, []),
+        ({"status": "batched"}, []),
         ({"subject_id": "bob"}, ["bob"]),
         ({"subject_id": "nobody"}, []),
         ({"model": "other"}, ["carol"]),
@@ -66,6 +66,11 @@ def test_filters(client, three_requests, params, expected):
     response = client.get("/forget-requests", params=params)
     assert ids(response) == [three_requests[s]["id"] for s in expected]
     assert response.json()["count"] == len(expected)
+
+
+def test_a_status_that_does_not_exist_is_refused_naming_it(client, three_requests):
+    response = client.get("/forget-requests", params={"status": "failed"})
+    assert response.status_code == 422 and response.json()["detail"][0]["loc"][-1] == "status"
 
 
 def test_time_window(client, three_requests):

@@ -137,7 +137,7 @@
   }
 
   function renderTiles(data) {
-    const open = data.requests.filter((r) => ["received", "pending", "batched"].includes(r.status));
+    const open = data.requests.filter((r) => ["pending", "batched"].includes(r.status));
     const pastDue = sum(data.due, "past_due");
     const oldest = data.due.length ? Math.max(...data.due.map((d) => d.oldest_open_age_seconds)) : null;
     setTile("tile-open", String(sum(open, "count")));
@@ -150,14 +150,14 @@
   }
 
   function renderRequests(data) {
-    const statuses = ["received", "pending", "batched", "completed", "rejected", "failed"];
+    const statuses = ["pending", "batched", "completed"];
     barChart($("chart-requests"), { categories: statuses, series: seriesByModel(data.requests, "status", statuses) });
   }
 
   function renderDue(data) {
     const models = data.due.map((d) => d.model);
     const open = (model) => sum(data.requests.filter((r) => r.model === model &&
-                                                     ["received", "pending", "batched"].includes(r.status)), "count");
+                                                     ["pending", "batched"].includes(r.status)), "count");
     barChart($("chart-due"), {
       categories: models,
       series: [
