@@ -228,6 +228,7 @@ class EvaluationPublic(BaseModel):
 
 class AuditPublic(BaseModel):
     model_config = ConfigDict(from_attributes=True)
+
     model: str
     deployed_version_id: int | None
     status: Literal["current", "stale", "missing"] = Field(
@@ -292,6 +293,7 @@ class ReferenceStatePublic(BaseModel):
     """How a version stands against the model's retrain references."""
 
     model_config = ConfigDict(from_attributes=True)
+
     status: Literal["matching", "stale", "missing"] = Field(
         description="matching: a reference excludes exactly the version's samples; stale: the newest reference "
         "excludes a different set (it is given, with the differences); missing: no reference at all."
@@ -314,6 +316,7 @@ class VersionAuditPublic(BaseModel):
     """One version's FA, RA, TA, MIA against the newest reference that excludes the same samples."""
 
     model_config = ConfigDict(from_attributes=True)
+
     version_id: int
     model: str
     kind: VersionKind
