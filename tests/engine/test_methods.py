@@ -95,16 +95,19 @@ def test_every_method_returns_a_changed_copy_and_leaves_the_original(method, sma
 
 def test_ga_raises_the_forget_loss(small_model, random_split):
     forget, retain = random_split
-    result = unlearn("ga", small_model, forget, retain, GAConfig(epochs=3, lr=1e-2),
+    # 5 epochs: the forget loss rises by 4.4 to 4.9 under AVX2, AVX-512 and default kernels, far
+    # clear of 0.5; after 3 epochs the rise (0.50 to 0.60) sat on the margin.
+    result = unlearn("ga", small_model, forget, retain, GAConfig(epochs=5, lr=1e-2),
                      progress=False)
     assert mean_loss(result.model, forget) > mean_loss(small_model, forget) + 0.5
-    assert result.history[-1]["forget_loss"] > result.history[0]["forget_loss"]
+    losses = [entry["forget_loss"] for entry in result.history]
+    assert all(later > earlier for earlier, later in zip(losses, losses[1:]))  # every epoch
 
 
 def test_ft_lowers_the_retain_loss(small_model, random_split):
     forget, retain = random_split
-    # 4 epochs: after 2 the drop (0.017 on one machine, 0.02+ on another) sat at the margin, which
-    # made the test hang on the CPU's kernels rather than on fine-tuning; after 4 it is about 0.08.
+    # 4 epochs: the retain loss drops by 0.09 to 0.11 under AVX2, AVX-512 and default kernels, well
+    # clear of 0.02; after 2 epochs the drop sat on the margin.
     result = unlearn("ft", small_model, forget, retain, FTConfig(epochs=4), progress=False)
     assert mean_loss(result.model, retain) < mean_loss(small_model, retain) - 0.02
 

@@ -1,6 +1,8 @@
 """Quantization-aware training and inference helpers."""
 
+import getpass
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +37,13 @@ def compiled_forward(model: nn.Module) -> nn.Module:
     An option of the engine and its benchmark (epoch_floor --compile), not of the worker: on the
     CPU the compiling costs more than a run saves (docs/performance.md); on a GPU, to be measured.
     Needs a C++ compiler (CPU) or Triton with a C compiler (CUDA) where it runs."""
+    # The inductor's on-disk cache is not keyed by the CPU capability: code compiled for AVX-512 and
+    # reused where ATEN_CPU_CAPABILITY asks for AVX2 gives NaN. One cache subfolder per capability.
+    capability = torch.backends.cpu.get_cpu_capability().lower()
+    cache = Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+                 or Path(tempfile.gettempdir()) / f"torchinductor_{getpass.getuser()}")
+    if cache.name != capability:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache / capability)
     return torch.compile(model)
 
 
