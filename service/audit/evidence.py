@@ -23,9 +23,7 @@ from service.core.models import (
     VersionKind,
 )
 
-EvidenceStatus = Literal[
-    "pending", "figures_missing", "reference_missing", "reference_stale", "complete"
-]
+EvidenceStatus = Literal["pending", "figures_missing", "reference_missing", "reference_stale", "complete"]
 
 
 @dataclass(frozen=True)
