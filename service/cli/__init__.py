@@ -202,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler=_demo)
 
     bench = commands.add_parser("bench", add_help=False,
-                                help="compare unlearning methods (workers.benchmarks.bench; `bench --help` for its options)")
+                                help="compare unlearning methods (workers.benchmarks.bench; "
+                                "`bench --help` for its options)")
     bench.set_defaults(handler=_bench)
 
     loadtest = commands.add_parser("loadtest", help="measure request intake under load (loopback; starts its own "
@@ -273,4 +274,3 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(f"--log-level: {exc}")
     return args.handler(args)
-

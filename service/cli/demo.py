@@ -48,7 +48,8 @@ def run_demo(data_dir: str = "var/demo", subjects: int = 12, epochs: int | None 
         # The worker shares two cores with the API, the scheduler and this process.
         "QFORGET_TORCH_THREADS": "1",
         "QFORGET_API_PORT": str(port),
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH")])),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]),
+                                                    os.environ.get("PYTHONPATH")])),
     }
     os.environ.update(env)  # this process bootstraps with the same settings as its children
 
@@ -148,4 +149,3 @@ def run_demo(data_dir: str = "var/demo", subjects: int = 12, epochs: int | None 
     print(f"Artifacts: model store {settings.model_store}, database {settings.database_url}, logs {data_dir / 'logs'}")
     print(f"Demo finished in {time.monotonic() - started:.0f} s")
     return 0
-

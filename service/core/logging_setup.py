@@ -127,14 +127,14 @@ def logging_config(level: str | int = "INFO", json_format: bool = False) -> dict
     level_number = logging.getLevelName(level.upper()) if isinstance(level, str) else level
     if not isinstance(level_number, int):
         raise ValueError(f"unknown log level {level!r}")  # noqa: TRY004 -- a bad name, not a bad type
-    formatter = "service.core.logging_setup.JsonFormatter" if json_format else "service.core.logging_setup.TextFormatter"
+    formatter = f"{__name__}.{'JsonFormatter' if json_format else 'TextFormatter'}"
     # Alembic and httpx report every revision and request at INFO: noise in the output.
     quiet = logging.getLevelName(max(logging.WARNING, level_number))
     return {
         "version": 1,
         "disable_existing_loggers": False,
         "formatters": {"qforget": {"()": formatter}},
-        "filters": {"context": {"()": "service.core.logging_setup.ContextFilter"}},
+        "filters": {"context": {"()": f"{__name__}.ContextFilter"}},
         "handlers": {"stderr": {"class": "logging.StreamHandler", "stream": "ext://sys.stderr",
                                 "formatter": "qforget", "filters": ["context"]}},
         "root": {"level": logging.getLevelName(level_number), "handlers": ["stderr"]},

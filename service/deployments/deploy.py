@@ -25,7 +25,8 @@ from service.core.models import (
 from service.requests import lifecycle
 
 
-def deploy_version(session, batch: Batch, model: Model, version: ModelVersion, forget_ids: list[int], actor: str) -> None:
+def deploy_version(session: Session, batch: Batch, model: Model, version: ModelVersion, forget_ids: list[int],
+                   actor: str) -> None:
     """Deployment pointer, forgotten samples, completed batch and requests: all in the caller's transaction."""
     model.deployed_version_id = version.id
     session.execute(

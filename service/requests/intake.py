@@ -37,8 +37,6 @@ from service.requests.queries import FiledRequest
 MAX_SAMPLES_PER_REQUEST = 10_000
 
 
-
-
 @dataclass(frozen=True)
 class IdempotencyClaim:
     """The Idempotency-Key a submission came with (service.requests.idempotency)."""

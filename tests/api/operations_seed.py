@@ -81,7 +81,7 @@ def seed_operations(engine, seed) -> Operations:
                                reference_metrics=REFERENCE_METRICS, gaps=GAPS, forget_count=3, retain_count=12,
                                test_count=360, created_at=now - timedelta(minutes=5)))
         completed = file_forget_request(session, subject_id="carol", sample_ids=None, model_name=seed.model,
-                                          deadline_days=30, actor="test").request
+                                        deadline_days=30, actor="test").request
         completed.status, completed.completed_version_id = RequestStatus.completed, deployed.id
         completed.received_at, completed.due_at = now - timedelta(days=3), now + timedelta(days=27)
         completed.completed_at = now - timedelta(hours=2)
@@ -99,9 +99,9 @@ def seed_operations(engine, seed) -> Operations:
 
         # Two pending requests (12 samples), one of them received 35 days ago: past its due date.
         file_forget_request(session, subject_id="alice", sample_ids=None, model_name=seed.model,
-                              deadline_days=30, actor="test")
+                            deadline_days=30, actor="test")
         late = file_forget_request(session, subject_id="bob", sample_ids=None, model_name=seed.model,
-                                     deadline_days=30, actor="test").request
+                                   deadline_days=30, actor="test").request
         late.received_at, late.due_at = now - timedelta(days=35), now - timedelta(days=5)
         session.flush()
         assert session.get(ForgetRequest, late.id).status == RequestStatus.pending

@@ -199,7 +199,7 @@ def test_audit_names_the_reference_state_of_the_deployment(client, engine, seed)
 def file_request(engine, seed, subject) -> str:
     with transaction(engine) as session:
         return file_forget_request(session, subject_id=subject, sample_ids=None, model_name=seed.model,
-                                     deadline_days=30, actor="test").request.id
+                                   deadline_days=30, actor="test").request.id
 
 
 def complete(engine, seed, request_id, version_id) -> None:

@@ -15,7 +15,7 @@ def held_batch(engine, seed) -> dict:
     """A batch the quality gate held: its version exists, undeployed; its request is pending."""
     with transaction(engine) as session:
         request = file_forget_request(session, subject_id="alice", sample_ids=None, model_name=seed.model,
-                                        deadline_days=30, actor="test").request
+                                      deadline_days=30, actor="test").request
         batch = Batch(model_name=seed.model, status=BatchStatus.held, parent_version_id=seed.version_id,
                       hold_reason="test accuracy fell 9.00 points")
         session.add(batch)

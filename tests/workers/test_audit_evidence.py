@@ -37,7 +37,7 @@ def test_evidence_before_and_after_a_real_run(settings, one_torch_thread):
     engine = get_engine(settings, "tests")
     with transaction(engine) as session:
         request_id = file_forget_request(session, subject_id="subject-0001", sample_ids=None,
-                                           model_name=settings.default_model, deadline_days=30, actor="test").request.id
+                                         model_name=settings.default_model, deadline_days=30, actor="test").request.id
         _, key = create_api_key(session, role="auditor", name="tests", actor="tests")
     claimed = claim_batch(engine, settings, settings.default_model)
     version_id = run_batch(engine, settings, claimed)

@@ -51,11 +51,11 @@ def deploy_batch(engine, settings, seed, subject: str) -> int:
     """A batch for the subject's samples, deployed with a placeholder artifact."""
     with transaction(engine) as session:
         file_forget_request(session, subject_id=subject, sample_ids=None, model_name=seed.model,
-                              deadline_days=30, actor="test")
+                            deadline_days=30, actor="test")
     claimed = claim_batch(engine, settings, seed.model)
     metrics = {"FA": 10.0, "RA": 99.0, "TA": 95.0, "MIA": 50.0}
     return _record_result(engine, settings, claimed, sorted(seed.samples[subject]), "/nonexistent/v.pt",
-                               "1" * 64, QMulConfig(epochs=1), metrics, history=[])
+                          "1" * 64, QMulConfig(epochs=1), metrics, history=[])
 
 
 def schedule(engine, every_versions=0, every_days=0.0, now=None) -> list[int]:
@@ -222,4 +222,3 @@ def test_a_failure_after_the_request_closed_changes_nothing(engine, settings, se
     with transaction(engine) as session:
         request = session.get(ReferenceRequest, request_id)
         assert (request.failed_attempts, request.error, request.reference_version_id is not None) == (0, None, True)
-

@@ -40,7 +40,7 @@ def in_transaction(engine, action, *args, **kwargs):
 def file_request(engine, seed, subject: str) -> str:
     with transaction(engine) as session:
         return file_forget_request(session, subject_id=subject, sample_ids=None, model_name=seed.model,
-                                     deadline_days=30, actor="test").request.id
+                                   deadline_days=30, actor="test").request.id
 
 
 def finish_run(engine, settings, claimed, ta: float) -> int | None:
@@ -50,7 +50,7 @@ def finish_run(engine, settings, claimed, ta: float) -> int | None:
                                      .where(ForgetRequest.batch_id == claimed.batch_id)).all()
     metrics = {"FA": 10.0, "RA": 99.0, "TA": ta, "MIA": 50.0}
     return _record_result(engine, settings, claimed, sorted(forget_ids), "/nonexistent/new.pt", "1" * 64,
-                               QMulConfig(epochs=1), metrics, history=[])
+                          QMulConfig(epochs=1), metrics, history=[])
 
 
 @pytest.fixture
@@ -175,7 +175,8 @@ def test_a_discarded_batch_returns_its_requests_with_new_settings(engine, settin
     request_id = file_request(engine, seed, "alice")
     claimed = claim_batch(engine, settings, seed.model)
     finish_run(engine, settings, claimed, ta=0.0)
-    in_transaction(engine, deployments.discard_batch, claimed.batch_id, actor="key:admin", new_config={"epochs": 3, "lr": 0.001})
+    in_transaction(engine, deployments.discard_batch, claimed.batch_id, actor="key:admin",
+                   new_config={"epochs": 3, "lr": 0.001})
     with transaction(engine) as session:
         assert session.get(Batch, claimed.batch_id).status == BatchStatus.discarded
         request = session.get(ForgetRequest, request_id)
@@ -239,7 +240,7 @@ def test_different_models_run_at_the_same_time(engine, settings, seed):
         session.get(Model, "digits-cnn-8bit").deployed_version_id = other.id
         for model_name, subject in ((seed.model, "alice"), ("digits-cnn-8bit", "bob")):
             file_forget_request(session, subject_id=subject, sample_ids=None, model_name=model_name,
-                                  deadline_days=30, actor="test")
+                                deadline_days=30, actor="test")
     first = claim_batch(engine, settings, seed.model)
     second = claim_batch(engine, settings, "digits-cnn-8bit")
     assert first is not None and second is not None and first.batch_id != second.batch_id

@@ -47,7 +47,7 @@ def run(sizes: list[int], epochs: int, threads: int) -> list[dict]:
             samples = session.execute(select(Sample.id, Sample.subject_id).order_by(Sample.id).limit(size)).all()
             for sample_id, subject_id in samples:
                 file_forget_request(session, subject_id=subject_id, sample_ids=[sample_id],
-                                      model_name=settings.default_model, deadline_days=30, actor="bench")
+                                    model_name=settings.default_model, deadline_days=30, actor="bench")
         started = time.perf_counter()
         claimed = claim_batch(engine, settings_b, settings.default_model)
         version_id = run_batch(engine, settings_b, claimed, progress=True)

@@ -18,8 +18,8 @@ affine quantizer. The arithmetic is the same as the fake-quantized forward's, op
 operation: weights, codes and quantized inputs are identical, and each layer's output agrees to
 float rounding. Other kernels (another CPU, ATEN_CPU_CAPABILITY) add in another order, so a value
 that sits on a rounding tie of a later quantizer may land on the neighbouring code and move the
-logits of that sample; tests/engine/test_export.py holds each of these guarantees. The weights of a b-bit export take b/32 of their
-fp32 size, plus a few bytes of padding and the scales.
+logits of that sample; tests/engine/test_export.py holds each of these guarantees. The weights of
+a b-bit export take b/32 of their fp32 size, plus a few bytes of padding and the scales.
 """
 
 import io
