@@ -34,15 +34,20 @@ class ReferenceComparison:
                 f"(POST /models/{version.model_name}/references)")
 
 
+def references_newest_first(session: Session, model_name: str) -> list[ModelVersion]:
+    """The model's retrain references, newest first."""
+    return list(session.scalars(
+        select(ModelVersion)
+        .where(ModelVersion.model_name == model_name, ModelVersion.kind == VersionKind.reference)
+        .order_by(ModelVersion.id.desc())
+    ))
+
+
 def compare_with_references(session: Session, version: ModelVersion) -> ReferenceComparison:
     """The newest reference that excludes exactly the version's samples; else the newest reference
     (stale) with what differs; else missing."""
     excluded = set(version.excluded_sample_ids)
-    references = session.scalars(
-        select(ModelVersion)
-        .where(ModelVersion.model_name == version.model_name, ModelVersion.kind == VersionKind.reference)
-        .order_by(ModelVersion.id.desc())
-    ).all()
+    references = references_newest_first(session, version.model_name)
     if not references:
         return ReferenceComparison("missing", None, [], [])
     for reference in references:

@@ -11,7 +11,7 @@ from typing import Literal
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service.audit.comparison import compare_with_references
+from service.audit.comparison import compare_with_references, references_newest_first
 from service.core.models import (
     Batch,
     ForgetRequest,
@@ -20,7 +20,6 @@ from service.core.models import (
     RequestStatus,
     Sample,
     SampleScore,
-    VersionKind,
 )
 
 EvidenceStatus = Literal["pending", "figures_missing", "reference_missing", "reference_stale", "complete"]
@@ -132,12 +131,7 @@ def _reference_for(
         return comparison.reference, True, (f"reference {comparison.reference.id} was trained without the same "
                                             f"{len(after.excluded_sample_ids)} samples as version {after.id}")
     wanted = set(sample_ids)
-    references = session.scalars(
-        select(ModelVersion)
-        .where(ModelVersion.model_name == after.model_name, ModelVersion.kind == VersionKind.reference)
-        .order_by(ModelVersion.id.desc())
-    ).all()
-    for reference in references:
+    for reference in references_newest_first(session, after.model_name):
         if wanted <= set(reference.excluded_sample_ids):
             return reference, False, (
                 f"reference {reference.id} never saw these samples, but it is stale for version {after.id}: it "

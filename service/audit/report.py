@@ -26,6 +26,7 @@ from matplotlib.ticker import MaxNLocator
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from service.audit.comparison import references_newest_first
 from service.audit.standing import DeploymentAudit
 from service.core.models import (
     Evaluation,
@@ -34,7 +35,6 @@ from service.core.models import (
     ModelVersion,
     ReferenceRequest,
     RequestStatus,
-    VersionKind,
     as_utc,
     utcnow,
 )
@@ -69,11 +69,7 @@ def build_report(session: Session, model: Model, audit: DeploymentAudit, deadlin
         .where(ModelVersion.model_name == model.name)
         .order_by(Evaluation.created_at, Evaluation.id)
     ).scalars().all()
-    references = session.execute(
-        select(ModelVersion)
-        .where(ModelVersion.model_name == model.name, ModelVersion.kind == VersionKind.reference)
-        .order_by(ModelVersion.id.desc())
-    ).scalars().all()
+    references = references_newest_first(session, model.name)
     open_requests = session.scalars(
         select(ReferenceRequest)
         .where(ReferenceRequest.model_name == model.name, ReferenceRequest.finished_at.is_(None))

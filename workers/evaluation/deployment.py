@@ -4,13 +4,15 @@ from pathlib import Path
 
 from sqlalchemy import Engine, select
 
+from service.audit.comparison import compare_with_references
 from service.core.audit_log import append_audit
 from service.core.db import transaction
-from service.core.models import Evaluation, Model, ModelVersion, Sample, SampleStatus, VersionKind
+from service.core.models import Evaluation, Model, ModelVersion, Sample, SampleStatus
 from service.core.settings import Settings
 from workers import engine as qf
 from workers.evaluation.samples import SCORE_BIN_EDGES, assess_samples, record_sample_scores, score_histogram
 from workers.runtime import WORKER_ID, load_data
+
 
 def _audit_splits(session, model: Model, forgotten_ids) -> tuple[list[tuple[int, int]], list[int]]:
     """(sample id, dataset index) of the forget split (the given forgotten samples, in the split's
@@ -63,14 +65,10 @@ def evaluate_deployment(engine: Engine, settings: Settings, model_name: str) -> 
         excluded = set(deployed.excluded_sample_ids)
         if not excluded:
             return None
-        references = session.scalars(
-            select(ModelVersion)
-            .where(ModelVersion.model_name == model_name, ModelVersion.kind == VersionKind.reference)
-            .order_by(ModelVersion.id.desc())
-        ).all()
-        reference = next((r for r in references if set(r.excluded_sample_ids) == excluded), None)
-        if reference is None:
+        comparison = compare_with_references(session, deployed)
+        if comparison.status != "matching":
             return None
+        reference = comparison.reference
         forget_samples, retain_indices = _audit_splits(session, model, excluded)
         forget_sample_ids = [sample_id for sample_id, _ in forget_samples]
         forget_indices = [index for _, index in forget_samples]

@@ -16,6 +16,7 @@ from workers.engine.metrics import (
     true_class_probs,
 )
 
+
 @dataclass(frozen=True)
 class SampleAssessment:
     """A version's FA, RA, TA and MIA, its per-sample figures on the forget split (in the split's
