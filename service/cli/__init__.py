@@ -104,7 +104,7 @@ def _reference(args) -> int:
     from service.core.migrate import upgrade_database
     from service.core.models import Model
     from service.core.settings import get_settings
-    from service.references.schedule import open_request, request_reference
+    from service.references.schedule import ask_for_reference
 
     settings = get_settings()
     model_name = args.model or settings.default_model
@@ -114,11 +114,10 @@ def _reference(args) -> int:
         if model is None or model.deployed_version_id is None:
             print(f"qforget reference: model {model_name!r} has no deployed version", file=sys.stderr)
             return 2
-        request = open_request(session, model_name)
-        if request is not None and request.deployed_version_id == model.deployed_version_id:
+        request, created = ask_for_reference(session, model, "cli", "asked for on the command line")
+        if not created:
             print(f"retrain reference for {model_name} already requested (request {request.id})")
             return 0
-        request = request_reference(session, model, "cli", "asked for on the command line")
         print(f"retrain reference for {model_name} requested (request {request.id}); the scheduler sends it")
     return 0
 

@@ -129,6 +129,15 @@ def request_reference(session: Session, model: Model, actor: str, reason: str) -
     return request
 
 
+def ask_for_reference(session: Session, model: Model, actor: str, reason: str) -> tuple[ReferenceRequest, bool]:
+    """The open request for the model's current deployment, else a new one; and whether it is new.
+    An open request for the same deployment is the same work: given back, not asked for twice."""
+    request = open_request(session, model.name)
+    if request is not None and request.deployed_version_id == model.deployed_version_id:
+        return request, False
+    return request_reference(session, model, actor, reason), True
+
+
 def schedule_references(session: Session, every_versions: int, every_days: float, now: datetime,
                         actor: str = "scheduler") -> list[ReferenceRequest]:
     """Ask for a reference for every deployed model that is due. Returns the new requests."""

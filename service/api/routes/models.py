@@ -22,7 +22,7 @@ from service.core.models import ReferenceRequest, VersionKind
 from service.core.tasks import GPU_QUEUE
 from service.deployments import artifacts
 from service.deployments.queries import deployed_version, find_model, find_version_with_lineage, versions_page
-from service.references.schedule import open_request, request_reference
+from service.references.schedule import ask_for_reference
 
 log = logging.getLogger(__name__)
 
@@ -147,11 +147,7 @@ def request_retrain_reference(
         raise HTTPException(status_code=404, detail=f"model {model!r} not found")
     if db_model.deployed_version_id is None:
         raise HTTPException(status_code=409, detail=f"model {model!r} has no deployed version yet")
-    # An open request for the same deployment is the same work: given back, not queued twice.
-    request = open_request(session, model)
-    created = request is None or request.deployed_version_id != db_model.deployed_version_id
-    if created:
-        request = request_reference(session, db_model, caller.actor, "asked for by an admin")
+    request, created = ask_for_reference(session, db_model, caller.actor, "asked for by an admin")
     session.commit()
     return _reference_request_public(request, created)
 
