@@ -28,11 +28,12 @@ from service.requests import lifecycle
 def deploy_version(session: Session, batch: Batch, model: Model, version: ModelVersion, forget_ids: list[int],
                    actor: str) -> None:
     """Deployment pointer, forgotten samples, completed batch and requests: all in the caller's transaction."""
+    now = utcnow()  # one moment for the deployment: samples forgotten, batch and requests completed
     model.deployed_version_id = version.id
     session.execute(
         update(Sample)
         .where(Sample.id.in_(forget_ids))
-        .values(status=SampleStatus.forgotten, forgotten_at=utcnow(), forgotten_by_version_id=version.id)
+        .values(status=SampleStatus.forgotten, forgotten_at=now, forgotten_by_version_id=version.id)
     )
     append_audit(session, actor=actor, action="model.deployed", object_type="model_version",
                  object_id=str(version.id),
@@ -40,7 +41,7 @@ def deploy_version(session: Session, batch: Batch, model: Model, version: ModelV
                           "batch_id": batch.id, "sha256": version.sha256, "metrics": version.metrics})
     append_audit(session, actor=actor, action="samples.forgotten", object_type="batch",
                  object_id=str(batch.id), details={"sample_ids": forget_ids, "version_id": version.id})
-    lifecycle.complete(session, batch, version, actor)
+    lifecycle.complete(session, batch, version, actor, now)
 
 
 class AdminRefusal(Exception):

@@ -67,10 +67,9 @@ def hold(session: Session, batch: Batch, version: ModelVersion, reason: str, act
                  details={"version_id": version.id, "reason": reason})
 
 
-def complete(session: Session, batch: Batch, version: ModelVersion, actor: str) -> None:
-    """The batch's version is deployed: the batch and its requests are done."""
+def complete(session: Session, batch: Batch, version: ModelVersion, actor: str, now: datetime) -> None:
+    """The batch's version was deployed at `now`: the batch and its requests are done then."""
     _require(batch, BatchStatus.running, BatchStatus.held)
-    now = utcnow()
     request_ids = session.scalars(select(ForgetRequest.id).where(ForgetRequest.batch_id == batch.id)).all()
     session.execute(
         update(ForgetRequest)

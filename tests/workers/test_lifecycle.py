@@ -58,7 +58,7 @@ def test_hold_then_complete_on_approval(engine, batch_id):
     assert statuses(engine, batch_id) == (BatchStatus.held, [(RequestStatus.pending, batch_id)])
     with pytest.raises(lifecycle.TransitionRefused, match="is held, not running"):
         apply(engine, lifecycle.hold, batch_id, "version", "again", "test")
-    apply(engine, lifecycle.complete, batch_id, "version", "test")
+    apply(engine, lifecycle.complete, batch_id, "version", "test", utcnow())
     assert statuses(engine, batch_id) == (BatchStatus.completed, [(RequestStatus.completed, batch_id)])
     assert actions(engine)[-3:] == ["batch.held", "request.completed", "batch.completed"]
 
@@ -78,5 +78,5 @@ def test_give_up_returns_the_requests_with_the_error(engine, batch_id):
     with transaction(engine) as session:
         assert session.scalars(select(ForgetRequest.error)).one() == "worker lost three times"
     with pytest.raises(lifecycle.TransitionRefused, match="is failed, not running or held"):
-        apply(engine, lifecycle.complete, batch_id, "version", "test")
+        apply(engine, lifecycle.complete, batch_id, "version", "test", utcnow())
     assert actions(engine)[-1] == "batch.failed"
