@@ -45,7 +45,7 @@ from sqlalchemy.pool import NullPool
 
 from service.core.db import make_engine, transaction
 from service.core.migrate import upgrade_database
-from service.core.models import Base, Model, ModelVersion, Sample, Subject, VersionKind
+from service.core.models import Base, Dataset, Model, ModelVersion, Sample, Subject, VersionKind
 from service.core.settings import Settings
 
 POSTGRES_ADMIN_URL = os.environ.get(
@@ -178,6 +178,7 @@ def seed(engine: Engine) -> Seed:
         session.add(version)
         session.flush()
         session.get(Model, "digits-cnn-4bit").deployed_version_id = version.id
+        session.execute(insert(Dataset), [{"name": "digits", "train_size": 1437}, {"name": "fashion", "train_size": 1437}])
         session.execute(insert(Subject), [{"id": s} for s in [*SEED_SUBJECTS, *SEED_OTHER_DATASET]])
         rows, index = [], 0
         for dataset, subjects in (("digits", SEED_SUBJECTS), ("fashion", SEED_OTHER_DATASET)):

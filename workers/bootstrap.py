@@ -1,4 +1,9 @@
-"""Train the initial quantized model, register its samples and subjects, and deploy it."""
+"""Train the initial quantized model, register its samples and subjects, and deploy it.
+
+A model bootstrapped on a data set whose samples were already asked to be erased trains without
+them: its original version excludes them, and the record says it never learned them
+(service.requests.holdings).
+"""
 
 import logging
 from dataclasses import replace
@@ -10,7 +15,17 @@ from sqlalchemy import func, insert, select
 from service.core.audit_log import append_audit
 from service.core.db import get_engine, transaction
 from service.core.migrate import upgrade_database
-from service.core.models import Model, ModelVersion, Sample, Subject, VersionKind
+from service.core.models import (
+    Dataset,
+    ForgetRequestSample,
+    ForgottenSample,
+    Model,
+    ModelVersion,
+    Sample,
+    Subject,
+    VersionKind,
+    utcnow,
+)
 from service.core.settings import Settings
 from workers import engine as qf
 from workers.runtime import artifact_spec, configure_torch, load_data
@@ -46,8 +61,21 @@ def bootstrap(
             log.info("model %s already deployed (version %s)", model_name, existing.deployed_version_id)
             return existing.deployed_version_id
 
+        # Erasure asked (by any request, whatever its state): never to be learned by a new model.
+        erased = session.execute(
+            select(Sample.id, Sample.dataset_index).where(
+                Sample.dataset == spec.dataset,
+                Sample.id.in_(select(ForgetRequestSample.sample_id)),
+            ).order_by(Sample.id)
+        ).all()
+
     configure_torch(settings)
     data = load_data(spec)
+    erased_indices = {index for _, index in erased}
+    if erased_indices:
+        kept = [i for i in range(len(data.train)) if i not in erased_indices]
+        log.info("bootstrap %s: %d samples whose erasure was asked are left out", model_name, len(erased_indices))
+        data = replace(data, train=data.train.subset(kept))
     network = qf.train_original(spec, data, device=settings.torch_device, progress=progress)
     metrics = {
         "train_accuracy": qf.accuracy(network, data.train, settings.torch_device),
@@ -55,26 +83,45 @@ def bootstrap(
     }
     path, sha256 = qf.save_artifact(network, artifact_spec(spec), Path(settings.model_store))
 
+    train_size = len(data.train) + len(erased_indices)
     with transaction(engine) as session:
+        _record_dataset(session, spec.dataset, train_size)
         already_registered = session.scalar(
             select(func.count()).select_from(Sample).where(Sample.dataset == spec.dataset)
         )
         if not already_registered:
-            _register_samples(session, spec.dataset, len(data.train), samples_per_subject)
+            _register_samples(session, spec.dataset, train_size, samples_per_subject)
         model = Model(name=model_name, dataset=spec.dataset, spec=spec.to_dict())
         session.add(model)
         session.flush()
         version = ModelVersion(
             model_name=model_name, kind=VersionKind.original, method="qat", config=spec.to_dict(),
-            metrics=metrics, sha256=sha256, artifact_path=str(path), excluded_sample_ids=[],
+            metrics=metrics, sha256=sha256, artifact_path=str(path),
+            excluded_sample_ids=[sample_id for sample_id, _ in erased],
         )
         session.add(version)
         session.flush()
+        if erased:
+            session.execute(insert(ForgottenSample), [
+                {"model_name": model_name, "sample_id": sample_id, "forgotten_at": utcnow(), "version_id": version.id}
+                for sample_id, _ in erased
+            ])
         model.deployed_version_id = version.id
         append_audit(session, actor="cli:bootstrap", action="model.deployed", object_type="model_version",
                      object_id=str(version.id),
                      details={"model": model_name, "kind": "original", "sha256": sha256, "metrics": metrics})
         return version.id
+
+
+def _record_dataset(session, dataset: str, train_size: int) -> None:
+    """The data set's training-split size, recorded by its first model; every later one must agree
+    (a sample's dataset_index must mean the same example to every model on the data set)."""
+    recorded = session.get(Dataset, dataset)
+    if recorded is None:
+        session.add(Dataset(name=dataset, train_size=train_size))
+    elif recorded.train_size != train_size:
+        raise ValueError(f"data set {dataset!r} has {recorded.train_size} training samples on record, but this "
+                         f"model's data options give {train_size}: its dataset indexes would name other samples")
 
 
 def _register_samples(session, dataset: str, sample_count: int, samples_per_subject: int) -> None:

@@ -34,3 +34,10 @@ def load_data(spec: qf.ModelSpec) -> qf.DatasetSplits:
 def artifact_spec(spec: qf.ModelSpec) -> dict:
     """What an artifact records so that it can be rebuilt without the database."""
     return {"model": spec.model_kwargs(), "dataset": spec.dataset}
+
+
+def readable_indices(indices: list[int], train_size: int) -> tuple[list[int], int]:
+    """The indices the data set has, and how many it does not. A sample registered beyond the data
+    set must not stop every run of a model that retains it: runs go on without it, and say how many."""
+    readable = [i for i in indices if 0 <= i < train_size]
+    return readable, len(indices) - len(readable)

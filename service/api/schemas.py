@@ -12,7 +12,7 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import AfterValidator, AliasPath, BaseModel, BeforeValidator, ConfigDict, Field
 
-from service.core.models import RequestStatus, SampleStatus, VersionKind, as_utc
+from service.core.models import RequestStatus, VersionKind, as_utc
 from service.requests.intake import MAX_SAMPLES_PER_REQUEST
 from service.requests.samples import MAX_SAMPLES_PER_REGISTRATION
 
@@ -62,7 +62,8 @@ class ForgetRequestCreate(BaseModel):
         min_length=1,
         max_length=64,
         pattern=NO_NUL,
-        description="The model to forget them from; omitted: the default.",
+        description="The one model to forget them from; omitted: every model that holds them (a key limited "
+        "to a model: that model).",
     )
 
 
@@ -76,16 +77,36 @@ class Page(BaseModel, Generic[Item]):
     count: int
 
 
+class RequestPartPublic(BaseModel):
+    """What one model does for a request: forget the request's samples that it holds."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    model: str = Field(validation_alias="model_name")
+    status: RequestStatus
+    batch_id: int | None
+    completed_version_id: int | None = Field(description="The deployed version of the model that forgot them.")
+    completed_at: UtcDatetime | None
+    error: str | None = Field(description="The last failed attempt's error, while the part waits to run again.")
+
+
 class ForgetRequestPublic(BaseModel):
     # Read from a service.requests.queries.FiledRequest: its request's columns, its sample ids and their
-    # count. The hot path (service/api/hot_path.py) answers with it; a path into `request` validates as
-    # fast as a plain attribute.
+    # count, its parts. The hot path (service/api/hot_path.py) answers with it; a path into `request`
+    # validates as fast as a plain attribute.
     model_config = ConfigDict(from_attributes=True)
 
     id: str = Field(validation_alias=AliasPath("request", "id"))
     subject_id: str = Field(validation_alias=AliasPath("request", "subject_id"))
-    model: str = Field(validation_alias=AliasPath("request", "model_name"))
-    status: RequestStatus = Field(validation_alias=AliasPath("request", "status"))
+    model: str | None = Field(
+        validation_alias=AliasPath("request", "model_name"),
+        description="The one model the request was filed for; null: every model that held the samples.",
+    )
+    status: RequestStatus = Field(
+        validation_alias=AliasPath("request", "status"),
+        description="completed when every part is (each model that held the samples deployed a version that "
+        "forgot them); batched while a part is under way; else pending.",
+    )
     sample_ids: list[int]
     sample_count: int
     received_at: UtcDatetime = Field(validation_alias=AliasPath("request", "received_at"))
@@ -93,13 +114,23 @@ class ForgetRequestPublic(BaseModel):
         validation_alias=AliasPath("request", "due_at"),
         description="The GDPR Art. 12(3) deadline: received_at plus the deadline days.",
     )
-    batch_id: int | None = Field(validation_alias=AliasPath("request", "batch_id"))
-    completed_version_id: int | None = Field(
-        validation_alias=AliasPath("request", "completed_version_id"),
-        description="The deployed model version that forgot the samples.",
+    completed_at: UtcDatetime | None = Field(
+        validation_alias=AliasPath("request", "completed_at"), description="When its last part completed."
     )
-    completed_at: UtcDatetime | None = Field(validation_alias=AliasPath("request", "completed_at"))
-    error: str | None = Field(validation_alias=AliasPath("request", "error"))
+    parts: list[RequestPartPublic] = Field(description="One per model the samples are forgotten from, by model name.")
+
+
+class SampleHoldingPublic(BaseModel):
+    """A model on the sample's data set: whether it still holds the sample."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    model: str
+    status: Literal["held", "forgotten"]
+    forgotten_at: UtcDatetime | None
+    version_id: int | None = Field(
+        description="The version that forgot it (or the original, trained without it: never learned)."
+    )
 
 
 class SamplePublic(BaseModel):
@@ -109,21 +140,28 @@ class SamplePublic(BaseModel):
     dataset: str
     dataset_index: int = Field(description="The sample's stable position in the data set's training split.")
     subject_id: str
-    status: SampleStatus
-    forgotten_at: UtcDatetime | None
-    forgotten_by_version_id: int | None = Field(description="The model version deployed when it was forgotten.")
+    models: list[SampleHoldingPublic] = Field(description="Every model on the sample's data set, by name.")
+
+
+class RegisteredSamplePublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    dataset: str
+    dataset_index: int
+    subject_id: str
 
 
 class SubjectPublic(BaseModel):
-    """A data subject: their samples with their status, and their forget requests (newest first)."""
+    """A data subject: their samples, which model still holds each, and their forget requests (newest first)."""
 
     # Read from a service.requests.queries.SubjectRecord.
     model_config = ConfigDict(from_attributes=True)
 
     id: str = Field(validation_alias=AliasPath("subject", "id"))
     created_at: UtcDatetime = Field(validation_alias=AliasPath("subject", "created_at"))
-    active_sample_count: int
-    forgotten_sample_count: int
+    held_sample_count: int = Field(description="Samples some model still holds.")
+    forgotten_sample_count: int = Field(description="Samples no model holds any more.")
     samples: list[SamplePublic]
     requests: list[ForgetRequestPublic]
 
@@ -150,7 +188,7 @@ class SamplesRegistered(BaseModel):
     dataset: str
     sample_count: int
     subjects_created: int = Field(description="How many of the subjects did not exist before.")
-    samples: list[SamplePublic]
+    samples: list[RegisteredSamplePublic]
 
 
 class ModelVersionPublic(BaseModel):
@@ -400,7 +438,7 @@ class EvidencePublic(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
     request_id: str = Field(validation_alias=AliasPath("request", "id"))
-    model: str = Field(validation_alias=AliasPath("request", "model_name"))
+    model: str = Field(description="The model whose part of the request this is.")
     request_status: RequestStatus = Field(validation_alias=AliasPath("request", "status"))
     status: Literal[
         "pending", "figures_missing", "reference_missing", "reference_stale", "complete"

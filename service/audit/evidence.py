@@ -1,4 +1,5 @@
-"""Per-request evidence: a forget request's samples before and after unlearning, against a reference.
+"""Per-request evidence: a forget request's samples before and after unlearning by one of its
+models (its part for that model), against a reference.
 
 The figures are computed by the workers (the API holds no model) and stored per version and
 sample (service.core.models.SampleScore): when a batch runs, for its parent and its new version;
@@ -15,7 +16,9 @@ from service.audit.comparison import compare_with_references, references_newest_
 from service.core.models import (
     Batch,
     ForgetRequest,
+    ForgetRequestPart,
     ForgetRequestSample,
+    Model,
     ModelVersion,
     RequestStatus,
     Sample,
@@ -48,6 +51,7 @@ class EvidenceSample:
 @dataclass(frozen=True)
 class Evidence:
     request: ForgetRequest
+    model: str  # the part's model
     status: EvidenceStatus
     message: str
     sample_count: int
@@ -57,23 +61,28 @@ class Evidence:
     samples: list[EvidenceSample] = field(default_factory=list)  # empty until the request is completed
 
 
-def request_evidence(session: Session, request: ForgetRequest) -> Evidence:
-    """The request's samples before (the batch's parent version) and after (the version that
-    completed it), against the reference that excludes what the version after excludes, else the
-    newest that at least never saw these samples."""
+def request_evidence(session: Session, request: ForgetRequest, part: ForgetRequestPart) -> Evidence:
+    """The request's samples in the part's model before (the batch's parent version) and after (the
+    version that completed the part), against the reference that excludes what the version after
+    excludes, else the newest that at least never saw these samples."""
+    dataset = session.scalar(select(Model.dataset).where(Model.name == part.model_name))
     samples = session.execute(
         select(Sample.id, Sample.dataset_index)
         .join(ForgetRequestSample, ForgetRequestSample.sample_id == Sample.id)
-        .where(ForgetRequestSample.request_id == request.id)
+        .where(ForgetRequestSample.request_id == request.id, Sample.dataset == dataset)
         .order_by(Sample.id)
     ).all()
-    sample_ids = [sample_id for sample_id, _ in samples]
-    if request.status != RequestStatus.completed:
-        return Evidence(request, "pending", f"the request is {request.status.value}: no version has forgotten its "
-                        "samples yet, so there are no figures", len(samples))
+    if part.status != RequestStatus.completed:
+        return Evidence(request, part.model_name, "pending", f"the request's part for model {part.model_name} is "
+                        f"{part.status.value}: no version has forgotten its samples yet, so there are no figures",
+                        len(samples))
 
-    after = session.get(ModelVersion, request.completed_version_id)
-    before_id = session.get(Batch, request.batch_id).parent_version_id
+    after = session.get(ModelVersion, part.completed_version_id)
+    before_id = session.get(Batch, part.batch_id).parent_version_id
+    # The samples this part's version forgot (one another request's part forgot first is not among them).
+    forgotten_here = set(after.excluded_sample_ids) - set(session.get(ModelVersion, before_id).excluded_sample_ids)
+    samples = [row for row in samples if row.id in forgotten_here]
+    sample_ids = [sample_id for sample_id, _ in samples]
     scores = {"before": _scores(session, before_id, sample_ids), "after": _scores(session, after.id, sample_ids)}
     reference, matching, reference_note = _reference_for(session, after, sample_ids)
     scores["reference"] = _scores(session, reference.id, sample_ids) if reference is not None else {}
@@ -97,7 +106,7 @@ def request_evidence(session: Session, request: ForgetRequest) -> Evidence:
     else:
         status = "complete" if matching else "reference_stale"
         message = reference_note
-    return Evidence(request, status, message, len(samples), samples=rows, **summaries)
+    return Evidence(request, part.model_name, status, message, len(samples), samples=rows, **summaries)
 
 
 def _scores(session: Session, version_id: int, sample_ids: list[int]) -> dict[int, SampleScore]:

@@ -31,6 +31,7 @@ from service.audit.standing import DeploymentAudit
 from service.core.models import (
     Evaluation,
     ForgetRequest,
+    ForgetRequestPart,
     Model,
     ModelVersion,
     ReferenceRequest,
@@ -75,9 +76,12 @@ def build_report(session: Session, model: Model, audit: DeploymentAudit, deadlin
         .where(ReferenceRequest.model_name == model.name, ReferenceRequest.finished_at.is_(None))
         .order_by(ReferenceRequest.id)
     ).all()
+    # The model's parts of requests: when the model forgot them, against each request's due date.
     requests = session.execute(
-        select(ForgetRequest.received_at, ForgetRequest.completed_at, ForgetRequest.due_at, ForgetRequest.status)
-        .where(ForgetRequest.model_name == model.name)
+        select(ForgetRequest.received_at, ForgetRequestPart.completed_at, ForgetRequest.due_at,
+               ForgetRequestPart.status)
+        .join(ForgetRequestPart, ForgetRequestPart.request_id == ForgetRequest.id)
+        .where(ForgetRequestPart.model_name == model.name)
     ).all()
     now = utcnow()
     reference_status = audit.reference.status if audit.reference is not None else "missing"

@@ -101,15 +101,15 @@ def run_demo(data_dir: str = "var/demo", subjects: int = 12, epochs: int | None 
         with tqdm(total=len(request_ids), desc="requests completed", unit="req") as bar:
             def all_completed():
                 statuses = [client.get(f"/forget-requests/{rid}").json() for rid in request_ids]
-                failed = [s for s in statuses if s["status"] == "failed"]
+                failed = [part for s in statuses for part in s["parts"] if part["error"]]
                 if failed:
-                    raise RuntimeError(f"request {failed[0]['id']} failed: {failed[0]['error']}")
+                    raise RuntimeError(f"a batch of model {failed[0]['model']} failed: {failed[0]['error']}")
                 done = sum(s["status"] == "completed" for s in statuses)
                 bar.update(done - bar.n)
                 return statuses if done == len(statuses) else None
 
             statuses = processes.wait_until(all_completed, "the requests to complete", timeout=600, interval=1)
-        versions = sorted({s["completed_version_id"] for s in statuses})
+        versions = sorted({part["completed_version_id"] for s in statuses for part in s["parts"]})
         print(f"  all {len(statuses)} requests completed by model version(s) {versions}")
 
         print("5/5 training the retrain reference (from scratch, without the forgotten samples) and auditing")

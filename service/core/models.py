@@ -1,9 +1,11 @@
 """The database schema (SQLAlchemy 2 typed models). Alembic migrations are the only way it changes.
 
-Vocabulary (docs/design.md): a subject owns samples; a forget request asks to forget a subject's
-samples from one model; requests are run in batches; each run produces an immutable model
+Vocabulary (docs/design.md): a subject owns samples of a data set; every model on that data set
+learned them, but those its original was trained without. A forget request asks to forget a
+subject's samples from every model that holds them (or from one named model): it has one part per
+such model, and each part is run in a batch of that model; each run produces an immutable model
 version; the deployment is the model's pointer to the version now serving; a retrain reference
-is a version of kind "reference", trained from scratch without the forgotten samples.
+is a version of kind "reference", trained from scratch without the model's forgotten samples.
 """
 
 import enum
@@ -56,11 +58,6 @@ def _enum(cls: type[enum.Enum]) -> Enum:
     return Enum(cls, native_enum=False, length=16, values_callable=lambda c: [m.value for m in c])
 
 
-class SampleStatus(str, enum.Enum):
-    active = "active"
-    forgotten = "forgotten"
-
-
 class RequestStatus(str, enum.Enum):
     pending = "pending"
     batched = "batched"
@@ -99,6 +96,18 @@ class Subject(Base):
     samples: Mapped[list["Sample"]] = relationship(back_populates="subject")
 
 
+class Dataset(Base):
+    """A data set models are trained on: its training split has `train_size` samples, positions
+    0 to train_size - 1. Recorded by the first bootstrap on it; sample registrations are checked
+    against it."""
+
+    __tablename__ = "datasets"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    train_size: Mapped[int]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class Sample(Base):
     """One training example. `dataset_index` is its stable position in the dataset's train split."""
 
@@ -109,11 +118,25 @@ class Sample(Base):
     dataset: Mapped[str] = mapped_column(String(64))
     dataset_index: Mapped[int]
     subject_id: Mapped[str] = mapped_column(ForeignKey("subjects.id"), index=True)
-    status: Mapped[SampleStatus] = mapped_column(_enum(SampleStatus), default=SampleStatus.active)
-    forgotten_at: Mapped[datetime | None]
-    forgotten_by_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
 
     subject: Mapped[Subject] = relationship(back_populates="samples")
+
+
+class ForgottenSample(Base):
+    """A sample a model no longer holds: forgotten by `version_id` (an unlearned version), or never
+    learned (`version_id` is the model's original, trained after the sample's erasure was asked).
+
+    A model holds every sample of its data set but these (service.requests.holdings); a version
+    carries the model's samples but its `excluded_sample_ids`. Only what is forgotten is stored, so
+    the record grows with erasures, not with the data set.
+    """
+
+    __tablename__ = "forgotten_samples"
+
+    model_name: Mapped[str] = mapped_column(ForeignKey("models.name"), primary_key=True)
+    sample_id: Mapped[int] = mapped_column(ForeignKey("samples.id"), primary_key=True, index=True)
+    forgotten_at: Mapped[datetime]
+    version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"))
 
 
 class Model(Base):
@@ -150,7 +173,7 @@ class ModelVersion(Base):
     metrics: Mapped[dict] = mapped_column(default=dict)
     sha256: Mapped[str] = mapped_column(String(64))
     artifact_path: Mapped[str] = mapped_column(Text)
-    # The sample ids this version was made without (all forgotten samples at its creation).
+    # The model's samples this version was made without (the model's forgotten samples at its creation).
     excluded_sample_ids: Mapped[list] = mapped_column(default=list)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     # Set when the retention policy deleted the artifact file (the row and its lineage stay).
@@ -188,31 +211,51 @@ class Batch(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None]
 
-    requests: Mapped[list["ForgetRequest"]] = relationship(back_populates="batch")
+    parts: Mapped[list["ForgetRequestPart"]] = relationship(back_populates="batch")
 
 
 class ForgetRequest(Base):
+    """A subject's erasure: its samples, forgotten by every model that holds them (`model_name`
+    None) or by one named model. Its status sums up its parts': completed when every part is,
+    batched while any part is batched, else pending."""
+
     __tablename__ = "forget_requests"
-    # For GET /forget-requests: model (and status), status alone, or a time window, newest first.
+    # For GET /forget-requests: status, or a time window, newest first.
     __table_args__ = (
-        Index("ix_forget_requests_model_status", "model_name", "status"),
         Index("ix_forget_requests_status_received_at", "status", "received_at"),
         Index("ix_forget_requests_received_at", "received_at"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     subject_id: Mapped[str] = mapped_column(ForeignKey("subjects.id"), index=True)
-    model_name: Mapped[str] = mapped_column(ForeignKey("models.name"))
+    model_name: Mapped[str | None] = mapped_column(ForeignKey("models.name"))  # the scope; None: every model
     status: Mapped[RequestStatus] = mapped_column(_enum(RequestStatus))
     received_at: Mapped[datetime] = mapped_column(default=utcnow)
     due_at: Mapped[datetime]
+    completed_at: Mapped[datetime | None]
+
+    parts: Mapped[list["ForgetRequestPart"]] = relationship(back_populates="request",
+                                                            order_by="ForgetRequestPart.model_name")
+    samples: Mapped[list[Sample]] = relationship(secondary="forget_request_samples", order_by="Sample.id")
+
+
+class ForgetRequestPart(Base):
+    """What one model must do for a request: forget the request's samples that it holds. Claimed
+    into a batch of that model, completed when the batch's version is deployed."""
+
+    __tablename__ = "forget_request_parts"
+    __table_args__ = (Index("ix_forget_request_parts_model_status", "model_name", "status"),)
+
+    request_id: Mapped[str] = mapped_column(ForeignKey("forget_requests.id"), primary_key=True)
+    model_name: Mapped[str] = mapped_column(ForeignKey("models.name"), primary_key=True)
+    status: Mapped[RequestStatus] = mapped_column(_enum(RequestStatus))
     batch_id: Mapped[int | None] = mapped_column(ForeignKey("batches.id"), index=True)
     completed_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
     completed_at: Mapped[datetime | None]
     error: Mapped[str | None] = mapped_column(Text)
 
-    batch: Mapped[Batch | None] = relationship(back_populates="requests")
-    samples: Mapped[list[Sample]] = relationship(secondary="forget_request_samples", order_by="Sample.id")
+    request: Mapped[ForgetRequest] = relationship(back_populates="parts")
+    batch: Mapped[Batch | None] = relationship(back_populates="parts")
 
 
 class ForgetRequestSample(Base):

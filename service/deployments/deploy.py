@@ -6,35 +6,26 @@ Database work only, no model code, inside the caller's transaction: the worker d
 roll back, through the rest.
 """
 
-from sqlalchemy import select, update
+from sqlalchemy import insert
 from sqlalchemy.orm import Session
 
 from service.core.audit_log import append_audit
-from service.core.models import (
-    Batch,
-    BatchStatus,
-    ForgetRequest,
-    ForgetRequestSample,
-    Model,
-    ModelVersion,
-    Sample,
-    SampleStatus,
-    VersionKind,
-    utcnow,
-)
+from service.core.models import Batch, BatchStatus, ForgottenSample, Model, ModelVersion, VersionKind, utcnow
 from service.requests import lifecycle
+from service.requests.holdings import forgotten_by
 
 
 def deploy_version(session: Session, batch: Batch, model: Model, version: ModelVersion, forget_ids: list[int],
                    actor: str) -> None:
-    """Deployment pointer, forgotten samples, completed batch and requests: all in the caller's transaction."""
-    now = utcnow()  # one moment for the deployment: samples forgotten, batch and requests completed
+    """Deployment pointer, samples forgotten by the model, completed batch, parts and requests: all in
+    the caller's transaction."""
+    now = utcnow()  # one moment for the deployment: samples forgotten, batch and parts completed
     model.deployed_version_id = version.id
-    session.execute(
-        update(Sample)
-        .where(Sample.id.in_(forget_ids))
-        .values(status=SampleStatus.forgotten, forgotten_at=now, forgotten_by_version_id=version.id)
-    )
+    if forget_ids:
+        session.execute(insert(ForgottenSample), [
+            {"model_name": model.name, "sample_id": sample_id, "forgotten_at": now, "version_id": version.id}
+            for sample_id in forget_ids
+        ])
     append_audit(session, actor=actor, action="model.deployed", object_type="model_version",
                  object_id=str(version.id),
                  details={"model": model.name, "parent_version_id": batch.parent_version_id,
@@ -69,18 +60,18 @@ def approve_batch(session: Session, batch_id: int, actor: str) -> int:
         raise AdminRefusal(f"batch {batch_id} was run from version {batch.parent_version_id}, "
                            f"but version {model.deployed_version_id} is deployed now")
     version = session.get(ModelVersion, batch.result_version_id)
-    forget_ids = session.scalars(
-        select(ForgetRequestSample.sample_id).join(ForgetRequest)
-        .where(ForgetRequest.batch_id == batch.id)
-    ).all()
+    parent = session.get(ModelVersion, batch.parent_version_id)
+    # What the run forgot: the version's lineage, not the batch's requests (whose samples some other
+    # model may be the only one to hold).
+    forget_ids = sorted(set(version.excluded_sample_ids) - set(parent.excluded_sample_ids))
     append_audit(session, actor=actor, action="batch.approved", object_type="batch",
                  object_id=str(batch.id), details={"version_id": version.id, "hold_reason": batch.hold_reason})
-    deploy_version(session, batch, model, version, sorted(set(forget_ids)), actor)
+    deploy_version(session, batch, model, version, forget_ids, actor)
     return version.id
 
 
 def discard_batch(session: Session, batch_id: int, actor: str, new_config: dict | None = None) -> None:
-    """Refuse a held batch: its requests go back to pending, optionally with new Q-MUL settings.
+    """Refuse a held batch: its parts go back to pending, optionally with new Q-MUL settings.
 
     `new_config` holds QMulConfig fields; the caller (the API's schema) has validated them.
     """
@@ -91,7 +82,7 @@ def discard_batch(session: Session, batch_id: int, actor: str, new_config: dict 
 
 
 def rollback(session: Session, model_name: str, version_id: int, actor: str) -> None:
-    """Deploy an earlier version, only if it has already forgotten every forgotten sample."""
+    """Deploy an earlier version, only if it has already forgotten every sample the model forgot."""
     model = session.get(Model, model_name, with_for_update=True)
     version = session.get(ModelVersion, version_id)
     if model is None or version is None or version.model_name != model_name:
@@ -100,9 +91,7 @@ def rollback(session: Session, model_name: str, version_id: int, actor: str) -> 
         raise AdminRefusal(f"version {version_id} is a retrain reference, never deployed")
     if version.artifact_deleted_at is not None:
         raise AdminRefusal(f"version {version_id}'s artifact was deleted by the retention policy")
-    forgotten = set(session.scalars(
-        select(Sample.id).where(Sample.dataset == model.dataset, Sample.status == SampleStatus.forgotten)
-    ))
+    forgotten = set(forgotten_by(session, model_name))
     remembered = sorted(forgotten - set(version.excluded_sample_ids))
     if remembered:
         raise AdminRefusal(f"version {version_id} was made before {len(remembered)} forgotten samples "

@@ -3,7 +3,7 @@
 from sqlalchemy import Row, Select, func, select
 from sqlalchemy.orm import Session
 
-from service.core.models import Batch, BatchStatus, ForgetRequest, Model, ModelVersion, VersionKind
+from service.core.models import Batch, BatchStatus, ForgetRequestPart, Model, ModelVersion, VersionKind
 
 
 def find_model(session: Session, name: str, *, for_update: bool = False) -> Model | None:
@@ -61,9 +61,9 @@ def find_version_with_lineage(session: Session, version_id: int) -> Row | None:
 
 
 def _batches() -> Select:
-    """Rows of a batch's columns and `request_count`, how many forget requests it runs."""
+    """Rows of a batch's columns and `request_count`, how many forget requests it runs (a part each)."""
     request_count = (
-        select(func.count()).where(ForgetRequest.batch_id == Batch.id).correlate(Batch).scalar_subquery()
+        select(func.count()).where(ForgetRequestPart.batch_id == Batch.id).correlate(Batch).scalar_subquery()
     )
     return select(Batch.__table__, request_count.label("request_count"))
 

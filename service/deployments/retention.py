@@ -7,8 +7,9 @@ from sqlalchemy import Engine, select
 
 from service.core.audit_log import append_audit
 from service.core.db import transaction
-from service.core.models import Model, ModelVersion, Sample, SampleStatus, as_utc, utcnow
+from service.core.models import Model, ModelVersion, as_utc, utcnow
 from service.core.settings import Settings
+from service.requests.holdings import forgotten_by
 
 
 def prune_artifacts(engine: Engine, settings: Settings, model_name: str, actor: str) -> list[int]:
@@ -22,10 +23,7 @@ def prune_artifacts(engine: Engine, settings: Settings, model_name: str, actor: 
     pruned = []
     with transaction(engine) as session:
         model = session.get(Model, model_name)
-        forgotten_at = dict(session.execute(
-            select(Sample.id, Sample.forgotten_at)
-            .where(Sample.dataset == model.dataset, Sample.status == SampleStatus.forgotten)
-        ).all())
+        forgotten_at = forgotten_by(session, model_name)
         versions = session.scalars(select(ModelVersion).where(
             ModelVersion.model_name == model_name, ModelVersion.artifact_deleted_at.is_(None),
             ModelVersion.id != model.deployed_version_id)).all()

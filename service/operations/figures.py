@@ -18,6 +18,7 @@ from service.core.models import (
     BatchStatus,
     Evaluation,
     ForgetRequest,
+    ForgetRequestPart,
     ForgetRequestSample,
     Model,
     ModelVersion,
@@ -201,9 +202,9 @@ def _requests(session: Session) -> list[RequestCount]:
     return [
         RequestCount(model, status.value, count)
         for model, status, count in session.execute(
-            select(ForgetRequest.model_name, ForgetRequest.status, func.count())
-            .group_by(ForgetRequest.model_name, ForgetRequest.status)
-            .order_by(ForgetRequest.model_name, ForgetRequest.status)
+            select(ForgetRequestPart.model_name, ForgetRequestPart.status, func.count())
+            .group_by(ForgetRequestPart.model_name, ForgetRequestPart.status)
+            .order_by(ForgetRequestPart.model_name, ForgetRequestPart.status)
         )
     ]
 
@@ -213,11 +214,12 @@ def _due_dates(session: Session, now: datetime) -> list[DueDates]:
         DueDates(model, past_due=overdue, due_soon=soon,
                  oldest_open_age_seconds=(now - as_utc(first_received)).total_seconds())
         for model, first_received, overdue, soon in session.execute(
-            select(ForgetRequest.model_name, func.min(ForgetRequest.received_at),
+            select(ForgetRequestPart.model_name, func.min(ForgetRequest.received_at),
                    func.count().filter(ForgetRequest.due_at < now),
                    func.count().filter(ForgetRequest.due_at < now + DUE_SOON))
-            .where(ForgetRequest.status.in_(lifecycle.OPEN_STATUSES)).group_by(ForgetRequest.model_name)
-            .order_by(ForgetRequest.model_name)
+            .join(ForgetRequest, ForgetRequest.id == ForgetRequestPart.request_id)
+            .where(ForgetRequestPart.status.in_(lifecycle.OPEN_STATUSES)).group_by(ForgetRequestPart.model_name)
+            .order_by(ForgetRequestPart.model_name)
         )
     ]
 
@@ -227,10 +229,10 @@ def _pending_samples(session: Session) -> list[PendingSamples]:
     return [
         PendingSamples(model, count)
         for model, count in session.execute(
-            select(ForgetRequest.model_name, func.count(func.distinct(ForgetRequestSample.sample_id)))
-            .join(ForgetRequestSample, ForgetRequestSample.request_id == ForgetRequest.id)
-            .where(ForgetRequest.status == RequestStatus.pending)
-            .group_by(ForgetRequest.model_name).order_by(ForgetRequest.model_name)
+            select(ForgetRequestPart.model_name, func.count(func.distinct(ForgetRequestSample.sample_id)))
+            .join(ForgetRequestSample, ForgetRequestSample.request_id == ForgetRequestPart.request_id)
+            .where(ForgetRequestPart.status == RequestStatus.pending)
+            .group_by(ForgetRequestPart.model_name).order_by(ForgetRequestPart.model_name)
         )
     ]
 

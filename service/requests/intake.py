@@ -1,5 +1,8 @@
 """Taking in forget requests: check them against the database, store them, audit them.
 
+A request fans out to one part per model that holds any of its samples (service.requests.holdings),
+or to the one model it names.
+
 Plain functions over a Session, for the API and any other caller. Every check runs before the
 first write, so input that is refused leaves no trace, not even an audit entry. The work is a
 fixed number of statements whatever the number of samples, and of requests filed together (the
@@ -13,18 +16,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import Row, and_, bindparam, delete, insert, or_, select, tuple_, update
+from sqlalchemy import Row, bindparam, delete, insert, or_, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from service.core.audit_log import append_audit_entries
 from service.core.models import (
+    Dataset,
     ForgetRequest,
+    ForgetRequestPart,
     ForgetRequestSample,
+    ForgottenSample,
     IdempotencyRecord,
     Model,
     Sample,
-    SampleStatus,
     Subject,
     utcnow,
 )
@@ -48,11 +53,12 @@ class IdempotencyClaim:
 
 @dataclass(frozen=True)
 class Submission:
-    """One request to file: a subject's samples (all its active ones if `sample_ids` is None)."""
+    """One request to file: a subject's samples (all of them if `sample_ids` is None), from one model
+    or from every model that holds them (`model_name` None)."""
 
     subject_id: str
     sample_ids: list[int] | None
-    model_name: str
+    model_name: str | None
     deadline_days: int
     actor: str
     idempotency: IdempotencyClaim | None = None
@@ -72,12 +78,13 @@ def file_forget_request(
     *,
     subject_id: str,
     sample_ids: list[int] | None,
-    model_name: str,
+    model_name: str | None,
     deadline_days: int,
     actor: str,
 ) -> FiledRequest:
-    """Store a pending request to forget a subject's samples (all its active ones if `sample_ids`
-    is None); the caller commits. One submission of `file_forget_requests`, for code and tests.
+    """Store a pending request to forget a subject's samples (all of them if `sample_ids` is None)
+    from `model_name`, or from every model holding them (None); the caller commits. One submission
+    of `file_forget_requests`, for code and tests.
 
     Raises:
         RequestValidationProblem: the input names something that does not exist or cannot be
@@ -88,7 +95,7 @@ def file_forget_request(
     if isinstance(outcome, RequestValidationProblem):
         raise outcome
     # The stored request, attached to the session (a caller may change it before committing).
-    return FiledRequest(session.get(ForgetRequest, outcome.request.id), outcome.sample_ids)
+    return FiledRequest(session.get(ForgetRequest, outcome.request.id), outcome.sample_ids, outcome.parts)
 
 
 def file_forget_requests(
@@ -132,6 +139,11 @@ def file_forget_requests(
             _INSERT_REQUEST_SAMPLES,
             [{"request_id": f.request.id, "sample_id": sample_id} for f in filed for sample_id in f.sample_ids],
         )
+        connection.execute(
+            _INSERT_REQUEST_PARTS,
+            [{"request_id": f.request.id, "model_name": part.model_name, "status": part.status}
+             for f in filed for part in f.parts],
+        )
     _settle_idempotency_keys(session, submissions, outcomes, claimed, response_body)
     # Last: the audit lock is held from here to the commit, and every intake waits on it.
     append_audit_entries(
@@ -145,6 +157,7 @@ def file_forget_requests(
                 "details": {
                     "subject_id": outcomes[i].request.subject_id,
                     "model": outcomes[i].request.model_name,
+                    "parts": [part.model_name for part in outcomes[i].parts],
                     "sample_ids": outcomes[i].sample_ids,
                     "due_at": outcomes[i].request.due_at.isoformat(),
                 },
@@ -160,6 +173,9 @@ _INSERT_REQUESTS = insert(ForgetRequest.__table__)
 
 
 _INSERT_REQUEST_SAMPLES = insert(ForgetRequestSample.__table__)
+
+
+_INSERT_REQUEST_PARTS = insert(ForgetRequestPart.__table__)
 
 
 def _row(request: ForgetRequest) -> dict:
@@ -247,7 +263,11 @@ def _insert_ignoring_duplicates(session: Session, entity):
 
 # The batch's statements, built once: a statement built per call costs more Python than the
 # database takes to run it (expanding IN parameters keep one compiled form for any list length).
-_MODELS = select(Model.name, Model.dataset).where(Model.name.in_(bindparam("names", expanding=True)))
+# Every model is read: a request without a model goes to all that hold its samples (a handful).
+_MODELS = (
+    select(Model.name, Model.dataset, Model.deployed_version_id, Dataset.train_size)
+    .outerjoin(Dataset, Dataset.name == Model.dataset)
+)
 
 
 _SUBJECTS = select(Subject.id).where(Subject.id.in_(bindparam("subject_ids", expanding=True)))
@@ -255,45 +275,52 @@ _SUBJECTS = select(Subject.id).where(Subject.id.in_(bindparam("subject_ids", exp
 
 _WANTED_SAMPLES = or_(
     Sample.id.in_(bindparam("named_ids", expanding=True)),
-    and_(Sample.subject_id.in_(bindparam("whole_subjects", expanding=True)), Sample.status == SampleStatus.active),
+    Sample.subject_id.in_(bindparam("whole_subjects", expanding=True)),
 )
 
 
 # FOR UPDATE: two requests naming the same sample at once queue here on PostgreSQL, so the second
-# one sees the first's links below (SQLite serialises whole transactions). In id order, as the
-# worker's update of the same rows, so the two cannot deadlock.
+# one sees the first's parts below (SQLite serialises whole transactions). In id order, as the
+# worker's insert of forgotten samples, so the two cannot deadlock.
 _LOCK_SAMPLES = (
-    select(Sample.id, Sample.subject_id, Sample.dataset, Sample.status)
+    select(Sample.id, Sample.subject_id, Sample.dataset, Sample.dataset_index)
     .where(_WANTED_SAMPLES)
     .order_by(Sample.id)
-    .with_for_update()
+    .with_for_update(of=Sample)
 )
 
 
-_OPEN_LINKS = (
-    select(ForgetRequestSample.sample_id, ForgetRequestSample.request_id, ForgetRequest.model_name)
-    .join(ForgetRequest, ForgetRequest.id == ForgetRequestSample.request_id)
+_FORGOTTEN = (
+    select(ForgottenSample.model_name, ForgottenSample.sample_id)
+    .join(Sample, Sample.id == ForgottenSample.sample_id)
+    .where(_WANTED_SAMPLES)
+)
+
+
+_OPEN_PARTS = (
+    select(ForgetRequestSample.sample_id, ForgetRequestPart.request_id, ForgetRequestPart.model_name)
+    .join(ForgetRequestPart, ForgetRequestPart.request_id == ForgetRequestSample.request_id)
     .join(Sample, Sample.id == ForgetRequestSample.sample_id)
-    .where(ForgetRequest.status.in_(lifecycle.OPEN_STATUSES), _WANTED_SAMPLES)
+    .where(ForgetRequestPart.status.in_(lifecycle.OPEN_STATUSES), _WANTED_SAMPLES)
 )
 
 
 class _BatchCheck:
-    """What the checks of a batch of submissions need from the database, read in four statements,
+    """What the checks of a batch of submissions need from the database, read in five statements,
     and the samples the batch has claimed so far."""
 
     def __init__(self, session: Session, submissions: list[Submission]):
-        self.models: dict[str, Row] = {}  # name -> (name, dataset)
+        self.models: dict[str, Row] = {}  # name -> (name, dataset, deployed_version_id, train_size)
         self.subjects: set[str] = set()
         self.samples: dict[int, Row] = {}
-        # (model, sample) -> the open request holding it; the batch's own requests join as filed.
-        self.open_links: dict[tuple[str, int], str] = {}
+        self.forgotten: set[tuple[str, int]] = set()  # (model, sample) the model no longer holds
+        # (model, sample) -> the open request whose part for the model holds it; the batch's own join as filed.
+        self.open_parts: dict[tuple[str, int], str] = {}
         if not submissions:
             return  # every submission was refused or replayed before the reads
         # Core on the session's connection: plain rows, none of the ORM's per-statement work.
         connection = session.connection()
-        names = sorted({s.model_name for s in submissions})
-        self.models = {row.name: row for row in connection.execute(_MODELS, {"names": names})}
+        self.models = {row.name: row for row in connection.execute(_MODELS)}
         subject_ids = sorted({s.subject_id for s in submissions})
         self.subjects = set(connection.scalars(_SUBJECTS, {"subject_ids": subject_ids}))
         wanted = {
@@ -302,83 +329,99 @@ class _BatchCheck:
         }
         self.samples = {row.id: row for row in connection.execute(_LOCK_SAMPLES, wanted)}
         if self.samples:
-            rows = connection.execute(_OPEN_LINKS, wanted)
-            self.open_links = {(row.model_name, row.sample_id): row.request_id for row in rows}
+            self.forgotten = {(row.model_name, row.sample_id) for row in connection.execute(_FORGOTTEN, wanted)}
+            rows = connection.execute(_OPEN_PARTS, wanted)
+            self.open_parts = {(row.model_name, row.sample_id): row.request_id for row in rows}
 
     def file(self, submission: Submission) -> FiledRequest:
         """The request filed for `submission` (not yet added to the session), or the problem."""
-        model = self.models.get(submission.model_name)
-        if model is None:
-            raise RequestValidationProblem(
-                "model", f"unknown model {submission.model_name!r}", error_type="unknown_model"
-            )
+        if submission.model_name is None:
+            targets = [model for model in self.models.values() if model.deployed_version_id is not None]
+        else:
+            model = self.models.get(submission.model_name)
+            if model is None:
+                raise RequestValidationProblem(
+                    "model", f"unknown model {submission.model_name!r}", error_type="unknown_model"
+                )
+            targets = [model]
         subject_id = submission.subject_id
         if subject_id not in self.subjects:
             raise RequestValidationProblem("subject_id", f"unknown subject {subject_id!r}", error_type="unknown_subject")
         if submission.sample_ids is None:
-            chosen = self._all_active_samples(subject_id, model)
+            candidates = sorted(row.id for row in self.samples.values() if row.subject_id == subject_id)
         else:
-            chosen = self._check_samples(subject_id, model, submission.sample_ids)
+            candidates = self._check_named(subject_id, submission, targets)
+        parts = {
+            model.name: free for model in targets
+            if (free := [i for i in candidates if self._holds(model, i) and (model.name, i) not in self.open_parts])
+        }
+        if not parts:
+            self._refuse_nothing_to_forget(subject_id, submission, targets, candidates)
+        chosen = sorted({i for free in parts.values() for i in free})
         received_at = utcnow()
         request = ForgetRequest(
             id=str(uuid.uuid4()),
             subject_id=subject_id,
-            model_name=model.name,
+            model_name=submission.model_name,
             status=lifecycle.FILED,
             received_at=received_at,
             due_at=received_at + timedelta(days=submission.deadline_days),
         )
-        self.open_links.update({(model.name, sample_id): request.id for sample_id in chosen})
-        return FiledRequest(request, chosen)
-
-    def _all_active_samples(self, subject_id: str, model: Row) -> list[int]:
-        """The subject's active samples in the model's data set that no open request holds yet."""
-        active = [
-            row.id for row in self.samples.values()
-            if row.subject_id == subject_id and row.dataset == model.dataset and row.status == SampleStatus.active
-        ]
-        chosen = sorted(i for i in active if (model.name, i) not in self.open_links)
-        if chosen:
-            return chosen
-        # Nothing left: say whether there never was anything, or it is all in requests under way.
-        open_requests = sorted({self.open_links[(model.name, i)] for i in active})
-        if open_requests:
-            raise RequestConflict(
-                "subject_id",
-                f"every active sample of subject {subject_id!r} is already in an open request: "
-                f"{', '.join(open_requests)}",
-                error_type="samples_in_open_request",
-            )
-        raise RequestValidationProblem(
-            "subject_id",
-            f"subject {subject_id!r} has no active samples in data set {model.dataset!r} of model {model.name!r}",
-            error_type="no_active_samples",
+        for model_name, free in parts.items():
+            self.open_parts.update({(model_name, sample_id): request.id for sample_id in free})
+        return FiledRequest(
+            request, chosen, [ForgetRequestPart(model_name=name, status=lifecycle.FILED) for name in sorted(parts)]
         )
 
-    def _check_samples(self, subject_id: str, model: Row, sample_ids: list[int]) -> list[int]:
+    def _holds(self, model: Row, sample_id: int) -> bool:
+        sample = self.samples[sample_id]
+        return (
+            model.deployed_version_id is not None
+            and sample.dataset == model.dataset
+            and model.train_size is not None
+            and sample.dataset_index < model.train_size
+            and (model.name, sample_id) not in self.forgotten
+        )
+
+    def _check_named(self, subject_id: str, submission: Submission, targets: list[Row]) -> list[int]:
+        sample_ids = submission.sample_ids
         found = {i: self.samples[i] for i in sample_ids if i in self.samples}
+        scope = "" if submission.model_name is None else f" by model {submission.model_name!r}"
         problems = [
             ("unknown_samples", "unknown sample ids", [i for i in sample_ids if i not in found]),
             # Which subject they belong to is that subject's business: the message does not say.
             ("foreign_samples", f"samples that do not belong to subject {subject_id!r}",
              [i for i, row in found.items() if row.subject_id != subject_id]),
-            ("other_dataset_samples", f"samples not in data set {model.dataset!r} of model {model.name!r}",
-             [i for i, row in found.items() if row.dataset != model.dataset]),
-            ("forgotten_samples", "samples already forgotten",
-             [i for i, row in found.items() if row.status != SampleStatus.active]),
+            ("forgotten_samples", f"samples no longer held{scope} (already forgotten, or never learned)",
+             [i for i in found if not any(self._holds(model, i) for model in targets)]),
         ]
         for error_type, what, ids in problems:
             if ids:
                 raise RequestValidationProblem("sample_ids", f"{what}: {format_ids(ids)}", error_type=error_type)
-        in_open = {i: self.open_links[(model.name, i)] for i in sample_ids if (model.name, i) in self.open_links}
+        return sorted(sample_ids)
+
+    def _refuse_nothing_to_forget(self, subject_id: str, submission: Submission, targets: list[Row],
+                                  candidates: list[int]) -> None:
+        """No model has a sample of the request to forget: say whether they are all in requests
+        under way (409), or none is held any more (422)."""
+        field = "subject_id" if submission.sample_ids is None else "sample_ids"
+        in_open = {
+            (model.name, i): self.open_parts[(model.name, i)] for model in targets for i in candidates
+            if (model.name, i) in self.open_parts and self._holds(model, i)
+        }
         if in_open:
             raise RequestConflict(
-                "sample_ids",
-                f"samples already in an open request: {format_ids(in_open)} "
-                f"(requests {', '.join(sorted(set(in_open.values())))})",
+                field,
+                f"every sample of the request that a model still holds is already in an open request: "
+                f"{', '.join(sorted(set(in_open.values())))}",
                 error_type="samples_in_open_request",
             )
-        return sorted(sample_ids)
+        scope = "any model" if submission.model_name is None else f"model {submission.model_name!r}"
+        raise RequestValidationProblem(
+            "subject_id",
+            f"subject {subject_id!r} has no samples that {scope} still holds",
+            error_type="no_active_samples",
+        )
 
 
 def idempotency_key_reused() -> RequestValidationProblem:

@@ -1,28 +1,31 @@
-"""Reads of forget requests, their samples and their subjects."""
+"""Reads of forget requests, their parts, their samples and their subjects."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from sqlalchemy import Row, bindparam, func, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, selectinload
 
 from service.core.models import (
+    Dataset,
     ForgetRequest,
+    ForgetRequestPart,
     ForgetRequestSample,
+    ForgottenSample,
     Model,
     RequestStatus,
     Sample,
-    SampleStatus,
     Subject,
 )
 
 
 @dataclass(frozen=True)
 class FiledRequest:
-    """A forget request and the samples it asks to forget."""
+    """A forget request, the samples it asks to forget and its part for each model."""
 
     request: ForgetRequest | Row  # a row, with the same attributes, where it was only read
     sample_ids: list[int]  # the samples it asks to forget, ascending
+    parts: list[ForgetRequestPart | Row] = field(default_factory=list)  # by model name
 
     @property
     def sample_count(self) -> int:
@@ -30,20 +33,39 @@ class FiledRequest:
 
 
 @dataclass(frozen=True)
+class Holding:
+    """Whether a model still holds a sample (service.requests.holdings)."""
+
+    model: str
+    status: str  # "held" or "forgotten"
+    forgotten_at: datetime | None = None
+    version_id: int | None = None  # the version that forgot it
+
+
+@dataclass(frozen=True)
+class SampleRecord:
+    id: int
+    dataset: str
+    dataset_index: int
+    subject_id: str
+    models: list[Holding]  # every model on the data set that learned it, by name
+
+
+@dataclass(frozen=True)
 class SubjectRecord:
-    """A subject with its samples (by id) and its forget requests (newest first)."""
+    """A subject with its samples (by id), which model holds each, and its forget requests (newest first)."""
 
     subject: Subject
-    samples: list[Sample]
+    samples: list[SampleRecord]
     requests: list[FiledRequest]
 
     @property
-    def active_sample_count(self) -> int:
-        return sum(sample.status == SampleStatus.active for sample in self.samples)
+    def held_sample_count(self) -> int:
+        return sum(any(h.status == "held" for h in sample.models) for sample in self.samples)
 
     @property
     def forgotten_sample_count(self) -> int:
-        return sum(sample.status == SampleStatus.forgotten for sample in self.samples)
+        return sum(all(h.status == "forgotten" for h in sample.models) for sample in self.samples)
 
 
 _REQUESTS_BY_ID = (
@@ -52,18 +74,27 @@ _REQUESTS_BY_ID = (
     .where(ForgetRequest.id.in_(bindparam("request_ids", expanding=True)))
     .order_by(ForgetRequest.id, ForgetRequestSample.sample_id)
 )
+_PARTS_BY_REQUEST = (
+    select(ForgetRequestPart.__table__)
+    .where(ForgetRequestPart.request_id.in_(bindparam("request_ids", expanding=True)))
+    .order_by(ForgetRequestPart.request_id, ForgetRequestPart.model_name)
+)
 _NEWEST_FIRST = (ForgetRequest.received_at.desc(), ForgetRequest.id.desc())
 
 
 def requests_with_sample_ids(session: Session, request_ids: set[str]) -> dict[str, FiledRequest]:
-    """{id: the request (a row of its columns, read-only) and its sample ids (ascending)} of those
-    of `request_ids` that exist, in one statement."""
+    """{id: the request (a row of its columns, read-only), its sample ids (ascending) and its parts}
+    of those of `request_ids` that exist, in two statements."""
     found: dict[str, FiledRequest] = {}
-    for row in session.connection().execute(_REQUESTS_BY_ID, {"request_ids": sorted(request_ids)}):
+    connection = session.connection()
+    for row in connection.execute(_REQUESTS_BY_ID, {"request_ids": sorted(request_ids)}):
         if row.id not in found:
             found[row.id] = FiledRequest(row, [])
         if row.sample_id is not None:
             found[row.id].sample_ids.append(row.sample_id)
+    if found:
+        for part in connection.execute(_PARTS_BY_REQUEST, {"request_ids": sorted(found)}):
+            found[part.request_id].parts.append(part)
     return found
 
 
@@ -90,7 +121,7 @@ def requests_page(
     if subject_id is not None:
         conditions.append(ForgetRequest.subject_id == subject_id)
     if model_name is not None:
-        conditions.append(ForgetRequest.model_name == model_name)
+        conditions.append(ForgetRequest.parts.any(ForgetRequestPart.model_name == model_name))
     if received_after is not None:
         conditions.append(ForgetRequest.received_at >= received_after)
     if received_before is not None:
@@ -98,30 +129,59 @@ def requests_page(
     count = session.scalar(select(func.count()).select_from(ForgetRequest).where(*conditions))
     requests = session.scalars(
         select(ForgetRequest).where(*conditions).order_by(*_NEWEST_FIRST).limit(limit).offset(offset)
+        .options(selectinload(ForgetRequest.parts))
     ).all()
     return _with_sample_ids(session, requests), count
 
 
 def find_subject(session: Session, subject_id: str, *, model_name: str | None = None) -> SubjectRecord | None:
-    """The subject with its samples and forget requests, or None. With `model_name`: only that
-    model's requests and the samples of its data set (none when no such model exists)."""
+    """The subject with its samples, which model holds each, and its forget requests, or None. With
+    `model_name`: only that model's data set, holdings, requests and parts (none when no such model
+    exists)."""
     subject = session.get(Subject, subject_id)
     if subject is None:
         return None
-    samples = select(Sample).where(Sample.subject_id == subject_id).order_by(Sample.id)
-    requests = select(ForgetRequest).where(ForgetRequest.subject_id == subject_id).order_by(*_NEWEST_FIRST)
+    samples = session.execute(
+        select(Sample.id, Sample.dataset, Sample.dataset_index, Sample.subject_id, Dataset.train_size)
+        .outerjoin(Dataset, Dataset.name == Sample.dataset)
+        .where(Sample.subject_id == subject_id).order_by(Sample.id)
+    ).all()
+    models = select(Model.name, Model.dataset).where(Model.deployed_version_id.is_not(None)).order_by(Model.name)
+    requests = (select(ForgetRequest).where(ForgetRequest.subject_id == subject_id).order_by(*_NEWEST_FIRST)
+                .options(selectinload(ForgetRequest.parts)))
     if model_name is not None:
-        dataset = session.scalar(select(Model.dataset).where(Model.name == model_name))
-        samples = samples.where(Sample.dataset == dataset)
-        requests = requests.where(ForgetRequest.model_name == model_name)
-    return SubjectRecord(
-        subject, list(session.scalars(samples)), _with_sample_ids(session, session.scalars(requests).all())
-    )
+        models = models.where(Model.name == model_name)
+        requests = requests.where(ForgetRequest.parts.any(ForgetRequestPart.model_name == model_name))
+    models_by_dataset: dict[str, list[str]] = {}
+    for name, dataset in session.execute(models):
+        models_by_dataset.setdefault(dataset, []).append(name)
+    forgotten = {
+        (row.model_name, row.sample_id): row for row in session.execute(
+            select(ForgottenSample).where(ForgottenSample.sample_id.in_([sample.id for sample in samples]))
+        ).scalars()
+    }
+    records = []
+    for sample in samples:
+        if model_name is not None and sample.dataset not in models_by_dataset:
+            continue
+        holdings = []
+        for name in models_by_dataset.get(sample.dataset, []):
+            row = forgotten.get((name, sample.id))
+            if row is not None:
+                holdings.append(Holding(name, "forgotten", row.forgotten_at, row.version_id))
+            elif sample.train_size is not None and sample.dataset_index < sample.train_size:
+                holdings.append(Holding(name, "held"))
+        records.append(SampleRecord(sample.id, sample.dataset, sample.dataset_index, sample.subject_id, holdings))
+    filed = _with_sample_ids(session, session.scalars(requests).all())
+    if model_name is not None:  # another model's part is not this key's business
+        filed = [FiledRequest(f.request, f.sample_ids, [p for p in f.parts if p.model_name == model_name])
+                 for f in filed]
+    return SubjectRecord(subject, records, filed)
 
 
 def _with_sample_ids(session: Session, requests: list[ForgetRequest]) -> list[FiledRequest]:
     sample_ids = sample_ids_of_requests(session, [request.id for request in requests])
-    return [FiledRequest(request, sample_ids[request.id]) for request in requests]
+    return [FiledRequest(request, sample_ids[request.id], list(request.parts)) for request in requests]
 
 
 def sample_ids_of_requests(session: Session, request_ids: list[str]) -> dict[str, list[int]]:

@@ -11,7 +11,7 @@ from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
 from service.core.audit_log import append_audit
-from service.core.models import Sample, Subject
+from service.core.models import Dataset, Sample, Subject
 from service.requests.problems import RequestConflict, RequestValidationProblem, format_ids
 
 MAX_SAMPLES_PER_REGISTRATION = 10_000
@@ -25,8 +25,9 @@ def register_samples(
     were created.
 
     Raises:
-        RequestValidationProblem: an empty or oversized list, or an index listed twice;
-            RequestConflict (409) when some indexes are already registered in the data set.
+        RequestValidationProblem: an empty or oversized list, an index listed twice, a data set no
+            model was bootstrapped on, or an index beyond its training split; RequestConflict (409)
+            when some indexes are already registered in the data set.
     """
     if not samples:
         raise RequestValidationProblem("samples", "the list is empty", error_type="too_short")
@@ -41,6 +42,20 @@ def register_samples(
     if repeated:
         raise RequestValidationProblem(
             "samples", f"dataset_index listed more than once: {format_ids(repeated)}", error_type="duplicate_samples"
+        )
+    # A sample the data set does not have would sit in every retain set of its models.
+    train_size = session.scalar(select(Dataset.train_size).where(Dataset.name == dataset))
+    if train_size is None:
+        raise RequestValidationProblem(
+            "dataset", f"unknown data set {dataset!r}: no model has been bootstrapped on it", error_type="unknown_dataset",
+            location="path",
+        )
+    beyond = [index for index in indexes if not 0 <= index < train_size]
+    if beyond:
+        raise RequestValidationProblem(
+            "samples",
+            f"dataset_index beyond data set {dataset!r}'s training split (0 to {train_size - 1}): {format_ids(beyond)}",
+            error_type="index_out_of_range",
         )
     registered = list(
         session.scalars(

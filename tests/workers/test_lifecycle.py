@@ -1,5 +1,6 @@
-"""The request and batch state machine (service.requests.lifecycle), on SQLite and PostgreSQL:
-each transition moves only from the state it starts from, and leaves its audit entry."""
+"""The request, part and batch state machine (service.requests.lifecycle), on SQLite and PostgreSQL:
+each transition moves only from the state it starts from, settles the requests' statuses from their
+parts', and leaves its audit entry."""
 
 from datetime import timedelta
 
@@ -7,7 +8,16 @@ import pytest
 from sqlalchemy import select
 
 from service.core.db import transaction
-from service.core.models import AuditEntry, Batch, BatchStatus, ForgetRequest, ModelVersion, RequestStatus, utcnow
+from service.core.models import (
+    AuditEntry,
+    Batch,
+    BatchStatus,
+    ForgetRequest,
+    ForgetRequestPart,
+    ModelVersion,
+    RequestStatus,
+    utcnow,
+)
 from service.requests import lifecycle
 from service.requests.intake import file_forget_request
 
@@ -19,8 +29,8 @@ def batch_id(engine, seed) -> int:
         file_forget_request(session, subject_id="alice", sample_ids=None, model_name=seed.model,
                             deadline_days=30, actor="test")
     with transaction(engine) as session:
-        requests = session.scalars(select(ForgetRequest)).all()
-        batch = lifecycle.claim(session, requests, seed.model, seed.version_id, "test-worker",
+        parts = session.scalars(select(ForgetRequestPart)).all()
+        batch = lifecycle.claim(session, parts, seed.model, seed.version_id, "test-worker",
                                 utcnow() + timedelta(minutes=5), actor="test")
         return batch.id
 
@@ -28,8 +38,10 @@ def batch_id(engine, seed) -> int:
 def statuses(engine, batch_id):
     with transaction(engine) as session:
         batch = session.get(Batch, batch_id)
-        requests = session.scalars(select(ForgetRequest)).all()
-        return batch.status, [(r.status, r.batch_id) for r in requests]
+        parts = session.scalars(select(ForgetRequestPart)).all()
+        [request] = session.scalars(select(ForgetRequest)).all()
+        assert request.status == parts[0].status  # one part: the request's status is its part's
+        return batch.status, [(p.status, p.batch_id) for p in parts]
 
 
 def actions(engine) -> list[str]:
@@ -49,7 +61,7 @@ def test_claim_batches_pending_requests_and_refuses_batched_ones(engine, seed, b
     assert statuses(engine, batch_id) == (BatchStatus.running, [(RequestStatus.batched, batch_id)])
     assert actions(engine)[-1] == "batch.claimed"
     with transaction(engine) as session, pytest.raises(lifecycle.TransitionRefused):
-        lifecycle.claim(session, session.scalars(select(ForgetRequest)).all(), seed.model, seed.version_id,
+        lifecycle.claim(session, session.scalars(select(ForgetRequestPart)).all(), seed.model, seed.version_id,
                         "test-worker", utcnow(), actor="test")
 
 
@@ -60,7 +72,7 @@ def test_hold_then_complete_on_approval(engine, batch_id):
         apply(engine, lifecycle.hold, batch_id, "version", "again", "test")
     apply(engine, lifecycle.complete, batch_id, "version", "test", utcnow())
     assert statuses(engine, batch_id) == (BatchStatus.completed, [(RequestStatus.completed, batch_id)])
-    assert actions(engine)[-3:] == ["batch.held", "request.completed", "batch.completed"]
+    assert actions(engine)[-4:] == ["batch.held", "request.part_completed", "request.completed", "batch.completed"]
 
 
 def test_discard_releases_the_requests_and_only_from_held(engine, batch_id):
@@ -76,7 +88,7 @@ def test_give_up_returns_the_requests_with_the_error(engine, batch_id):
     apply(engine, lifecycle.give_up, batch_id, "worker lost three times", "test")
     assert statuses(engine, batch_id) == (BatchStatus.failed, [(RequestStatus.pending, None)])
     with transaction(engine) as session:
-        assert session.scalars(select(ForgetRequest.error)).one() == "worker lost three times"
+        assert session.scalars(select(ForgetRequestPart.error)).one() == "worker lost three times"
     with pytest.raises(lifecycle.TransitionRefused, match="is failed, not running or held"):
         apply(engine, lifecycle.complete, batch_id, "version", "test", utcnow())
     assert actions(engine)[-1] == "batch.failed"

@@ -17,11 +17,12 @@ from service.core.models import (
     Batch,
     BatchStatus,
     ForgetRequest,
+    ForgetRequestPart,
+    ForgottenSample,
     Model,
     ModelVersion,
     RequestStatus,
     Sample,
-    SampleStatus,
     utcnow,
 )
 from service.deployments import deploy as deployments
@@ -46,8 +47,8 @@ def file_request(engine, seed, subject: str) -> str:
 def finish_run(engine, settings, claimed, ta: float) -> int | None:
     """What run_batch does after training, with a placeholder artifact and the given test accuracy."""
     with transaction(engine) as session:
-        forget_ids = session.scalars(select(Sample.id).join(ForgetRequest.samples)
-                                     .where(ForgetRequest.batch_id == claimed.batch_id)).all()
+        forget_ids = session.scalars(select(Sample.id).join(ForgetRequest.samples).join(ForgetRequest.parts)
+                                     .where(ForgetRequestPart.batch_id == claimed.batch_id)).all()
     metrics = {"FA": 10.0, "RA": 99.0, "TA": ta, "MIA": 50.0}
     return _record_result(engine, settings, claimed, sorted(forget_ids), "/nonexistent/new.pt", "1" * 64,
                           QMulConfig(epochs=1), metrics, history=[])
@@ -74,9 +75,10 @@ def test_a_claimed_batch_deploys_once_and_completes_its_requests(engine, setting
         assert session.get(Model, seed.model).deployed_version_id == version_id
         for request_id in request_ids:
             request = session.get(ForgetRequest, request_id)
-            assert (request.status, request.completed_version_id) == (RequestStatus.completed, version_id)
+            [part] = request.parts
+            assert (request.status, part.completed_version_id) == (RequestStatus.completed, version_id)
         assert session.get(ForgetRequest, late).status == RequestStatus.pending
-        forgotten = set(session.scalars(select(Sample.id).where(Sample.status == SampleStatus.forgotten)))
+        forgotten = set(session.scalars(select(ForgottenSample.sample_id).where(ForgottenSample.model_name == seed.model)))
         assert forgotten == set(seed.samples["alice"] + seed.samples["bob"])
         assert set(session.get(ModelVersion, version_id).excluded_sample_ids) == forgotten
         assert session.scalar(select(func.count()).select_from(AuditEntry)
@@ -133,8 +135,8 @@ def test_an_expired_lease_is_taken_over_from_the_same_parent_then_given_up(engin
         request = session.get(ForgetRequest, request_id)
         assert batch.status == BatchStatus.failed
         # Never silently dropped: back to pending, with the error.
-        assert request.status == RequestStatus.pending and request.batch_id is None
-        assert "abandoned" in request.error
+        assert request.status == RequestStatus.pending and request.parts[0].batch_id is None
+        assert "abandoned" in request.parts[0].error
 
 
 def test_a_failed_attempt_backs_off_then_is_retried(engine, settings, seed):
@@ -166,7 +168,7 @@ def test_the_quality_gate_holds_a_version_until_an_admin_approves(engine, settin
     with transaction(engine) as session:
         assert session.get(Model, seed.model).deployed_version_id == version_id
         request = session.get(ForgetRequest, request_id)
-        assert (request.status, request.completed_version_id) == (RequestStatus.completed, version_id)
+        assert (request.status, request.parts[0].completed_version_id) == (RequestStatus.completed, version_id)
     with pytest.raises(deployments.AdminRefusal, match="not held"):
         in_transaction(engine, deployments.approve_batch, claimed.batch_id, actor="key:admin")
 
@@ -180,7 +182,7 @@ def test_a_discarded_batch_returns_its_requests_with_new_settings(engine, settin
     with transaction(engine) as session:
         assert session.get(Batch, claimed.batch_id).status == BatchStatus.discarded
         request = session.get(ForgetRequest, request_id)
-        assert (request.status, request.batch_id) == (RequestStatus.pending, None)
+        assert (request.status, request.parts[0].batch_id) == (RequestStatus.pending, None)
         model = session.get(Model, seed.model)
         assert unlearn_config(settings, model) == QMulConfig(
             epochs=3, lr=0.001, grad_norm_batches=settings.unlearn_grad_norm_batches)

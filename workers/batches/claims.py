@@ -16,7 +16,16 @@ from sqlalchemy import Engine, select, update
 
 from service.core.audit_log import append_audit
 from service.core.db import transaction
-from service.core.models import Batch, BatchStatus, ForgetRequest, Model, RequestStatus, as_utc, utcnow
+from service.core.models import (
+    Batch,
+    BatchStatus,
+    ForgetRequest,
+    ForgetRequestPart,
+    Model,
+    RequestStatus,
+    as_utc,
+    utcnow,
+)
 from service.core.settings import Settings
 from service.requests import lifecycle
 from workers.runtime import WORKER_ID
@@ -32,7 +41,7 @@ class ClaimedBatch:
 
 
 def claim_batch(engine: Engine, settings: Settings, model_name: str) -> ClaimedBatch | None:
-    """Claim every pending request of the model, or take over a batch whose lease expired."""
+    """Claim every pending part of the model's requests, or take over a batch whose lease expired."""
     with transaction(engine) as session:
         model = session.scalars(
             select(Model).where(Model.name == model_name).with_for_update(skip_locked=True)
@@ -53,10 +62,11 @@ def claim_batch(engine: Engine, settings: Settings, model_name: str) -> ClaimedB
                 return None  # alive on another worker: one run per model at a time
             return _take_over(session, settings, running, lease_until)
         pending = session.scalars(
-            select(ForgetRequest)
-            .where(ForgetRequest.model_name == model_name, ForgetRequest.status == RequestStatus.pending)
+            select(ForgetRequestPart)
+            .join(ForgetRequest, ForgetRequest.id == ForgetRequestPart.request_id)
+            .where(ForgetRequestPart.model_name == model_name, ForgetRequestPart.status == RequestStatus.pending)
             .order_by(ForgetRequest.received_at)
-            .with_for_update(skip_locked=True)
+            .with_for_update(of=ForgetRequestPart, skip_locked=True)
         ).all()
         if not pending:
             return None

@@ -1,6 +1,6 @@
 """When a model's pending requests make a batch: the batch policy and the scheduler's query.
 
-A model is due when its pending samples reach `min_samples`, or its oldest pending request has
+A model is due when the samples of its pending parts reach `min_samples`, or its oldest pending request has
 waited `max_wait_seconds`, or a pending request's due date is within `due_margin_days`. Batching
 amortises a run's fixed cost (loading, gradient-norm passes, evaluation) over many requests,
 and the two time bounds keep a quiet model from holding requests back.
@@ -12,7 +12,16 @@ from datetime import datetime, timedelta
 from pydantic import BaseModel
 from sqlalchemy import Connection, func, select
 
-from service.core.models import Batch, BatchStatus, ForgetRequest, ForgetRequestSample, Model, RequestStatus, as_utc
+from service.core.models import (
+    Batch,
+    BatchStatus,
+    ForgetRequest,
+    ForgetRequestPart,
+    ForgetRequestSample,
+    Model,
+    RequestStatus,
+    as_utc,
+)
 
 
 class BatchPolicy(BaseModel):
@@ -38,17 +47,19 @@ def is_due(stats: PendingStats, policy: BatchPolicy, now: datetime) -> bool:
 
 
 def pending_stats(connection: Connection) -> list[PendingStats]:
-    """One aggregate query: per model, pending samples, oldest receipt and earliest due date."""
+    """One aggregate query: per model, the samples of its pending parts' requests (an upper bound of
+    what it will forget: a sample of another data set counts too), oldest receipt, earliest due date."""
     rows = connection.execute(
         select(
-            ForgetRequest.model_name,
+            ForgetRequestPart.model_name,
             func.count(ForgetRequestSample.sample_id),
             func.min(ForgetRequest.received_at),
             func.min(ForgetRequest.due_at),
         )
+        .join(ForgetRequest, ForgetRequest.id == ForgetRequestPart.request_id)
         .join(ForgetRequestSample, ForgetRequestSample.request_id == ForgetRequest.id)
-        .where(ForgetRequest.status == RequestStatus.pending)
-        .group_by(ForgetRequest.model_name)
+        .where(ForgetRequestPart.status == RequestStatus.pending)
+        .group_by(ForgetRequestPart.model_name)
     ).all()
     return [PendingStats(name, samples, as_utc(oldest), as_utc(due)) for name, samples, oldest, due in rows]
 

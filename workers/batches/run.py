@@ -8,24 +8,25 @@ from pathlib import Path
 
 from sqlalchemy import Engine, select
 
+from service.core.audit_log import append_audit
 from service.core.db import transaction
 from service.core.models import (
     Batch,
     BatchStatus,
-    ForgetRequest,
+    ForgetRequestPart,
+    ForgetRequestSample,
     Model,
     ModelVersion,
-    Sample,
-    SampleStatus,
     VersionKind,
 )
 from service.core.settings import Settings
 from service.deployments.deploy import deploy_version
 from service.requests import lifecycle
+from service.requests.holdings import held_by
 from workers import engine as qf
 from workers.batches.claims import ClaimedBatch, LeaseKeeper
 from workers.evaluation.samples import SampleAssessment, assess_samples, record_sample_scores
-from workers.runtime import WORKER_ID, artifact_spec, load_data
+from workers.runtime import WORKER_ID, artifact_spec, load_data, readable_indices
 
 log = logging.getLogger(__name__)
 
@@ -35,29 +36,33 @@ def run_batch(engine: Engine, settings: Settings, claimed: ClaimedBatch, progres
     with transaction(engine) as session:
         model = session.get(Model, claimed.model_name)
         parent = session.get(ModelVersion, claimed.parent_version_id)
-        forget_rows = session.execute(
-            select(Sample.id, Sample.dataset_index)
-            .join(ForgetRequest.samples)
-            .where(ForgetRequest.batch_id == claimed.batch_id)
-            .order_by(Sample.id)
-        ).all()
-        forget_ids = sorted({row.id for row in forget_rows})
-        retain_indices = session.scalars(
-            select(Sample.dataset_index)
-            .where(Sample.dataset == model.dataset, Sample.status == SampleStatus.active,
-                   Sample.id.not_in(forget_ids))
-            .order_by(Sample.dataset_index)
-        ).all()
+        # The batch's requests' samples that the model still holds: the forget set; the rest of what
+        # it holds: the retain set.
+        batch_samples = select(ForgetRequestSample.sample_id).join(
+            ForgetRequestPart, ForgetRequestPart.request_id == ForgetRequestSample.request_id
+        ).where(ForgetRequestPart.batch_id == claimed.batch_id)
+        held = session.execute(held_by(model.name, model.dataset)).all()
+        in_batch = set(session.scalars(batch_samples))
         spec = qf.ModelSpec.from_dict(model.spec)
         config = unlearn_config(settings, model)
         parent_path, parent_sha256 = parent.artifact_path, parent.sha256
-    forget_indices = sorted({row.dataset_index for row in forget_rows})
+    forget_rows = [row for row in held if row.id in in_batch]
+    forget_ids = [row.id for row in forget_rows]
+    forget_indices = sorted(row.dataset_index for row in forget_rows)
     id_of_index = {row.dataset_index: row.id for row in forget_rows}
 
     keeper = LeaseKeeper(engine, claimed.batch_id, settings.lease_seconds)
     keeper.start()
     try:
         data = load_data(spec)
+        retain_indices, unreadable = readable_indices(
+            [row.dataset_index for row in held if row.id not in in_batch], len(data.train))
+        if forget_indices and forget_indices[-1] >= len(data.train):
+            raise UnreadableSamples(f"{sum(i >= len(data.train) for i in forget_indices)} samples to forget lie "
+                                    f"beyond the data set's {len(data.train)} training samples")
+        if unreadable:
+            log.warning("batch %s: %d retain samples beyond the data set's %d skipped", claimed.batch_id,
+                        unreadable, len(data.train))
         network, _ = qf.load_artifact(Path(parent_path), parent_sha256, device=settings.torch_device)
         forget, retain = data.train.subset(forget_indices), data.train.subset(retain_indices)
         log.info("batch %s: Q-MUL on %d forget / %d retain samples", claimed.batch_id, len(forget), len(retain))
@@ -76,7 +81,11 @@ def run_batch(engine: Engine, settings: Settings, claimed: ClaimedBatch, progres
         log.warning("batch %s: lease lost during the run; another worker owns it now", claimed.batch_id)
         return None
     return _record_result(engine, settings, claimed, forget_ids, path, sha256, config, metrics, result.history,
-                          evidence)
+                          evidence, unreadable)
+
+
+class UnreadableSamples(RuntimeError):
+    """Samples to forget that the data set does not have: the run cannot show they were forgotten."""
 
 
 def unlearn_config(settings: Settings, model: Model) -> qf.QMulConfig:
@@ -93,7 +102,7 @@ class BatchEvidence:
 
 
 def _record_result(engine, settings, claimed, forget_ids, path, sha256, config, metrics, history,
-                   evidence: BatchEvidence | None = None) -> int | None:
+                   evidence: BatchEvidence | None = None, unreadable: int = 0) -> int | None:
     """One transaction: the new version and its evidence, then either its deployment or a hold by
     the quality gate."""
     actor = f"worker:{WORKER_ID}"
@@ -103,9 +112,6 @@ def _record_result(engine, settings, claimed, forget_ids, path, sha256, config, 
             return None  # already deployed by this batch's run, or taken over: deploy nothing
         model = session.get(Model, claimed.model_name, with_for_update=True)
         parent = session.get(ModelVersion, batch.parent_version_id)
-        previously_forgotten = session.scalars(
-            select(Sample.id).where(Sample.dataset == model.dataset, Sample.status == SampleStatus.forgotten)
-        ).all()
         version = ModelVersion(
             model_name=model.name,
             kind=VersionKind.unlearned,
@@ -116,10 +122,13 @@ def _record_result(engine, settings, claimed, forget_ids, path, sha256, config, 
             metrics=metrics,
             sha256=sha256,
             artifact_path=str(path),
-            excluded_sample_ids=sorted([*previously_forgotten, *forget_ids]),
+            excluded_sample_ids=sorted({*parent.excluded_sample_ids, *forget_ids}),
         )
         session.add(version)
         session.flush()
+        if unreadable:
+            append_audit(session, actor=actor, action="batch.samples_skipped", object_type="batch",
+                         object_id=str(batch.id), details={"unreadable_retain_samples": unreadable})
         batch.result_version_id = version.id
         if evidence is not None:
             record_sample_scores(session, batch.parent_version_id, evidence.sample_ids, evidence.before)

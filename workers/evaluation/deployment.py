@@ -7,8 +7,9 @@ from sqlalchemy import Engine, select
 from service.audit.comparison import compare_with_references
 from service.core.audit_log import append_audit
 from service.core.db import transaction
-from service.core.models import Evaluation, Model, ModelVersion, Sample, SampleStatus
+from service.core.models import Evaluation, Model, ModelVersion, Sample
 from service.core.settings import Settings
+from service.requests.holdings import held_by
 from workers import engine as qf
 from workers.evaluation.samples import SCORE_BIN_EDGES, assess_samples, record_sample_scores, score_histogram
 from workers.runtime import WORKER_ID, load_data
@@ -18,11 +19,7 @@ def _audit_splits(session, model: Model, forgotten_ids) -> tuple[list[tuple[int,
     """(sample id, dataset index) of the forget split (the given forgotten samples, in the split's
     order) and the dataset indices of the retain split."""
     forget_samples = _forget_samples(session, forgotten_ids)
-    retain_indices = session.scalars(
-        select(Sample.dataset_index)
-        .where(Sample.dataset == model.dataset, Sample.status == SampleStatus.active)
-        .order_by(Sample.dataset_index)
-    ).all()
+    retain_indices = sorted(row.dataset_index for row in session.execute(held_by(model.name, model.dataset)))
     return forget_samples, retain_indices
 
 

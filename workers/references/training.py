@@ -5,21 +5,22 @@ import json
 import logging
 from pathlib import Path
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine
 
 from service.core.audit_log import append_audit
 from service.core.db import transaction
-from service.core.models import Model, ModelVersion, ReferenceRequest, Sample, SampleStatus, VersionKind, utcnow
+from service.core.models import Model, ModelVersion, ReferenceRequest, VersionKind, utcnow
 from service.core.settings import Settings
+from service.requests.holdings import forgotten_by, held_by
 from workers import engine as qf
-from workers.runtime import WORKER_ID, artifact_spec, load_data
+from workers.runtime import WORKER_ID, artifact_spec, load_data, readable_indices
 
 log = logging.getLogger(__name__)
 
 
 def train_reference(engine: Engine, settings: Settings, model_name: str, reference_request_id: int | None = None,
                     progress: bool = False) -> int | None:
-    """Train a retrain reference from scratch on the samples still active. Returns its version id.
+    """Train a retrain reference from scratch on the samples the model still holds. Returns its version id.
 
     With a reference request, the request is closed in the transaction that records the reference;
     a request already closed (a duplicate delivery) trains nothing and returns None.
@@ -33,16 +34,14 @@ def train_reference(engine: Engine, settings: Settings, model_name: str, referen
             if request is None or request.finished_at is not None:
                 log.info("reference request %s is closed already: nothing to train", reference_request_id)
                 return None
-        active_indices = session.scalars(
-            select(Sample.dataset_index)
-            .where(Sample.dataset == model.dataset, Sample.status == SampleStatus.active)
-            .order_by(Sample.dataset_index)
-        ).all()
-        excluded = session.scalars(
-            select(Sample.id).where(Sample.dataset == model.dataset, Sample.status == SampleStatus.forgotten)
-        ).all()
+        held_indices = sorted(row.dataset_index for row in session.execute(held_by(model.name, model.dataset)))
+        excluded = list(forgotten_by(session, model.name))
         spec = qf.ModelSpec.from_dict(model.spec)
     data = load_data(spec)
+    active_indices, unreadable = readable_indices(held_indices, len(data.train))
+    if unreadable:
+        log.warning("reference for %s: %d samples beyond the data set's %d skipped", model_name, unreadable,
+                    len(data.train))
     retain = data.train.subset(active_indices)
     checkpoint = None if reference_request_id is None else reference_checkpoint(
         settings, reference_request_id, spec, active_indices)

@@ -3,7 +3,7 @@
 
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Path
+from fastapi import APIRouter, HTTPException, Path, Query
 
 from service.api.deps import ReaderDep, SessionDep
 from service.api.schemas import (
@@ -15,6 +15,7 @@ from service.api.schemas import (
     ProblemPublic,
 )
 from service.audit.evidence import request_evidence
+from service.requests.problems import RequestValidationProblem
 from service.requests.queries import find_request
 
 router = APIRouter(prefix="/forget-requests", tags=["forget-requests"],
@@ -26,16 +27,29 @@ router = APIRouter(prefix="/forget-requests", tags=["forget-requests"],
     response_model=EvidencePublic,
     responses={
         404: {"model": ErrorPublic, "description": "No forget request has this id (that this key may see)."},
-        422: {"model": ProblemPublic, "description": "The request id is malformed."},
+        422: {"model": ProblemPublic, "description": "The request id is malformed, or the request has several "
+              "parts and `model` names none of them."},
     },
 )
 def read_evidence(
-    request_id: Annotated[str, Path(max_length=36, pattern=NO_NUL)], session: SessionDep, caller: ReaderDep
+    request_id: Annotated[str, Path(max_length=36, pattern=NO_NUL)],
+    session: SessionDep,
+    caller: ReaderDep,
+    model: Annotated[str | None, Query(max_length=64, pattern=NO_NUL,
+                                       description="Whose part: needed when the request has several.")] = None,
 ) -> EvidencePublic:
-    """Get the request's samples before and after unlearning: accuracy, true-label confidence and
-    membership calls of the parent version, the version that forgot them, and a retrain reference."""
+    """Get the request's samples before and after unlearning by one model: accuracy, true-label
+    confidence and membership calls of the parent version, the version that forgot them, and a
+    retrain reference."""
     request = find_request(session, request_id)
+    model = model or caller.model
+    parts = {} if request is None else {part.model_name: part for part in request.parts}
     # Another model's request is "not found" to a key limited to a model, as in GET /forget-requests/{id}.
-    if request is None or (caller.model is not None and request.model_name != caller.model):
+    if request is None or (caller.model is not None and caller.model not in parts):
         raise HTTPException(status_code=404, detail=f"forget request {request_id!r} not found")
-    return EvidencePublic.model_validate(request_evidence(session, request))
+    if model is None and len(parts) == 1:
+        [model] = parts
+    if model not in parts:
+        raise RequestValidationProblem("model", f"name one of the request's models: {', '.join(sorted(parts))}",
+                                       error_type="unknown_part", location="query")
+    return EvidencePublic.model_validate(request_evidence(session, request, parts[model]))

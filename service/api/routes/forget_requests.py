@@ -81,8 +81,8 @@ async def file_request(
 ) -> JSONResponse:
     """The route's work once its input is checked (also called by service/api/hot_path.py)."""
     settings = app.state.settings
-    # A key limited to a model files for that model when the body names none.
-    model = body.model or caller.model or settings.default_model
+    # A key limited to a model files for that model when the body names none; else every model holding them.
+    model = body.model or caller.model
     check_model_allowed(caller, model)
     claim = None
     if idempotency_key is not None:
@@ -163,6 +163,6 @@ async def read_request(app: FastAPI, request_id: str, caller: Caller) -> JSONRes
     # Read with the other ids asked for meanwhile, in one statement (service/api/batch_queue.py).
     filed = await app.state.reads.submit(request_id)
     # Another model's request is "not found" to a key limited to a model, as in its listing.
-    if filed is None or (caller.model is not None and filed.request.model_name != caller.model):
+    if filed is None or (caller.model is not None and caller.model not in {p.model_name for p in filed.parts}):
         raise HTTPException(status_code=404, detail=f"forget request {request_id!r} not found")
     return JSONResponse(content=response_body(filed))
