@@ -16,6 +16,7 @@ from service.core.models import (
     BatchStatus,
     Evaluation,
     ForgetRequest,
+    ForgottenSample,
     Model,
     ModelVersion,
     RequestStatus,
@@ -82,9 +83,15 @@ def seed_operations(engine, seed) -> Operations:
                                test_count=360, created_at=now - timedelta(minutes=5)))
         completed = file_forget_request(session, subject_id="carol", sample_ids=None, model_name=seed.model,
                                         deadline_days=30, actor="test").request
-        completed.status, completed.completed_version_id = RequestStatus.completed, deployed.id
+        # Completed by the second batch: its one part too, and the model no longer holds carol's samples.
+        [part] = completed.parts
+        part.status, part.batch_id, part.completed_version_id = RequestStatus.completed, batch.id, deployed.id
+        completed.status = RequestStatus.completed
         completed.received_at, completed.due_at = now - timedelta(days=3), now + timedelta(days=27)
-        completed.completed_at = now - timedelta(hours=2)
+        completed.completed_at = part.completed_at = now - timedelta(hours=2)
+        session.add_all([ForgottenSample(model_name=seed.model, sample_id=sample_id,
+                                         forgotten_at=completed.completed_at, version_id=deployed.id)
+                         for sample_id in forgotten])
 
         # A batch the quality gate held, and a running one whose lease has 300 s left.
         held = Batch(model_name=seed.model, status=BatchStatus.held, parent_version_id=deployed.id,

@@ -17,6 +17,7 @@ from service.core.models import (
     BatchStatus,
     Evaluation,
     ForgetRequest,
+    ForgetRequestPart,
     Model,
     ModelVersion,
     ReferenceRequest,
@@ -42,6 +43,13 @@ def add_version(engine, model, kind, excluded=(), deploy=False) -> int:
         if deploy:
             session.get(Model, model).deployed_version_id = version.id
         return version.id
+
+
+def add_model(engine, name) -> int:
+    """Another model on "digits", with a deployed original: it holds the seed's samples too."""
+    with transaction(engine) as session:
+        session.add(Model(name=name, dataset="digits", spec={}))
+    return add_version(engine, name, VersionKind.original, deploy=True)
 
 
 def add_evaluation(engine, version_id, reference_id, histograms=None) -> int:
@@ -203,15 +211,21 @@ def file_request(engine, seed, subject) -> str:
 
 
 def complete(engine, seed, request_id, version_id) -> None:
-    """Mark the request completed by version_id, through a batch run from the seed's original."""
+    """Mark the request (its one part, the seed model's) completed by version_id, through a batch run from
+    the seed's original."""
     with transaction(engine) as session:
         batch = Batch(model_name=seed.model, status=BatchStatus.completed, parent_version_id=seed.version_id,
                       result_version_id=version_id, finished_at=utcnow())
         session.add(batch)
         session.flush()
         request = session.get(ForgetRequest, request_id)
-        request.status, request.batch_id = RequestStatus.completed, batch.id
-        request.completed_version_id, request.completed_at = version_id, utcnow()
+        part = session.get(ForgetRequestPart, (request_id, seed.model))
+        part.status, part.batch_id = RequestStatus.completed, batch.id
+        part.completed_version_id, part.completed_at = version_id, utcnow()
+        if all(p.status == RequestStatus.completed for p in request.parts):
+            request.status, request.completed_at = RequestStatus.completed, part.completed_at
+        else:
+            request.status = RequestStatus.batched
 
 
 def add_scores(engine, version_id, sample_ids, correct, confidence, member) -> None:
@@ -241,6 +255,32 @@ def test_evidence_404_422_and_roles(client, engine, seed, bearer):
         session.add(Model(name="other", dataset="digits", spec={}))
     limited = bearer("submitter", model="other")
     assert client.get(f"/forget-requests/{request_id}/evidence", headers=limited).status_code == 404
+
+
+def test_evidence_of_a_request_with_several_parts_names_the_model(client, engine, seed, bearer):
+    add_model(engine, "digits-other")
+    with transaction(engine) as session:
+        request_id = file_forget_request(session, subject_id="carol", sample_ids=None, model_name=None,
+                                         deadline_days=30, actor="test").request.id
+    response = client.get(f"/forget-requests/{request_id}/evidence")
+    assert response.status_code == 422
+    [problem] = response.json()["detail"]
+    assert (problem["type"], problem["loc"]) == ("unknown_part", ["query", "model"])
+    assert "digits-cnn-4bit, digits-other" in problem["msg"]
+    assert client.get(f"/forget-requests/{request_id}/evidence", params={"model": "nope"}).status_code == 422
+    for model in (seed.model, "digits-other"):
+        body = client.get(f"/forget-requests/{request_id}/evidence", params={"model": model}).json()
+        assert (body["model"], body["status"], body["sample_count"]) == (model, "pending", 3)
+        assert f"part for model {model} is pending" in body["message"]
+
+    # One part completed: its evidence has figures; the other part's is still pending.
+    version = add_version(engine, seed.model, VersionKind.unlearned, seed.samples["carol"], deploy=True)
+    complete(engine, seed, request_id, version)
+    body = client.get(f"/forget-requests/{request_id}/evidence", params={"model": seed.model}).json()
+    assert (body["model"], body["status"]) == (seed.model, "figures_missing")
+    # A key limited to a model sees its own part, without naming it.
+    body = client.get(f"/forget-requests/{request_id}/evidence", headers=bearer("submitter", "digits-other")).json()
+    assert (body["model"], body["status"]) == ("digits-other", "pending")
 
 
 def test_evidence_before_after_and_reference(client, engine, seed):

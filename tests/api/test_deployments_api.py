@@ -4,15 +4,28 @@ import shutil
 import subprocess
 
 import pytest
+from sqlalchemy import select
 
 from service.core.db import transaction
-from service.core.models import Batch, BatchStatus, ForgetRequest, Model, ModelVersion, RequestStatus, VersionKind
+from service.core.models import (
+    AuditEntry,
+    Batch,
+    BatchStatus,
+    ForgetRequest,
+    ForgetRequestPart,
+    ForgottenSample,
+    Model,
+    ModelVersion,
+    RequestStatus,
+    VersionKind,
+)
 from service.requests.intake import file_forget_request
 
 
 @pytest.fixture
 def held_batch(engine, seed) -> dict:
-    """A batch the quality gate held: its version exists, undeployed; its request is pending."""
+    """A batch the quality gate held: its version exists, undeployed; its request's one part (the
+    seed model's) is attached to it, pending."""
     with transaction(engine) as session:
         request = file_forget_request(session, subject_id="alice", sample_ids=None, model_name=seed.model,
                                       deadline_days=30, actor="test").request
@@ -26,7 +39,7 @@ def held_batch(engine, seed) -> dict:
         session.add(version)
         session.flush()
         batch.result_version_id = version.id
-        request.batch_id = batch.id
+        session.get(ForgetRequestPart, (request.id, seed.model)).batch_id = batch.id
         return {"batch_id": batch.id, "version_id": version.id, "request_id": request.id}
 
 
@@ -51,7 +64,18 @@ def test_approving_deploys_and_completes(client, engine, seed, held_batch):
     with transaction(engine) as session:
         assert session.get(Model, seed.model).deployed_version_id == held_batch["version_id"]
         request = session.get(ForgetRequest, held_batch["request_id"])
-        assert (request.status, request.completed_version_id) == (RequestStatus.completed, held_batch["version_id"])
+        [part] = request.parts
+        assert request.status == RequestStatus.completed and request.completed_at is not None
+        assert (part.model_name, part.status, part.completed_version_id) == (
+            seed.model, RequestStatus.completed, held_batch["version_id"])
+        assert part.completed_at == request.completed_at
+        # The model no longer holds alice's samples: forgotten by the approved version.
+        forgotten = session.scalars(select(ForgottenSample).order_by(ForgottenSample.sample_id)).all()
+        assert [(f.model_name, f.sample_id, f.version_id) for f in forgotten] == [
+            (seed.model, sample_id, held_batch["version_id"]) for sample_id in seed.samples["alice"]]
+        actions = session.scalars(select(AuditEntry.action).where(AuditEntry.action.in_(
+            ["request.part_completed", "request.completed", "batch.completed"])).order_by(AuditEntry.id)).all()
+        assert actions == ["request.part_completed", "request.completed", "batch.completed"]
     again = client.post(f"/batches/{held_batch['batch_id']}/approve")
     assert again.status_code == 409 and "not held" in again.json()["detail"]
 
@@ -73,7 +97,8 @@ def test_discarding_returns_the_requests_with_new_settings(client, engine, seed,
     with transaction(engine) as session:
         assert session.get(Model, seed.model).unlearn_config == {"epochs": 3, "lr": 0.001, "grad_norm_batches": 5}
         request = session.get(ForgetRequest, held_batch["request_id"])
-        assert (request.status, request.batch_id) == (RequestStatus.pending, None)
+        [part] = request.parts
+        assert (request.status, part.status, part.batch_id) == (RequestStatus.pending, RequestStatus.pending, None)
 
 
 def test_rollback_refuses_a_version_that_remembers(client, engine, seed, held_batch):

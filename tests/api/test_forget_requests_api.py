@@ -9,8 +9,48 @@ import pytest
 from sqlalchemy import event, insert, select, update
 
 from service.core.db import transaction
-from service.core.models import AuditEntry, ForgetRequest, RequestStatus, Sample, SampleStatus, Subject
+from service.core.models import (
+    AuditEntry,
+    ForgetRequest,
+    ForgetRequestPart,
+    ForgottenSample,
+    Model,
+    ModelVersion,
+    RequestStatus,
+    Sample,
+    Subject,
+    VersionKind,
+    utcnow,
+)
 from service.requests.intake import MAX_SAMPLES_PER_REQUEST
+
+
+def forget(engine, model: str, sample_ids: list[int], version_id: int) -> None:
+    """Record that `model` no longer holds these samples (forgotten by `version_id`)."""
+    with transaction(engine) as session:
+        session.add_all(ForgottenSample(model_name=model, sample_id=sample_id, forgotten_at=utcnow(),
+                                        version_id=version_id) for sample_id in sample_ids)
+
+
+def add_deployed_model(engine, name: str, dataset: str) -> int:
+    """A model on `dataset` with a deployed original version; returns the version's id."""
+    with transaction(engine) as session:
+        session.add(Model(name=name, dataset=dataset, spec={}))
+        session.flush()
+        version = ModelVersion(model_name=name, kind=VersionKind.original, method="qat", config={}, metrics={},
+                               sha256="0" * 64, artifact_path=f"/nonexistent/{name}.pt", excluded_sample_ids=[])
+        session.add(version)
+        session.flush()
+        session.get(Model, name).deployed_version_id = version.id
+        return version.id
+
+
+def set_part_status(engine, request_id: str, status: RequestStatus) -> None:
+    """Set every part of the request, and the request itself, to `status`."""
+    with transaction(engine) as session:
+        session.execute(update(ForgetRequestPart).where(ForgetRequestPart.request_id == request_id)
+                        .values(status=status))
+        session.execute(update(ForgetRequest).where(ForgetRequest.id == request_id).values(status=status))
 
 
 def test_create_then_read(client, seed, engine, api_key):
@@ -24,12 +64,14 @@ def test_create_then_read(client, seed, engine, api_key):
     assert response.status_code == 202, response.text
     created = response.json()
     assert created["subject_id"] == "alice"
-    assert created["model"] == seed.model
+    assert created["model"] is None  # no model named: every model that holds the samples
     assert created["status"] == "pending"
     assert created["sample_ids"] == sorted(alice[:2])
     assert created["sample_count"] == 2
-    assert created["batch_id"] is None and created["completed_version_id"] is None
-    assert created["completed_at"] is None and created["error"] is None
+    assert created["completed_at"] is None
+    assert created["parts"] == [{"model": seed.model, "status": "pending", "batch_id": None,
+                                 "completed_version_id": None, "completed_at": None, "error": None}]
+    assert not {"batch_id", "completed_version_id", "error"} & set(created)
     received_at = datetime.fromisoformat(created["received_at"])
     assert received_at.utcoffset() == timedelta(0)
     assert datetime.fromisoformat(created["due_at"]) - received_at == timedelta(days=30)
@@ -45,12 +87,71 @@ def test_create_then_read(client, seed, engine, api_key):
             "request.received", "forget_request", created["id"], f"key:{key[3:11]}"
         )
         assert audit.details["sample_ids"] == sorted(alice[:2])
+        assert (audit.details["model"], audit.details["parts"]) == (None, [seed.model])
 
 
-def test_without_sample_ids_all_active_samples_of_the_subject_are_taken(client, seed, engine):
-    bob = seed.samples["bob"]
+def test_a_request_naming_a_model_is_filed_for_it_alone(client, seed, engine):
+    add_deployed_model(engine, "digits-mlp", "digits")
+    response = client.post("/forget-requests", json={"subject_id": "alice", "model": seed.model})
+    assert response.status_code == 202, response.text
+    created = response.json()
+    assert (created["model"], [p["model"] for p in created["parts"]]) == (seed.model, [seed.model])
+    assert created["sample_ids"] == seed.samples["alice"]
+
+
+def test_without_a_model_a_request_goes_to_every_model_that_holds_the_samples(client, seed, engine):
+    mlp_version = add_deployed_model(engine, "digits-mlp", "digits")
+    add_deployed_model(engine, "fashion-cnn", "fashion")
     with transaction(engine) as session:
-        session.execute(update(Sample).where(Sample.id == bob[0]).values(status=SampleStatus.forgotten))
+        session.add(Model(name="digits-untrained", dataset="digits", spec={}))  # never deployed: holds nothing
+    alice = client.post("/forget-requests", json={"subject_id": "alice"}).json()
+    assert [(p["model"], p["status"]) for p in alice["parts"]] == [("digits-cnn-4bit", "pending"),
+                                                                   ("digits-mlp", "pending")]
+    assert (alice["model"], alice["sample_ids"]) == (None, seed.samples["alice"])
+    dave = client.post("/forget-requests", json={"subject_id": "dave"}).json()
+    assert [p["model"] for p in dave["parts"]] == ["fashion-cnn"]
+    assert dave["sample_ids"] == seed.other_dataset_samples["dave"]
+
+    # A model that forgot some of bob's samples has a part for the rest; the request names them all.
+    bob = seed.samples["bob"]
+    forget(engine, "digits-mlp", bob[:2], mlp_version)
+    filed = client.post("/forget-requests", json={"subject_id": "bob"}).json()
+    assert filed["sample_ids"] == bob and [p["model"] for p in filed["parts"]] == ["digits-cnn-4bit", "digits-mlp"]
+    # A model that forgot all of carol's has no part.
+    forget(engine, "digits-mlp", seed.samples["carol"], mlp_version)
+    carol = client.post("/forget-requests", json={"subject_id": "carol"}).json()
+    assert [p["model"] for p in carol["parts"]] == [seed.model]
+    assert client.get(f"/forget-requests/{alice['id']}").json() == alice
+
+
+def test_named_samples_already_in_an_open_request_are_left_to_it(client, seed):
+    # Only what no model has on its way yet is filed; the response says which samples that is.
+    alice = seed.samples["alice"]
+    client.post("/forget-requests", json={"subject_id": "alice", "sample_ids": alice[:1]})
+    response = client.post("/forget-requests", json={"subject_id": "alice", "sample_ids": alice[:2]})
+    assert response.status_code == 202, response.text
+    assert response.json()["sample_ids"] == alice[1:2]
+
+
+def test_one_model_with_the_samples_in_an_open_request_leaves_them_to_the_others(client, seed, engine):
+    add_deployed_model(engine, "digits-mlp", "digits")
+    carol = seed.samples["carol"]
+    first = client.post("/forget-requests", json={"subject_id": "carol", "model": seed.model}).json()
+    # The seed's model already has them on their way: the new request goes to digits-mlp only.
+    second = client.post("/forget-requests", json={"subject_id": "carol"})
+    assert second.status_code == 202, second.text
+    assert (second.json()["sample_ids"], [p["model"] for p in second.json()["parts"]]) == (carol, ["digits-mlp"])
+    # Now every model that holds them has them in an open request.
+    third = client.post("/forget-requests", json={"subject_id": "carol"})
+    assert third.status_code == 409
+    [problem] = third.json()["detail"]
+    assert problem["type"] == "samples_in_open_request"
+    assert first["id"] in problem["msg"] and second.json()["id"] in problem["msg"]
+
+
+def test_without_sample_ids_all_held_samples_of_the_subject_are_taken(client, seed, engine):
+    bob = seed.samples["bob"]
+    forget(engine, seed.model, bob[:1], seed.version_id)
     response = client.post("/forget-requests", json={"subject_id": "bob"})
     assert response.status_code == 202, response.text
     assert response.json()["sample_ids"] == bob[1:]
@@ -69,27 +170,23 @@ def test_samples_of_a_completed_request_may_be_requested_again_for_the_model(cli
     # does not.
     alice = seed.samples["alice"]
     first = client.post("/forget-requests", json={"subject_id": "alice", "sample_ids": alice[:1]}).json()
-    with transaction(engine) as session:
-        session.execute(
-            update(ForgetRequest).where(ForgetRequest.id == first["id"]).values(status=RequestStatus.completed)
-        )
+    set_part_status(engine, first["id"], RequestStatus.completed)
     assert client.post("/forget-requests", json={"subject_id": "alice", "sample_ids": alice[:1]}).status_code == 202
 
 
 def _forget(client, engine, seed) -> None:
-    with transaction(engine) as session:
-        forgotten = update(Sample).where(Sample.id == seed.samples["alice"][1]).values(status=SampleStatus.forgotten)
-        session.execute(forgotten)
+    forget(engine, seed.model, seed.samples["alice"][1:2], seed.version_id)
 
 
-def _alices_first_sample_in_a_request(status: RequestStatus):
+def _forget_all_of_carol(client, engine, seed) -> None:
+    forget(engine, seed.model, seed.samples["carol"], seed.version_id)
+
+
+def _alices_first_samples_in_a_request(status: RequestStatus):
     def setup(client, engine, seed) -> None:
-        body = {"subject_id": "alice", "sample_ids": seed.samples["alice"][:1]}
+        body = {"subject_id": "alice", "sample_ids": seed.samples["alice"][:2]}
         response = client.post("/forget-requests", json=body)
-        with transaction(engine) as session:
-            session.execute(
-                update(ForgetRequest).where(ForgetRequest.id == response.json()["id"]).values(status=status)
-            )
+        set_part_status(engine, response.json()["id"], status)
 
     return setup
 
@@ -119,21 +216,28 @@ REFUSED = {
     "another-subjects-samples": Refused(
         alice(lambda s: [s.samples["alice"][0], s.samples["bob"][2]]), SAMPLE_IDS, "do not belong to subject 'alice'"
     ),
-    "samples-in-another-data-set": Refused(
+    # The model learned only its own data set: another data set's samples are not held by it.
+    "samples-in-another-data-set-for-the-model": Refused(
+        lambda s: {"subject_id": "dave", "sample_ids": s.other_dataset_samples["dave"], "model": s.model},
+        SAMPLE_IDS,
+        "no longer held by model 'digits-cnn-4bit'",
+    ),
+    # No model was trained on "fashion": nothing holds dave's samples.
+    "samples-no-model-holds": Refused(
         lambda s: {"subject_id": "dave", "sample_ids": s.other_dataset_samples["dave"]},
         SAMPLE_IDS,
-        "not in data set 'digits'",
+        "samples no longer held (already forgotten, or never learned)",
     ),
     "forgotten-samples": Refused(
         alice(lambda s: s.samples["alice"][:2]), SAMPLE_IDS, "already forgotten", setup=_forget
     ),
     "in-a-pending-request": Refused(
-        alice(lambda s: s.samples["alice"][:2]), SAMPLE_IDS, "open request", 409,
-        _alices_first_sample_in_a_request(RequestStatus.pending),
+        alice(lambda s: s.samples["alice"][:2]), SAMPLE_IDS, "already in an open request", 409,
+        _alices_first_samples_in_a_request(RequestStatus.pending),
     ),
     "in-a-batched-request": Refused(
-        alice(lambda s: s.samples["alice"][:2]), SAMPLE_IDS, "open request", 409,
-        _alices_first_sample_in_a_request(RequestStatus.batched),
+        alice(lambda s: s.samples["alice"][:2]), SAMPLE_IDS, "already in an open request", 409,
+        _alices_first_samples_in_a_request(RequestStatus.batched),
     ),
     "all-samples-in-an-open-request": Refused(
         lambda s: {"subject_id": "carol"}, SUBJECT_ID, "already in an open request", 409, _all_of_carol_requested
@@ -143,8 +247,16 @@ REFUSED = {
     "over-the-limit": Refused(
         alice(lambda s: list(range(1, MAX_SAMPLES_PER_REQUEST + 2))), SAMPLE_IDS, str(MAX_SAMPLES_PER_REQUEST)
     ),
-    "no-active-samples-in-the-models-data-set": Refused(
-        lambda s: {"subject_id": "dave"}, SUBJECT_ID, "no active samples in data set 'digits'"
+    "no-samples-held-by-any-model": Refused(
+        lambda s: {"subject_id": "dave"}, SUBJECT_ID, "subject 'dave' has no samples that any model still holds"
+    ),
+    "no-samples-held-by-the-model": Refused(
+        lambda s: {"subject_id": "dave", "model": s.model}, SUBJECT_ID,
+        "subject 'dave' has no samples that model 'digits-cnn-4bit' still holds"
+    ),
+    "all-samples-forgotten": Refused(
+        lambda s: {"subject_id": "carol"}, SUBJECT_ID, "has no samples that any model still holds",
+        setup=_forget_all_of_carol,
     ),
     "empty-subject-id": Refused(lambda s: {"subject_id": ""}, SUBJECT_ID, "at least 1"),
     "long-subject-id": Refused(lambda s: {"subject_id": "x" * 129}, SUBJECT_ID, "at most 128"),
@@ -226,7 +338,7 @@ def test_intake_runs_the_same_statements_for_5_or_500_samples(client, seed, engi
     with transaction(engine) as session:
         session.execute(insert(Subject), [{"id": "zoe"}])
         session.execute(
-            insert(Sample), [{"dataset": "digits", "dataset_index": 1000 + i, "subject_id": "zoe"} for i in range(505)]
+            insert(Sample), [{"dataset": "digits", "dataset_index": 500 + i, "subject_id": "zoe"} for i in range(505)]
         )
         zoe = list(session.scalars(select(Sample.id).where(Sample.subject_id == "zoe").order_by(Sample.id)))
     statements: list[str] = []

@@ -8,9 +8,10 @@ All of schemathesis' checks run (among them ignored_auth, which resends each suc
 without the key and with a wrong one and wants 401), but one, left out because it is wrong here:
 - positive_data_acceptance expects every schema-valid request to be accepted (2xx). Here a
   well-formed request is refused for reasons no schema can state: an unknown subject or sample,
-  samples of another subject, already forgotten or already requested, an unknown id (404), a
-  dataset index already registered or a held batch already decided (409). Those refusals are the
-  API working.
+  samples of another subject, samples no model holds (forgotten or never learned) or already
+  requested, a data set no model was bootstrapped on or an index beyond its training split, an
+  unknown id (404), a dataset index already registered or a held batch already decided (409).
+  Those refusals are the API working.
 negative_data_rejection counts 413 as a rejection too, and skips the few "negative" query values
 that are valid once serialised (see breaks_the_schema_on_the_wire).
 """

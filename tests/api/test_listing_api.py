@@ -6,7 +6,15 @@ import pytest
 from sqlalchemy import inspect, update
 
 from service.core.db import transaction
-from service.core.models import ForgetRequest, Model, RequestStatus, Sample, SampleStatus
+from service.core.models import (
+    ForgetRequest,
+    ForgetRequestPart,
+    ForgottenSample,
+    Model,
+    ModelVersion,
+    RequestStatus,
+    VersionKind,
+)
 
 
 def file(client, subject: str, **body) -> dict:
@@ -20,20 +28,36 @@ def set_request(engine, request_id: str, **values) -> None:
         session.execute(update(ForgetRequest).where(ForgetRequest.id == request_id).values(**values))
 
 
+def add_deployed_model(engine, name: str, dataset: str = "digits") -> int:
+    """A model with a deployed original version (it holds its data set's samples); the version's id."""
+    with transaction(engine) as session:
+        session.add(Model(name=name, dataset=dataset, spec={}))
+        session.flush()
+        version = ModelVersion(model_name=name, kind=VersionKind.original, method="qat", config={}, metrics={},
+                               sha256="0" * 64, artifact_path=f"/nonexistent/{name}.pt", excluded_sample_ids=[])
+        session.add(version)
+        session.flush()
+        session.get(Model, name).deployed_version_id = version.id
+        return version.id
+
+
 @pytest.fixture
 def three_requests(client, seed, engine) -> dict[str, dict]:
-    """alice (pending, 3 days ago), bob (completed, 2 days ago), carol on model "other" (pending, 1 day ago)."""
-    with transaction(engine) as session:
-        session.add(Model(name="other", dataset="digits", spec={}))
+    """alice for every model holding her samples, "digits-cnn-4bit" and "other" (pending, 3 days ago), bob
+    on "digits-cnn-4bit" (completed, 2 days ago), carol on model "other" (pending, 1 day ago)."""
+    add_deployed_model(engine, "other")
     requests = {
         "alice": file(client, "alice"),
-        "bob": file(client, "bob"),
+        "bob": file(client, "bob", model=seed.model),
         "carol": file(client, "carol", model="other"),
     }
     now = datetime.now(timezone.utc)
     for days, subject in ((3, "alice"), (2, "bob"), (1, "carol")):
         set_request(engine, requests[subject]["id"], received_at=now - timedelta(days=days))
-    set_request(engine, requests["bob"]["id"], status=RequestStatus.completed)
+    set_request(engine, requests["bob"]["id"], status=RequestStatus.completed, completed_at=now)
+    with transaction(engine) as session:
+        session.execute(update(ForgetRequestPart).where(ForgetRequestPart.request_id == requests["bob"]["id"])
+                        .values(status=RequestStatus.completed, completed_at=now))
     return requests
 
 
@@ -48,6 +72,8 @@ def test_newest_first_with_the_total(client, three_requests):
     assert body["count"] == 3
     assert ids(response) == [three_requests[s]["id"] for s in ("carol", "bob", "alice")]
     assert body["data"][2]["sample_ids"] == three_requests["alice"]["sample_ids"]
+    assert [p["model"] for p in body["data"][2]["parts"]] == ["digits-cnn-4bit", "other"]
+    assert [(p["model"], p["status"]) for p in body["data"][1]["parts"]] == [("digits-cnn-4bit", "completed")]
 
 
 @pytest.mark.parametrize(
@@ -58,8 +84,11 @@ def test_newest_first_with_the_total(client, three_requests):
         ({"status": "batched"}, []),
         ({"subject_id": "bob"}, ["bob"]),
         ({"subject_id": "nobody"}, []),
-        ({"model": "other"}, ["carol"]),
+        # A request is listed under every model it has a part for.
+        ({"model": "other"}, ["carol", "alice"]),
+        ({"model": "digits-cnn-4bit"}, ["bob", "alice"]),
         ({"model": "digits-cnn-4bit", "status": "pending"}, ["alice"]),
+        ({"model": "nope"}, []),
     ],
 )
 def test_filters(client, three_requests, params, expected):
@@ -134,7 +163,13 @@ def test_an_unknown_query_parameter_is_named_with_what_the_route_takes(client, s
 
 def test_the_filters_have_indexes(engine):
     indexes = {tuple(index["column_names"]) for index in inspect(engine).get_indexes("forget_requests")}
-    assert {("status", "received_at"), ("received_at",), ("subject_id",), ("model_name", "status")} <= indexes
+    assert {("status", "received_at"), ("received_at",), ("subject_id",)} <= indexes
+    # The model filter looks for a part of the model: by its key (request_id, model_name), and by
+    # model and status for the workers' claims.
+    assert inspect(engine).get_pk_constraint("forget_request_parts")["constrained_columns"] == [
+        "request_id", "model_name"]
+    indexes = {tuple(index["column_names"]) for index in inspect(engine).get_indexes("forget_request_parts")}
+    assert {("model_name", "status"), ("batch_id",)} <= indexes
     indexes = {tuple(index["column_names"]) for index in inspect(engine).get_indexes("audit_log")}
     assert {("action",), ("object_type", "object_id")} <= indexes
 
@@ -143,22 +178,43 @@ def test_a_subject_with_samples_and_requests(client, seed, engine):
     alice = seed.samples["alice"]
     first = file(client, "alice", sample_ids=alice[:2])
     second = file(client, "alice", sample_ids=alice[2:3])
+    forgotten_at = datetime.now(timezone.utc)
     with transaction(engine) as session:
-        session.execute(update(Sample).where(Sample.id == alice[0]).values(
-            status=SampleStatus.forgotten, forgotten_at=datetime.now(timezone.utc),
-            forgotten_by_version_id=seed.version_id,
-        ))
+        session.add(ForgottenSample(model_name=seed.model, sample_id=alice[0], forgotten_at=forgotten_at,
+                                    version_id=seed.version_id))
     response = client.get("/subjects/alice")
     assert response.status_code == 200
     body = response.json()
     assert body["id"] == "alice"
-    assert (body["active_sample_count"], body["forgotten_sample_count"]) == (len(alice) - 1, 1)
-    assert [s["id"] for s in body["samples"]] == alice
-    forgotten = body["samples"][0]
-    assert (forgotten["status"], forgotten["forgotten_by_version_id"]) == ("forgotten", seed.version_id)
-    assert {s["status"] for s in body["samples"][1:]} == {"active"}
+    assert (body["held_sample_count"], body["forgotten_sample_count"]) == (len(alice) - 1, 1)
+    assert [(s["id"], s["dataset"], s["subject_id"]) for s in body["samples"]] == [
+        (i, "digits", "alice") for i in alice]
+    [forgotten] = body["samples"][0]["models"]
+    assert (forgotten["model"], forgotten["status"], forgotten["version_id"]) == (seed.model, "forgotten",
+                                                                                  seed.version_id)
+    assert datetime.fromisoformat(forgotten["forgotten_at"]) == forgotten_at
+    assert [s["models"] for s in body["samples"][1:]] == [
+        [{"model": seed.model, "status": "held", "forgotten_at": None, "version_id": None}]] * (len(alice) - 1)
     assert [r["id"] for r in body["requests"]] == [second["id"], first["id"]]
     assert body["requests"][1]["sample_ids"] == alice[:2]
+    assert [p["model"] for p in body["requests"][1]["parts"]] == [seed.model]
+
+
+def test_a_sample_counts_as_forgotten_once_no_model_holds_it(client, seed, engine):
+    other_version = add_deployed_model(engine, "other")
+    carol = seed.samples["carol"]
+    with transaction(engine) as session:
+        session.add_all([ForgottenSample(model_name=seed.model, sample_id=i, forgotten_at=datetime.now(timezone.utc),
+                                         version_id=seed.version_id) for i in carol]
+                        + [ForgottenSample(model_name="other", sample_id=carol[0],
+                                           forgotten_at=datetime.now(timezone.utc), version_id=other_version)])
+    body = client.get("/subjects/carol").json()
+    assert (body["held_sample_count"], body["forgotten_sample_count"]) == (2, 1)
+    assert [[(h["model"], h["status"]) for h in s["models"]] for s in body["samples"]] == [
+        [(seed.model, "forgotten"), ("other", "forgotten")],
+        [(seed.model, "forgotten"), ("other", "held")],
+        [(seed.model, "forgotten"), ("other", "held")],
+    ]
 
 
 def test_a_subject_without_requests(client, seed):
@@ -178,3 +234,18 @@ def test_a_key_limited_to_a_model_sees_its_data_set_only(anonymous, seed, bearer
     assert body["samples"] == []
     body = anonymous.get("/subjects/dave", headers=bearer("submitter")).json()
     assert [s["id"] for s in body["samples"]] == seed.other_dataset_samples["dave"]
+    assert [s["models"] for s in body["samples"]] == [[], []]  # no model was trained on "fashion"
+
+
+def test_a_key_limited_to_a_model_sees_that_models_holdings_and_parts_only(client, anonymous, seed, engine, bearer):
+    add_deployed_model(engine, "other")
+    file(client, "alice", model=seed.model, sample_ids=seed.samples["alice"][:1])  # not "other"'s business
+    filed = file(client, "alice")  # for both models
+    assert [p["model"] for p in filed["parts"]] == [seed.model, "other"]
+    everything = anonymous.get("/subjects/alice", headers=bearer("auditor")).json()
+    assert {h["model"] for s in everything["samples"] for h in s["models"]} == {seed.model, "other"}
+    limited = anonymous.get("/subjects/alice", headers=bearer("submitter", "other")).json()
+    assert [s["id"] for s in limited["samples"]] == seed.samples["alice"]
+    assert {h["model"] for s in limited["samples"] for h in s["models"]} == {"other"}
+    [request] = limited["requests"]
+    assert request["id"] == filed["id"] and [p["model"] for p in request["parts"]] == ["other"]

@@ -59,7 +59,6 @@ class Stack:
     def wait_for_completion(self, client: TestClient, request_ids: list[str], timeout: float = 300) -> list[dict]:
         def completed():
             bodies = [client.get(f"/forget-requests/{rid}").json() for rid in request_ids]
-            assert not [b for b in bodies if b["status"] == "failed"], bodies
             return bodies if all(b["status"] == "completed" for b in bodies) else None
 
         return self.services.wait_until(completed, "the requests to complete", timeout=timeout)

@@ -19,10 +19,10 @@ from service.core.models import (
     Batch,
     BatchStatus,
     ForgetRequest,
+    ForgottenSample,
     Model,
     ModelVersion,
     Sample,
-    SampleStatus,
     VersionKind,
 )
 from service.core.tasks import REFERENCE_TASK
@@ -45,7 +45,7 @@ def test_requests_are_unlearned_deployed_and_audited(stack):
     assert pool  # Celery's prefork pool process, which ran the task
     for pid in [worker.pid, *pool]:
         assert os.getpriority(os.PRIO_PROCESS, pid) == settings.worker_nice
-    version_ids = {body["completed_version_id"] for body in bodies}
+    version_ids = {part["completed_version_id"] for body in bodies for part in body["parts"]}
     assert None not in version_ids
 
     with transaction(engine) as session:
@@ -58,16 +58,16 @@ def test_requests_are_unlearned_deployed_and_audited(stack):
         assert original.kind == VersionKind.original
 
         subject_samples = session.scalars(select(Sample).where(Sample.subject_id.in_(SUBJECTS))).all()
-        assert subject_samples and all(s.status == SampleStatus.forgotten for s in subject_samples)
-        assert all(s.forgotten_by_version_id in version_ids for s in subject_samples)
+        forgotten = session.execute(select(ForgottenSample.sample_id, ForgottenSample.version_id)
+                                    .where(ForgottenSample.model_name == model.name)).all()
+        assert subject_samples and {sample_id for sample_id, _ in forgotten} == {s.id for s in subject_samples}
+        assert all(version_id in version_ids for _, version_id in forgotten)
         assert set(deployed.excluded_sample_ids) == {s.id for s in subject_samples}
-        assert session.scalar(select(func.count()).select_from(Sample).where(
-            Sample.status == SampleStatus.forgotten)) == len(subject_samples)
 
         for request_id in request_ids:
-            request = session.get(ForgetRequest, request_id)
-            assert request.batch.status == BatchStatus.completed
-            assert request.batch.result_version_id == request.completed_version_id
+            [part] = session.get(ForgetRequest, request_id).parts
+            assert part.batch.status == BatchStatus.completed
+            assert part.batch.result_version_id == part.completed_version_id
         assert session.scalar(select(func.count()).select_from(Batch).where(
             Batch.status == BatchStatus.running)) == 0
 

@@ -33,8 +33,8 @@ def assert_exactly_once(stack, request_ids: list[str]) -> list[Batch]:
         assert model.deployed_version_id == batches[-1].result_version_id
         assert session.scalar(select(func.count()).select_from(Batch).where(Batch.status == BatchStatus.running)) == 0
         for request_id in request_ids:
-            request = session.get(ForgetRequest, request_id)
-            assert request.completed_version_id == request.batch.result_version_id
+            [part] = session.get(ForgetRequest, request_id).parts
+            assert part.completed_version_id == part.batch.result_version_id
         assert verify_chain(session).ok
         return batches
 
