@@ -70,13 +70,14 @@ def seed_database(database_url: str, samples: int) -> Seeded:
     """A model with a deployed version, subjects owning `samples` fresh samples, a submitter key."""
     from service.core.api_keys import create_api_key
     from service.core.db import make_engine, transaction
-    from service.core.models import Model, ModelVersion, Sample, Subject, VersionKind
+    from service.core.models import Dataset, Model, ModelVersion, Sample, Subject, VersionKind
 
     tag = secrets.token_hex(3)
     model, dataset = f"loadtest-{tag}", f"loadtest-{tag}"
     engine = make_engine(database_url, "loadtest")
     try:
         with transaction(engine) as session:
+            session.add(Dataset(name=dataset, train_size=samples))
             session.add(Model(name=model, dataset=dataset, spec={"architecture": "loadtest"}))
             session.flush()
             version = ModelVersion(

@@ -9,7 +9,7 @@ import math
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import String, cast, func, select
+from sqlalchemy import String, cast, exists, func, select
 from sqlalchemy.orm import Session
 
 from service.core.models import (
@@ -20,9 +20,11 @@ from service.core.models import (
     ForgetRequest,
     ForgetRequestPart,
     ForgetRequestSample,
+    ForgottenSample,
     Model,
     ModelVersion,
     RequestStatus,
+    Sample,
     as_utc,
     utcnow,
 )
@@ -231,7 +233,12 @@ def _pending_samples(session: Session) -> list[PendingSamples]:
         for model, count in session.execute(
             select(ForgetRequestPart.model_name, func.count(func.distinct(ForgetRequestSample.sample_id)))
             .join(ForgetRequestSample, ForgetRequestSample.request_id == ForgetRequestPart.request_id)
-            .where(ForgetRequestPart.status == RequestStatus.pending)
+            .join(Sample, Sample.id == ForgetRequestSample.sample_id)
+            .join(Model, Model.name == ForgetRequestPart.model_name)
+            # The model's own samples of the request that it still holds: what its next run forgets.
+            .where(ForgetRequestPart.status == RequestStatus.pending, Sample.dataset == Model.dataset,
+                   ~exists().where(ForgottenSample.model_name == ForgetRequestPart.model_name,
+                                   ForgottenSample.sample_id == Sample.id))
             .group_by(ForgetRequestPart.model_name).order_by(ForgetRequestPart.model_name)
         )
     ]

@@ -398,6 +398,20 @@ class _BatchCheck:
         for error_type, what, ids in problems:
             if ids:
                 raise RequestValidationProblem("sample_ids", f"{what}: {format_ids(ids)}", error_type=error_type)
+        # A named sample every holder is already forgetting in an open request: the caller asked for
+        # something under way, and is told so rather than given a request without it.
+        in_open = {
+            i: self.open_parts[(model.name, i)] for i in sample_ids for model in targets
+            if self._holds(model, i) and (model.name, i) in self.open_parts
+            and all((m.name, i) in self.open_parts for m in targets if self._holds(m, i))
+        }
+        if in_open:
+            raise RequestConflict(
+                "sample_ids",
+                f"samples already in an open request: {format_ids(in_open)} "
+                f"(requests {', '.join(sorted(set(in_open.values())))})",
+                error_type="samples_in_open_request",
+            )
         return sorted(sample_ids)
 
     def _refuse_nothing_to_forget(self, subject_id: str, submission: Submission, targets: list[Row],

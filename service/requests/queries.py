@@ -51,6 +51,13 @@ class SampleRecord:
     models: list[Holding]  # every model on the data set that learned it, by name
 
 
+def as_seen_by(filed: FiledRequest, model_name: str | None) -> FiledRequest:
+    """The request as a key limited to `model_name` sees it: its own model's part only."""
+    if model_name is None:
+        return filed
+    return FiledRequest(filed.request, filed.sample_ids, [p for p in filed.parts if p.model_name == model_name])
+
+
 @dataclass(frozen=True)
 class SubjectRecord:
     """A subject with its samples (by id), which model holds each, and its forget requests (newest first)."""
@@ -65,7 +72,8 @@ class SubjectRecord:
 
     @property
     def forgotten_sample_count(self) -> int:
-        return sum(all(h.status == "forgotten" for h in sample.models) for sample in self.samples)
+        return sum(bool(sample.models) and all(h.status == "forgotten" for h in sample.models)
+                   for sample in self.samples)
 
 
 _REQUESTS_BY_ID = (
@@ -172,10 +180,7 @@ def find_subject(session: Session, subject_id: str, *, model_name: str | None = 
             elif sample.train_size is not None and sample.dataset_index < sample.train_size:
                 holdings.append(Holding(name, "held"))
         records.append(SampleRecord(sample.id, sample.dataset, sample.dataset_index, sample.subject_id, holdings))
-    filed = _with_sample_ids(session, session.scalars(requests).all())
-    if model_name is not None:  # another model's part is not this key's business
-        filed = [FiledRequest(f.request, f.sample_ids, [p for p in f.parts if p.model_name == model_name])
-                 for f in filed]
+    filed = [as_seen_by(f, model_name) for f in _with_sample_ids(session, session.scalars(requests).all())]
     return SubjectRecord(subject, records, filed)
 
 

@@ -10,7 +10,7 @@ from service import cli
 from service.core.api_keys import ApiKeyError, create_api_key, find_api_key, hash_key, revoke_api_key
 from service.core.audit_log import verify_chain
 from service.core.db import session_factory, transaction
-from service.core.models import ApiKey, AuditEntry, Model
+from service.core.models import ApiKey, AuditEntry, Model, ModelVersion, VersionKind
 from service.core.settings import get_settings
 
 # Every route behind a key, with a harmless request for each: {"METHOD /template": (path, json body)}.
@@ -148,8 +148,15 @@ def test_admin_may_call_everything(anonymous, seed, bearer, route):
 
 @pytest.fixture
 def other_model(engine, seed) -> str:
+    """A second deployed model on the seed's data set: it holds the same samples."""
     with transaction(engine) as session:
         session.add(Model(name="other", dataset="digits", spec={}))
+        session.flush()
+        version = ModelVersion(model_name="other", kind=VersionKind.original, method="qat", config={}, metrics={},
+                               sha256="3" * 64, artifact_path="/nonexistent/other.pt", excluded_sample_ids=[])
+        session.add(version)
+        session.flush()
+        session.get(Model, "other").deployed_version_id = version.id
     return "other"
 
 
@@ -167,7 +174,7 @@ def test_a_key_limited_to_a_model_files_for_it_only(anonymous, seed, bearer, oth
 def test_a_key_limited_to_a_model_sees_that_models_requests_only(anonymous, seed, bearer, other_model):
     admin = bearer("admin")
     mine = anonymous.post("/forget-requests", json={"subject_id": "alice", "model": other_model}, headers=admin)
-    theirs = anonymous.post("/forget-requests", json={"subject_id": "bob"}, headers=admin)
+    theirs = anonymous.post("/forget-requests", json={"subject_id": "bob", "model": seed.model}, headers=admin)
     limited = bearer("submitter", other_model)
 
     listing = anonymous.get("/forget-requests", headers=limited).json()

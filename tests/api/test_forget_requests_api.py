@@ -124,13 +124,15 @@ def test_without_a_model_a_request_goes_to_every_model_that_holds_the_samples(cl
     assert client.get(f"/forget-requests/{alice['id']}").json() == alice
 
 
-def test_named_samples_already_in_an_open_request_are_left_to_it(client, seed):
-    # Only what no model has on its way yet is filed; the response says which samples that is.
+def test_a_named_sample_already_in_an_open_request_is_refused(client, seed):
+    # Naming a sample every holder is already forgetting is a conflict, not a silently smaller request.
     alice = seed.samples["alice"]
-    client.post("/forget-requests", json={"subject_id": "alice", "sample_ids": alice[:1]})
+    first = client.post("/forget-requests", json={"subject_id": "alice", "sample_ids": alice[:1]}).json()
     response = client.post("/forget-requests", json={"subject_id": "alice", "sample_ids": alice[:2]})
-    assert response.status_code == 202, response.text
-    assert response.json()["sample_ids"] == alice[1:2]
+    assert response.status_code == 409, response.text
+    [problem] = response.json()["detail"]
+    assert (problem["type"], problem["loc"]) == ("samples_in_open_request", ["body", "sample_ids"])
+    assert first["id"] in problem["msg"]
 
 
 def test_one_model_with_the_samples_in_an_open_request_leaves_them_to_the_others(client, seed, engine):

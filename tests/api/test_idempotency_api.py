@@ -7,7 +7,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select, update
 
 from service.core.db import transaction
-from service.core.models import ForgetRequest, IdempotencyRecord, RequestStatus
+from service.core.models import ForgetRequest, ForgetRequestPart, IdempotencyRecord, RequestStatus
 
 
 def request_count(engine) -> int:
@@ -72,9 +72,8 @@ def test_a_refused_request_is_not_remembered(client, seed, engine):
     body = {"subject_id": "alice", "sample_ids": alice}
     assert client.post("/forget-requests", json=body, headers={"Idempotency-Key": "k"}).status_code == 409
     with transaction(engine) as session:
-        session.execute(
-            update(ForgetRequest).where(ForgetRequest.id == blocking["id"]).values(status=RequestStatus.completed)
-        )
+        for table, key in ((ForgetRequest, ForgetRequest.id), (ForgetRequestPart, ForgetRequestPart.request_id)):
+            session.execute(update(table).where(key == blocking["id"]).values(status=RequestStatus.completed))
     retry = client.post("/forget-requests", json=body, headers={"Idempotency-Key": "k"})
     assert retry.status_code == 202
     assert client.post("/forget-requests", json=body, headers={"Idempotency-Key": "k"}).json() == retry.json()

@@ -6,14 +6,7 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Path, Query
 
 from service.api.deps import ReaderDep, SessionDep
-from service.api.schemas import (
-    AUTH_ERRORS,
-    DATABASE_UNAVAILABLE,
-    NO_NUL,
-    ErrorPublic,
-    EvidencePublic,
-    ProblemPublic,
-)
+from service.api.schemas import AUTH_ERRORS, DATABASE_UNAVAILABLE, NO_NUL, ErrorPublic, EvidencePublic, ProblemPublic
 from service.audit.evidence import request_evidence
 from service.requests.problems import RequestValidationProblem
 from service.requests.queries import find_request
@@ -45,7 +38,8 @@ def read_evidence(
     model = model or caller.model
     parts = {} if request is None else {part.model_name: part for part in request.parts}
     # Another model's request is "not found" to a key limited to a model, as in GET /forget-requests/{id}.
-    if request is None or (caller.model is not None and caller.model not in parts):
+    if request is None or (caller.model is not None and caller.model not in parts) or (
+            caller.model is not None and model != caller.model):
         raise HTTPException(status_code=404, detail=f"forget request {request_id!r} not found")
     if model is None and len(parts) == 1:
         [model] = parts

@@ -23,7 +23,7 @@ from service.core.models import RequestStatus
 from service.requests import idempotency
 from service.requests.intake import IdempotencyClaim, Submission
 from service.requests.problems import RequestValidationProblem
-from service.requests.queries import FiledRequest, requests_page
+from service.requests.queries import FiledRequest, as_seen_by, requests_page
 
 router = APIRouter(
     prefix="/forget-requests", tags=["forget-requests"], responses={**AUTH_ERRORS, **DATABASE_UNAVAILABLE}
@@ -143,7 +143,7 @@ def list_forget_requests(
         limit=limit,
         offset=offset,
     )
-    return Page[ForgetRequestPublic](data=requests, count=count)
+    return Page[ForgetRequestPublic](data=[as_seen_by(filed, caller.model) for filed in requests], count=count)
 
 
 @router.get(
@@ -165,4 +165,4 @@ async def read_request(app: FastAPI, request_id: str, caller: Caller) -> JSONRes
     # Another model's request is "not found" to a key limited to a model, as in its listing.
     if filed is None or (caller.model is not None and caller.model not in {p.model_name for p in filed.parts}):
         raise HTTPException(status_code=404, detail=f"forget request {request_id!r} not found")
-    return JSONResponse(content=response_body(filed))
+    return JSONResponse(content=response_body(as_seen_by(filed, caller.model)))
