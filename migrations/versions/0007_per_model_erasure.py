@@ -10,8 +10,8 @@ request's scope (None: every model holding the samples).
 Existing data: a data set's size is taken as its highest registered index + 1; a model has
 forgotten the samples its deployed version excludes; each request gets one part for its model.
 
-Revision ID: 0008
-Revises: 0007
+Revision ID: 0007
+Revises: 0006
 Create Date: 2026-12-05
 """
 
@@ -22,8 +22,8 @@ from datetime import datetime, timezone
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0008"
-down_revision: str | None = "0006"  # TEMP
+revision: str = "0007"
+down_revision: str | None = "0006"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
