@@ -13,7 +13,7 @@ from service.api.batch_queue import intake_queue, read_queue
 from service.api.body_limit import BodySizeLimit
 from service.api.deps import ApiKeyCache, reject_unknown_query_parameters
 from service.api.hot_path import HotPath
-from service.api.request_logging import RequestLogging
+from service.api.request_logging import RequestLogging, route_template
 from service.api.routes import (
     audit,
     dashboard,
@@ -27,6 +27,7 @@ from service.api.routes import (
     subjects,
 )
 from service.api.schemas import ErrorPublic
+from service.api.security_headers import SecurityHeaders, with_security_headers
 from service.core.db import get_engine, session_factory
 from service.core.readiness import make_probe_engine
 from service.core.settings import Settings, get_settings
@@ -52,6 +53,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         lifespan=lifespan,
         dependencies=[Depends(reject_unknown_query_parameters)],
+        # No interactive documentation: Swagger UI and ReDoc load their scripts from a CDN, into the
+        # origin whose dashboard keeps an API key. The OpenAPI document stays, at /openapi.json.
+        docs_url=None,
+        redoc_url=None,
+        # One URL per resource: `/subjects/x/` is a 404, not a redirect built from the Host header.
+        redirect_slashes=False,
     )
     app.state.settings = settings
     app.state.engine = engine
@@ -67,22 +74,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Innermost of these: it stands in for two routes, behind the size limit and the request log.
     app.add_middleware(HotPath)
     app.add_middleware(BodySizeLimit, max_bytes=settings.api_max_body_bytes)
-    # Added last, so outermost: it sees every answer, the size limit's 413 included.
-    app.add_middleware(RequestLogging)
+    routers = [forget_requests.router, evidence.router, subjects.router, models.router, datasets.router,
+               audit.router, deployments.router, health.router, metrics.router, dashboard.router]
+    # Added last, so outermost: they see every answer, the size limit's 413 included.
+    app.add_middleware(SecurityHeaders)
+    app.add_middleware(RequestLogging, routes=[route for router in routers for route in router.routes])
     app.add_exception_handler(RequestValidationProblem, _request_problem)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(OperationalError, _database_unavailable)
     app.add_exception_handler(Exception, _unexpected_error)
-    app.include_router(forget_requests.router)
-    app.include_router(evidence.router)
-    app.include_router(subjects.router)
-    app.include_router(models.router)
-    app.include_router(datasets.router)
-    app.include_router(audit.router)
-    app.include_router(deployments.router)
-    app.include_router(health.router)
-    app.include_router(metrics.router)
-    app.include_router(dashboard.router)
+    for router in routers:
+        app.include_router(router)
     _document_body_errors(app, settings.api_max_body_bytes)
     return app
 
@@ -138,12 +140,15 @@ def _readable(error: dict) -> dict:
 async def _database_unavailable(request: Request, exc: OperationalError) -> JSONResponse:
     # Unreachable, locked, a deadlock victim: all worth retrying, none the caller's fault. The
     # driver's message can name hosts and users, so it goes to the log, not into the response.
-    log.warning("%s %s: database unavailable: %s", request.method, request.url.path, exc.orig or exc)
+    log.warning("%s %s: database unavailable: %s", request.method, route_template(request.scope), exc.orig or exc)
     return JSONResponse(
         status_code=503, content={"detail": "database unavailable, retry later"}, headers={"Retry-After": "5"}
     )
 
 
 async def _unexpected_error(_request: Request, _exc: Exception) -> JSONResponse:
-    # Starlette logs the traceback and re-raises to the server; the caller gets the usual shape.
-    return JSONResponse(status_code=500, content={"detail": "internal server error"})
+    # Starlette logs the traceback and re-raises to the server; the caller gets the usual shape. It
+    # answers outside every middleware, so the security headers are added here.
+    response = JSONResponse(status_code=500, content={"detail": "internal server error"})
+    response.raw_headers = with_security_headers(response.raw_headers)
+    return response

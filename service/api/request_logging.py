@@ -6,19 +6,24 @@ line written while serving the request carries it (service/core/logging_setup.py
 
 The line holds method, route, status and duration. The route is the path template
 (`/subjects/{subject_id}`), not the path: paths and query strings can hold subject ids, which are
-personal data and stay out of the logs. Headers (API keys) and bodies are never logged.
+personal data and stay out of the logs. A path that matches no route (404) is logged as
+`<unmatched>`. Headers (API keys) and bodies are never logged.
 """
 
 import logging
 import re
 import time
 import uuid
+from collections.abc import Sequence
+
+from starlette.routing import BaseRoute, Match
 
 from service.core.logging_setup import log_context
 
 log = logging.getLogger("qforget.access")
 
 REQUEST_ID_HEADER = "X-Request-ID"
+UNMATCHED_ROUTE = "<unmatched>"
 # Letters, digits and . _ - only, at most 128: anything else could forge log fields or lines.
 _PLAUSIBLE_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
@@ -33,9 +38,19 @@ def request_id_from(headers: list[tuple[bytes, bytes]]) -> str:
     return uuid.uuid4().hex
 
 
+def route_template(scope, routes: Sequence[BaseRoute] = ()) -> str:
+    """The template of the route the request is for, never its path (which can name a subject).
+
+    The route that served it, else the first of `routes` its path and method match: a request
+    answered before routing (the body size limit's 413) has no route in its scope."""
+    route = scope.get("route") or next((route for route in routes if route.matches(scope)[0] != Match.NONE), None)
+    return getattr(route, "path_format", None) or UNMATCHED_ROUTE
+
+
 class RequestLogging:
-    def __init__(self, app) -> None:
+    def __init__(self, app, routes: Sequence[BaseRoute] = ()) -> None:
         self.app = app
+        self.routes = routes  # the application's, for route_template
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -58,9 +73,7 @@ class RequestLogging:
             try:
                 await self.app(scope, receive, send_with_id)
             finally:
-                route = scope.get("route")
-                # Unmatched paths (404) have no template; their path is logged as the caller sent it.
-                path = getattr(route, "path_format", None) or getattr(route, "path", None) or scope.get("path", "")
+                path = route_template(scope, self.routes)
                 duration_ms = round((time.perf_counter() - started) * 1000, 1)
                 log.info("%s %s %s %.1fms", scope["method"], path, status, duration_ms,
                          extra={"request_id": request_id, "method": scope["method"], "path": path, "status": status,

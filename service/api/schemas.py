@@ -41,8 +41,24 @@ UtcInput = Annotated[datetime, BeforeValidator(_not_a_number), AfterValidator(_t
 # PostgreSQL text cannot hold the NUL character: refuse it here, for every string a caller sends,
 # rather than fail in the driver.
 NO_NUL = r"^[^\x00]*$"
-# Sample ids are 32-bit integer keys; anything outside cannot name a sample.
-SampleId = Annotated[int, Field(ge=1, le=2**31 - 1)]
+# Ids are 32-bit integer keys; anything outside cannot name a row. In a body an id is a JSON
+# integer, strictly: `true` is not sample 1, nor is "60" or 60.0 sample 60.
+Id = Annotated[int, Field(strict=True, ge=1, le=2**31 - 1)]
+_DECIMAL_DIGITS = re.compile(r"[0-9]+")
+
+
+def _decimal_digits(value):
+    # Path and query values are text, which pydantic's lax int parsing reads generously: "1.0",
+    # "+1", " 1" and "1_0" would each name a row. Only plain decimal digits do.
+    if isinstance(value, str) and not _DECIMAL_DIGITS.fullmatch(value):
+        raise ValueError("expected a whole number in decimal digits, such as 12")
+    return value
+
+
+# For every integer path or query parameter, after its Path(...) or Query(...):
+# `Annotated[int, Path(ge=1), DigitsOnly]` (placed before it, FastAPI would document the bounds as
+# "ge" and "le" instead of "minimum" and "maximum").
+DigitsOnly = BeforeValidator(_decimal_digits)
 
 
 class ForgetRequestCreate(BaseModel):
@@ -51,7 +67,7 @@ class ForgetRequestCreate(BaseModel):
     subject_id: str = Field(
         min_length=1, max_length=128, pattern=NO_NUL, description="The data subject asking to be forgotten."
     )
-    sample_ids: list[SampleId] | None = Field(
+    sample_ids: list[Id] | None = Field(
         default=None,
         description="The subject's samples to forget; omitted: all of the subject's active samples.",
         # Documented here, enforced by service.requests.intake for every caller, with its messages.
@@ -169,7 +185,9 @@ class SubjectPublic(BaseModel):
 class SampleRegistration(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    dataset_index: int = Field(ge=0, le=2**31 - 1, description="The sample's position in the training split.")
+    dataset_index: int = Field(
+        strict=True, ge=0, le=2**31 - 1, description="The sample's position in the training split."
+    )
     subject_id: str = Field(min_length=1, max_length=128, pattern=NO_NUL, description="Its owner; created if new.")
 
 
@@ -454,3 +472,27 @@ class EvidencePublic(BaseModel):
     after: FiguresSummaryPublic | None
     reference: FiguresSummaryPublic | None
     samples: list[EvidenceSamplePublic]
+
+
+class AuditLogVerificationPublic(ChainReportPublic):
+    ok: bool = Field(description="Whether every entry's keyed hash fits its contents and its predecessor, and the "
+                     "log still holds every checkpointed head: nothing was edited, removed, cut off or wiped.")
+    checkpoints: int = Field(description="The signed checkpoints of the chain's head (kept in the model store, "
+                             "outside the database) the log was checked against.")
+
+
+class SubjectRequestAuditPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    request_id: str
+    received_at: UtcDatetime
+    completed_at: UtcDatetime | None
+    version_ids: list[int] = Field(description="The model versions its entries name: those that forgot its samples.")
+
+
+class SubjectAuditPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    subject_pseudonym: str = Field(description="What the audit log records for the subject, never its id.")
+    requests: list[SubjectRequestAuditPublic]
+    entries: list[AuditEntryPublic] = Field(description="Every entry about the subject's requests, in the chain's order.")

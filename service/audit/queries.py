@@ -1,9 +1,14 @@
 """Reads of the audit log and of the evaluations of versions against retrain references."""
 
+from dataclasses import dataclass
+from datetime import datetime
+
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from service.core.audit_log import audit_key
 from service.core.models import AuditEntry, Evaluation, ModelVersion
+from service.core.pseudonyms import pseudonym
 
 
 def audit_entries_page(
@@ -29,6 +34,56 @@ def audit_entries_page(
         select(AuditEntry).where(*conditions).order_by(AuditEntry.id).limit(limit).offset(offset)
     ).all()
     return list(entries), count
+
+
+@dataclass(frozen=True)
+class SubjectRequestAudit:
+    """One of a subject's forget requests, as the audit log tells it."""
+
+    request_id: str
+    received_at: datetime
+    completed_at: datetime | None
+    version_ids: list[int]  # the versions its entries name (those that forgot its samples)
+
+
+@dataclass(frozen=True)
+class SubjectAudit:
+    subject_pseudonym: str
+    requests: list[SubjectRequestAudit]
+    entries: list[AuditEntry]  # every entry about the subject's requests, in the chain's order
+
+
+def subject_audit(session: Session, subject_id: str) -> SubjectAudit:
+    """What the audit log holds about a subject, found by the pseudonym its entries record for it
+    (it never records the id): the entries about the requests it filed, received, completed, by
+    which versions, when."""
+    subject = pseudonym(audit_key(session), "subject", subject_id)
+    requests_filed = select(AuditEntry.object_id).where(
+        AuditEntry.action == "request.received", AuditEntry.details["subject_pseudonym"].as_string() == subject
+    )
+    entries = session.scalars(
+        select(AuditEntry)
+        .where(AuditEntry.object_type == "forget_request", AuditEntry.object_id.in_(requests_filed))
+        .order_by(AuditEntry.id)
+    ).all()
+    by_request: dict[str, list[AuditEntry]] = {}
+    for entry in entries:
+        by_request.setdefault(entry.object_id, []).append(entry)
+    return SubjectAudit(
+        subject_pseudonym=subject,
+        requests=[_request_audit(request_id, its_entries) for request_id, its_entries in by_request.items()],
+        entries=list(entries),
+    )
+
+
+def _request_audit(request_id: str, entries: list[AuditEntry]) -> SubjectRequestAudit:
+    at = {entry.action: entry.created_at for entry in entries}
+    return SubjectRequestAudit(
+        request_id=request_id,
+        received_at=at["request.received"],
+        completed_at=at.get("request.completed"),
+        version_ids=sorted({entry.details["version_id"] for entry in entries if "version_id" in entry.details}),
+    )
 
 
 def matching_evaluation(session: Session, version: ModelVersion) -> Evaluation | None:

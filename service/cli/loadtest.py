@@ -48,7 +48,7 @@ from sqlalchemy import create_engine, insert, make_url, text
 from sqlalchemy.pool import NullPool
 
 from service.cli.processes import lower_cpu_priority
-from service.core.settings import get_settings
+from service.core.settings import Settings, get_settings
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -66,15 +66,17 @@ class Seeded:
     subject_of_sample: dict[int, str]  # every sample the load may ask to forget -> its subject
 
 
-def seed_database(database_url: str, samples: int) -> Seeded:
-    """A model with a deployed version, subjects owning `samples` fresh samples, a submitter key."""
+def seed_database(database_url: str, samples: int, api_settings: Settings) -> Seeded:
+    """A model with a deployed version, subjects owning `samples` fresh samples, a submitter key;
+    audited as the API with `api_settings` audits (its key, its checkpoints)."""
     from service.core.api_keys import create_api_key
+    from service.core.audit_log import AuditLogConfig
     from service.core.db import make_engine, transaction
     from service.core.models import Dataset, Model, ModelVersion, Sample, Subject, VersionKind
 
     tag = secrets.token_hex(3)
     model, dataset = f"loadtest-{tag}", f"loadtest-{tag}"
-    engine = make_engine(database_url, "loadtest")
+    engine = make_engine(database_url, "loadtest", audit=AuditLogConfig.from_settings(api_settings))
     try:
         with transaction(engine) as session:
             session.add(Dataset(name=dataset, train_size=samples))
@@ -127,11 +129,13 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_api(database_url: str, port: int, workers: int, log_path: Path, log_level: str = "INFO") -> subprocess.Popen:
-    """`qforget api` on 127.0.0.1:port, as a process group of its own (uvicorn forks its workers)."""
+def start_api(settings: Settings, port: int, workers: int, log_path: Path, log_level: str = "INFO") -> subprocess.Popen:
+    """`qforget api` on 127.0.0.1:port with `settings`' database, data folder and audit key, as a
+    process group of its own (uvicorn forks its workers)."""
     command = ["service.cli", "--log-level", log_level, "api", "--host", "127.0.0.1",
                "--port", str(port), "--workers", str(workers)]
-    env = {"QFORGET_DATABASE_URL": database_url, "QFORGET_DATA_DIR": str(log_path.parent)}
+    env = {"QFORGET_DATABASE_URL": settings.database_url, "QFORGET_DATA_DIR": str(settings.data_dir),
+           "QFORGET_AUDIT_KEY": settings.audit_secret.decode()}
     return _start_module(command, env, log_path)
 
 
@@ -525,16 +529,20 @@ def run_loadtest(args: argparse.Namespace) -> int:
         if args.url is None:
             database_url = created_database = create_database(args.postgres_url)
             upgrade_database(database_url)
+            # The API it starts: its own data folder, and its own audit key for its own database.
+            api_settings = Settings(database_url=database_url, audit_key=secrets.token_hex(32),
+                                    data_dir=Path(args.log_dir or Path.cwd() / "var" / "loadtest"))
         else:
             database_url = args.database_url
+            api_settings = get_settings()  # the running API's, as this process is configured
         samples = samples_needed(args)
         print(f"seeding {samples} samples ...", file=sys.stderr, flush=True)
-        seeded = seed_database(database_url, samples)
+        seeded = seed_database(database_url, samples, api_settings)
         if args.url is None:
             host, port = "127.0.0.1", free_port()
-            log_path = Path(args.log_dir or Path.cwd() / "var" / "loadtest") / f"api-{port}.log"
+            log_path = api_settings.data_dir / f"api-{port}.log"
             log_path.parent.mkdir(parents=True, exist_ok=True)
-            api = start_api(database_url, port, args.api_workers, log_path, args.api_log_level)
+            api = start_api(api_settings, port, args.api_workers, log_path, args.api_log_level)
             print(f"qforget api ({args.api_workers} workers) on {host}:{port}, log {log_path}", file=sys.stderr)
         else:
             host, port = urlsplit(args.url).hostname, urlsplit(args.url).port

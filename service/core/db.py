@@ -4,6 +4,10 @@ Each process names its engine (api, worker, scheduler, cli) so that PostgreSQL's
 pg_stat_activity shows who holds which connection. On SQLite every transaction begins
 IMMEDIATE: the write lock is taken up front, so two writers serialise instead of failing when
 one upgrades a read lock (the audit log's hash chain reads the last entry, then appends).
+
+An engine made from settings carries the audit log's key and checkpoint file (the execution option
+service.core.audit_log.AUDIT_OPTION), which every session made from it inherits: appending to the
+audit log needs them.
 """
 
 import time
@@ -14,6 +18,7 @@ from functools import lru_cache
 from sqlalchemy import Engine, create_engine, event, exc, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.core.audit_log import AUDIT_OPTION, AuditLogConfig
 from service.core.settings import Settings, get_settings
 
 # Connections per engine (and process): the API lets at most its settings.api_database_sessions
@@ -24,7 +29,14 @@ MAX_OVERFLOW = 20
 PING_AFTER_IDLE_SECONDS = 1.0
 
 
-def make_engine(database_url: str, name: str = "qforget") -> Engine:
+def make_engine(database_url: str, name: str = "qforget", audit: AuditLogConfig | None = None) -> Engine:
+    """An engine on `database_url`; with `audit` (AuditLogConfig.from_settings), one whose sessions
+    may append to the audit log."""
+    engine = _make_engine(database_url, name)
+    return engine if audit is None else engine.execution_options(**{AUDIT_OPTION: audit})
+
+
+def _make_engine(database_url: str, name: str) -> Engine:
     if database_url.startswith("sqlite"):
         # An in-memory database lives in one connection (SingletonThreadPool): no pool to size.
         in_memory = make_url(database_url).database in (None, "", ":memory:")
@@ -84,7 +96,10 @@ def _engine_for(database_url: str, name: str) -> Engine:
 
 def get_engine(settings: Settings | None = None, name: str = "qforget") -> Engine:
     settings = settings or get_settings()
-    return _engine_for(settings.database_url, name)
+    # One pool per database and name, whatever the settings' audit key: a view of it that carries them.
+    return _engine_for(settings.database_url, name).execution_options(
+        **{AUDIT_OPTION: AuditLogConfig.from_settings(settings)}
+    )
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:

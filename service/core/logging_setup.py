@@ -12,6 +12,7 @@ Only ids go into the context: never API keys, request bodies, subject ids or que
 import json
 import logging
 import logging.config
+import re
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,8 +24,14 @@ CONTEXT_FIELDS = ("request_id", "task_id", "model", "batch_id", "version_id")
 
 _context: dict[str, ContextVar] = {name: ContextVar(f"qforget_log_{name}", default=None) for name in CONTEXT_FIELDS}
 
-# Attributes every LogRecord has; anything else on a record came from `extra=`.
-_STANDARD_ATTRIBUTES = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+# Attributes every LogRecord has; anything else on a record came from `extra=`. uvicorn adds
+# `color_message`, its message again with terminal colour codes: not a field either.
+_STANDARD_ATTRIBUTES = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message", "asctime", "color_message"}
+
+# C0 and C1 control characters and Unicode's line and paragraph separators: whatever could end a
+# line of text, or rewrite it on a terminal.
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 def _check_fields(ids: dict) -> None:
@@ -102,22 +109,39 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False, default=str)
 
 
+def _escaped(text: str) -> str:
+    """`text` with its control characters written as escapes: a newline as `\\n`, ESC as `\\x1b`."""
+    return _CONTROL_CHARACTERS.sub(lambda match: match.group().encode("unicode_escape").decode("ascii"), text)
+
+
 class TextFormatter(logging.Formatter):
-    """`time LEVEL logger: message [key=value ...]`, the ids and `extra=` fields at the end."""
+    """`time LEVEL logger: message [key=value ...]`, the ids and `extra=` fields at the end.
+
+    A record is one line: control characters in its message and fields are written escaped, so no
+    input (a newline in a decoded URL path, a terminal escape) can forge a record or a field. A
+    traceback follows on lines of its own, each indented, so that none of them reads as a record.
+    """
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
+        record.message = _escaped(record.getMessage())
+        record.asctime = self.formatTime(record)
+        line = self.formatMessage(record)
         fields = _extra_fields(record)
-        if not fields:
-            return line
-        ordered = [name for name in CONTEXT_FIELDS if name in fields] + sorted(set(fields) - set(CONTEXT_FIELDS))
-        suffix = " ".join(f"{name}={fields[name]}" for name in ordered)
-        # The traceback (if any) follows the first line; the fields belong on that line.
-        first, newline, rest = line.partition("\n")
-        return f"{first} [{suffix}]{newline}{rest}"
+        if fields:
+            ordered = [name for name in CONTEXT_FIELDS if name in fields] + sorted(set(fields) - set(CONTEXT_FIELDS))
+            line += " [" + " ".join(f"{name}={_escaped(str(fields[name]))}" for name in ordered) + "]"
+        details = []  # the traceback and the stack, when the record has them
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)  # kept on the record, as logging does
+        if record.exc_text:
+            details.append(record.exc_text)
+        if record.stack_info:
+            details.append(self.formatStack(record.stack_info))
+        continued = [f"  {_escaped(text)}" for detail in details for text in detail.split("\n")]
+        return "\n".join([line, *continued])
 
 
 def logging_config(level: str | int = "INFO", json_format: bool = False) -> dict:

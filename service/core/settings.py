@@ -5,11 +5,13 @@ store folder, all under `data_dir`; no server to install. Production sets the da
 URLs to PostgreSQL and Redis.
 """
 
+import os
+import secrets
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -39,6 +41,10 @@ class UnlearnSettings(BaseModel):
     grad_norm_batches: GradNormBatches | None = None
 
 
+# A shorter QFORGET_AUDIT_KEY is refused: the audit log's hashes are only as strong as its key.
+MIN_AUDIT_KEY_LENGTH = 32
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="QFORGET_", env_file=".env", extra="ignore")
 
@@ -48,6 +54,10 @@ class Settings(BaseSettings):
     database_url: str = ""
     broker_url: str = ""
     model_store: Path | None = None
+    # The audit log's secret (service/core/audit_log.py): its entry hashes and checkpoints are HMACs
+    # with it, and so are the pseudonyms it records for subject and sample ids. Production must set
+    # it (at least 32 characters); elsewhere an unset key is made once and kept in <data_dir>/audit.key.
+    audit_key: SecretStr | None = None
 
     # The model a request targets when it names none; bootstrap registers it.
     default_model: str = "digits-cnn-4bit"
@@ -138,6 +148,14 @@ class Settings(BaseSettings):
             self.model_store = self.data_dir / "models"
         if self.environment == "production" and self.database_url.startswith("sqlite"):
             raise ValueError("QFORGET_DATABASE_URL: production needs a server database, not SQLite")
+        if self.audit_key is not None and not self.audit_key.get_secret_value():
+            self.audit_key = None  # set but empty, as an unset variable in docker-compose.yml is
+        if self.audit_key is not None and len(self.audit_key.get_secret_value()) < MIN_AUDIT_KEY_LENGTH:
+            raise ValueError(f"QFORGET_AUDIT_KEY: at least {MIN_AUDIT_KEY_LENGTH} characters "
+                             "(e.g. the 64 hex digits of `openssl rand -hex 32`)")
+        if self.environment == "production" and self.audit_key is None:
+            raise ValueError("QFORGET_AUDIT_KEY: production needs the audit log's secret key, the same in every "
+                             "process (e.g. the 64 hex digits of `openssl rand -hex 32`; docs/audit.md)")
         return self
 
     def unlearn_settings(self, overrides: dict | None = None) -> dict:
@@ -160,9 +178,43 @@ class Settings(BaseSettings):
         return "cuda" if torch.cuda.is_available() else "cpu"
 
     @property
+    def audit_secret(self) -> bytes:
+        """The audit log's key: QFORGET_AUDIT_KEY, else (never in production) the one kept in
+        <data_dir>/audit.key, made on first use."""
+        if self.audit_key is not None:
+            return self.audit_key.get_secret_value().encode()
+        return _key_kept_in((self.data_dir / "audit.key").resolve())
+
+    @property
     def broker_folder(self) -> Path:
         """Where the filesystem broker keeps its messages (embedded default only)."""
         return (self.data_dir / "broker").resolve()
+
+
+def _key_kept_in(path: Path) -> bytes:
+    """The key in `path`; made (64 random hex digits, readable by this user only) when there is none.
+    Processes that start at once (the demo's API, worker and scheduler) agree on one: the file
+    appears whole, as a link to a complete temporary file, or not at all."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}")
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(descriptor, "w") as file:
+                file.write(secrets.token_hex(32) + "\n")
+                file.flush()
+                os.fsync(file.fileno())
+            try:
+                os.link(temporary, path)
+            except FileExistsError:
+                pass  # another process made it first: its key is the key
+        finally:
+            temporary.unlink(missing_ok=True)
+    key = path.read_bytes().strip()
+    if len(key) < MIN_AUDIT_KEY_LENGTH:
+        raise ValueError(f"{path}: the audit key kept there is shorter than {MIN_AUDIT_KEY_LENGTH} characters; "
+                         "restore it, or set QFORGET_AUDIT_KEY")
+    return key
 
 
 @lru_cache

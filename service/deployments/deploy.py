@@ -9,8 +9,9 @@ roll back, through the rest.
 from sqlalchemy import insert
 from sqlalchemy.orm import Session
 
-from service.core.audit_log import append_audit
+from service.core.audit_log import append_audit, audit_key
 from service.core.models import Batch, BatchStatus, ForgottenSample, Model, ModelVersion, VersionKind, utcnow
+from service.core.pseudonyms import pseudonym
 from service.requests import lifecycle
 from service.requests.holdings import forgotten_by
 
@@ -30,8 +31,11 @@ def deploy_version(session: Session, batch: Batch, model: Model, version: ModelV
                  object_id=str(version.id),
                  details={"model": model.name, "parent_version_id": batch.parent_version_id,
                           "batch_id": batch.id, "sha256": version.sha256, "metrics": version.metrics})
+    key = audit_key(session)  # the log names samples by their pseudonyms only
     append_audit(session, actor=actor, action="samples.forgotten", object_type="batch",
-                 object_id=str(batch.id), details={"sample_ids": forget_ids, "version_id": version.id})
+                 object_id=str(batch.id),
+                 details={"sample_pseudonyms": [pseudonym(key, "sample", sample_id) for sample_id in forget_ids],
+                          "version_id": version.id})
     lifecycle.complete(session, batch, version, actor, now)
 
 

@@ -20,7 +20,7 @@ from sqlalchemy import Row, bindparam, delete, insert, or_, select, tuple_, upda
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from service.core.audit_log import append_audit_entries
+from service.core.audit_log import append_audit_entries, audit_key
 from service.core.models import (
     Dataset,
     ForgetRequest,
@@ -33,6 +33,7 @@ from service.core.models import (
     Subject,
     utcnow,
 )
+from service.core.pseudonyms import pseudonym
 from service.requests import lifecycle
 from service.requests.idempotency import HEADER as IDEMPOTENCY_HEADER
 from service.requests.idempotency import Replay
@@ -146,6 +147,7 @@ def file_forget_requests(
         )
     _settle_idempotency_keys(session, submissions, outcomes, claimed, response_body)
     # Last: the audit lock is held from here to the commit, and every intake waits on it.
+    key = audit_key(session)  # the log names subjects and samples by their pseudonyms only
     append_audit_entries(
         session,
         [
@@ -155,10 +157,10 @@ def file_forget_requests(
                 "object_type": "forget_request",
                 "object_id": outcomes[i].request.id,
                 "details": {
-                    "subject_id": outcomes[i].request.subject_id,
+                    "subject_pseudonym": pseudonym(key, "subject", outcomes[i].request.subject_id),
                     "model": outcomes[i].request.model_name,
                     "parts": [part.model_name for part in outcomes[i].parts],
-                    "sample_ids": outcomes[i].sample_ids,
+                    "sample_pseudonyms": [pseudonym(key, "sample", sample_id) for sample_id in outcomes[i].sample_ids],
                     "due_at": outcomes[i].request.due_at.isoformat(),
                 },
             }

@@ -13,7 +13,10 @@ without the key and with a wrong one and wants 401), but one, left out because i
   unknown id (404), a dataset index already registered or a held batch already decided (409).
   Those refusals are the API working.
 negative_data_rejection counts 413 as a rejection too, and skips the few "negative" query values
-that are valid once serialised (see breaks_the_schema_on_the_wire).
+that are valid once serialised (see breaks_the_schema_on_the_wire). It cannot tell an id of the
+wrong type read loosely (`"sample_ids": [true]` as sample 1) from one refused: a generated body is
+nearly always refused for something else too (an unknown subject). test_strict_ids.py checks
+every id field of the document for that.
 """
 
 import hashlib

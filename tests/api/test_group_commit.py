@@ -76,6 +76,9 @@ def test_a_batch_costs_the_same_statements_as_one_request(engine, seed):
         assert all(isinstance(outcome, FiledRequest) for outcome in outcomes), outcomes
         return sent
 
+    # The first entry of a log is followed by its first checkpoint, read on a connection of its own
+    # after the commit (service.core.audit_log): not what this compares.
+    statements_for([submission("carol", seed.samples["carol"][1:2])])
     one = statements_for([submission("carol", seed.samples["carol"][:1])])
     many = statements_for(
         [submission("alice", [sample]) for sample in seed.samples["alice"]]

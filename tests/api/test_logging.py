@@ -6,8 +6,10 @@ import subprocess
 import sys
 
 import pytest
+from fastapi.testclient import TestClient
 
-from service.api.request_logging import REQUEST_ID_HEADER
+from service.api.app import create_app
+from service.api.request_logging import REQUEST_ID_HEADER, UNMATCHED_ROUTE
 from service.core.logging_setup import (
     ContextFilter,
     JsonFormatter,
@@ -66,6 +68,38 @@ def test_text_is_readable_with_the_ids_at_the_end():
     assert "[" not in TextFormatter().format(record())  # no ids, no brackets
 
 
+# What a forged record would look like: a line of its own, in the text format's shape.
+FORGED = "\n2026-01-01 00:00:00,000 ERROR qforget.access: GET /forget-requests 200 0.1ms"
+
+
+def test_a_text_record_is_one_line_whatever_it_logs():
+    line = TextFormatter().format(record("path %s", f"/x{FORGED}", path=f"/x{FORGED}\r\x1b[2K\u2028"))
+    assert "\n" not in line and "\r" not in line and "\x1b" not in line and "\u2028" not in line
+    assert "path /x\\n2026-01-01" in line  # written escaped, still readable
+    assert line.endswith("[path=/x\\n2026-01-01 00:00:00,000 ERROR qforget.access: GET /forget-requests 200 0.1ms"
+                         "\\r\\x1b[2K\\u2028]")
+    assert "\n" not in JsonFormatter().format(record("path %s", f"/x{FORGED}"))
+
+
+def test_a_traceback_follows_on_indented_lines():
+    try:
+        raise ValueError(f"bad input{FORGED}")
+    except ValueError:
+        text = TextFormatter().format(record("batch %s failed", exc_info=sys.exc_info()))
+    first, *rest = text.split("\n")
+    assert first.endswith("batch 7 failed")
+    assert rest[0] == "  Traceback (most recent call last):"
+    # The exception's own newline stays a line break, but an indented one: no line reads as a record.
+    assert all(line.startswith("  ") for line in rest)
+    assert [line for line in rest if line.startswith("  2026-01-01 00:00:00,000 ERROR")]
+
+
+def test_uvicorns_coloured_copy_of_the_message_is_not_a_field():
+    coloured = record("Uvicorn running on %s", "http://x", color_message="Uvicorn running on \x1b[1m%s\x1b[0m")
+    assert "color_message" not in TextFormatter().format(coloured)
+    assert "color_message" not in json.loads(JsonFormatter().format(coloured))
+
+
 def test_unknown_context_fields_are_refused():
     with pytest.raises(ValueError, match="subject_id"):
         bind_log_context(subject_id="alice")
@@ -75,8 +109,9 @@ def test_unknown_context_fields_are_refused():
 
 @pytest.mark.parametrize(("values", "json_lines"), [
     ({}, False),
-    ({"environment": "production", "database_url": "postgresql+psycopg://db/q"}, True),
-    ({"environment": "production", "database_url": "postgresql+psycopg://db/q", "log_format": "text"}, False),
+    ({"environment": "production", "database_url": "postgresql+psycopg://db/q", "audit_key": "k" * 32}, True),
+    ({"environment": "production", "database_url": "postgresql+psycopg://db/q", "audit_key": "k" * 32,
+      "log_format": "text"}, False),
     ({"log_format": "json"}, True),
 ])
 def test_json_in_production_unless_told(values, json_lines, tmp_path):
@@ -126,6 +161,29 @@ def test_request_lines_name_the_route_not_the_subject(client, seed, caplog):
     text = "\n".join(json.dumps(line) for line in lines)
     assert "alice" not in text and "carol" not in text and "Bearer" not in text
     assert all(isinstance(line["duration_ms"], float) and line["request_id"] for line in lines)
+
+
+def test_unmatched_paths_are_logged_without_them(client, seed, caplog):
+    with caplog.at_level(logging.INFO, logger="qforget.access"):
+        trailing_slash = client.get("/subjects/subject-0042/")
+        unknown = client.get("/nowhere/subject-0042")
+        forging = client.get(f"/nowhere{FORGED}".replace("\n", "%0A"))
+    assert [trailing_slash.status_code, unknown.status_code, forging.status_code] == [404, 404, 404]
+    assert [(entry.path, entry.status) for entry in caplog.records] == [(UNMATCHED_ROUTE, 404)] * 3
+    lines = [formatter.format(entry) for entry in caplog.records for formatter in (TextFormatter(), JsonFormatter())]
+    assert not [line for line in lines if "subject-0042" in line or "\n" in line or "nowhere" in line]
+
+
+def test_a_database_outage_is_logged_with_the_route_not_the_path(tmp_path, caplog):
+    settings = Settings(database_url="postgresql+psycopg://postgres@127.0.0.1:1/nowhere", data_dir=tmp_path,
+                        _env_file=None)
+    key = {"Authorization": "Bearer qf_0123abcd_" + "x" * 43}  # the right shape: the database is asked
+    with (TestClient(create_app(settings), raise_server_exceptions=False) as client,
+          caplog.at_level(logging.WARNING, logger="service.api.app")):
+        response = client.get("/subjects/subject-0042", headers=key)
+    assert response.status_code == 503
+    [warning] = [entry.getMessage() for entry in caplog.records if entry.name == "service.api.app"]
+    assert warning.startswith("GET /subjects/{subject_id}: database unavailable") and "subject-0042" not in warning
 
 
 def test_a_refused_body_is_logged_with_its_status(client, seed, caplog):

@@ -1,20 +1,26 @@
 """The migrations build exactly the schema of service/core/models.py, and can be undone."""
 
+import hashlib
 import os
 import subprocess
 import sys
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import alembic.command
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import create_engine, inspect
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import create_engine, insert, inspect, select, text
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.pool import NullPool
 
-from service.core.db import transaction
-from service.core.migrate import downgrade_database, upgrade_database
-from service.core.models import Base, Batch, BatchStatus
+from service.core.audit_log import GENESIS_HASH, AuditLogConfig, entry_message, verify_chain
+from service.core.db import make_engine, session_factory, transaction
+from service.core.migrate import alembic_config, downgrade_database, upgrade_database
+from service.core.models import AuditEntry, Base, Batch, BatchStatus
+from service.core.pseudonyms import pseudonym
+from service.core.settings import get_settings
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -88,3 +94,105 @@ def test_at_most_one_running_batch_per_model(engine, seed):
     add_batch(BatchStatus.running)
     with pytest.raises(IntegrityError):
         add_batch(BatchStatus.running)
+
+
+# Entries as the code before migration 0008 wrote them: ids in clear, plain sha256 chain.
+CLEAR_ENTRIES = [
+    ("request.received", "forget_request", "r1", {"subject_id": "alice", "model": "m", "sample_ids": [4, 5]}),
+    ("samples.forgotten", "batch", "1", {"sample_ids": [4, 5], "version_id": 2}),
+    ("request.completed", "forget_request", "r1", {"version_id": 2, "batch_id": 1}),
+]
+
+
+def sha256_chained(entries) -> list[dict]:
+    rows, prev_hash = [], GENESIS_HASH
+    start = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    for i, (action, object_type, object_id, details) in enumerate(entries):
+        fields = {"prev_hash": prev_hash, "created_at": start + timedelta(seconds=i), "actor": "before",
+                  "action": action, "object_type": object_type, "object_id": object_id, "details": details}
+        prev_hash = hashlib.sha256(entry_message(**fields)).hexdigest()
+        rows.append({**fields, "entry_hash": prev_hash})
+    return rows
+
+
+@pytest.fixture
+def audit_key_in_environment(monkeypatch):
+    # The migration takes the key from the settings of the process that migrates.
+    key = "an operator's audit key, 32 characters or more"
+    monkeypatch.setenv("QFORGET_AUDIT_KEY", key)
+    get_settings.cache_clear()
+    yield key.encode()
+    get_settings.cache_clear()
+
+
+def test_0008_rekeys_and_pseudonymises_the_existing_log_then_refuses_changes(
+    unmigrated_url, audit_key_in_environment, tmp_path
+):
+    key = audit_key_in_environment
+    alembic.command.upgrade(alembic_config(unmigrated_url), "0006")
+    before = create_engine(unmigrated_url, poolclass=NullPool)
+    with before.begin() as connection:
+        connection.execute(insert(AuditEntry.__table__), sha256_chained(CLEAR_ENTRIES))
+    before.dispose()
+
+    upgrade_database(unmigrated_url)
+    engine = make_engine(unmigrated_url, "test", audit=AuditLogConfig(key, tmp_path / "checkpoints.jsonl"))
+    try:
+        with session_factory(engine)() as session:
+            report = verify_chain(session)
+            details = session.scalars(select(AuditEntry.details).order_by(AuditEntry.id)).all()
+        assert (report.ok, report.entries) == (True, 3), report
+        samples = [pseudonym(key, "sample", 4), pseudonym(key, "sample", 5)]
+        assert details == [
+            {"subject_pseudonym": pseudonym(key, "subject", "alice"), "model": "m", "sample_pseudonyms": samples},
+            {"sample_pseudonyms": samples, "version_id": 2},
+            {"version_id": 2, "batch_id": 1},
+        ]
+        with pytest.raises(DBAPIError, match="append-only"), engine.begin() as connection:
+            connection.execute(text("DELETE FROM audit_log WHERE id = 3"))
+    finally:
+        engine.dispose()
+
+    # Undone: the refusal is gone and the chain is plain sha256 again (the pseudonyms stay).
+    downgrade_database(unmigrated_url, "0007")
+    after = create_engine(unmigrated_url, poolclass=NullPool)
+    with after.begin() as connection:
+        rows = connection.execute(select(AuditEntry.__table__).order_by(AuditEntry.id)).all()
+        connection.execute(text("DELETE FROM audit_log WHERE id = 3"))
+    after.dispose()
+    prev_hash = GENESIS_HASH
+    for row in rows:
+        fields = {name: row._mapping[name] for name in ("created_at", "actor", "action", "object_type", "object_id",
+                                                          "details")}
+        assert (row.prev_hash, row.entry_hash) == (prev_hash, hashlib.sha256(
+            entry_message(prev_hash=prev_hash, **fields)).hexdigest())
+        prev_hash = row.entry_hash
+
+
+@pytest.mark.parametrize(
+    ("tampering", "first_broken_id", "word"),
+    [("UPDATE audit_log SET actor = 'mallory' WHERE id = 2", 2, "changed"),
+     ("DELETE FROM audit_log WHERE id = 2", 3, "prev_hash")],
+    ids=["edited", "deleted"],
+)
+def test_0008_keeps_what_was_done_to_the_log_before_visible(
+    unmigrated_url, audit_key_in_environment, tmp_path, tampering, first_broken_id, word
+):
+    # Re-keying chains the entries again: it must not make a tampered log whole.
+    alembic.command.upgrade(alembic_config(unmigrated_url), "0006")
+    before = create_engine(unmigrated_url, poolclass=NullPool)
+    with before.begin() as connection:
+        connection.execute(insert(AuditEntry.__table__), sha256_chained(CLEAR_ENTRIES))
+        connection.execute(text(tampering))
+    before.dispose()
+
+    upgrade_database(unmigrated_url)
+    engine = make_engine(unmigrated_url, "test",
+                         audit=AuditLogConfig(audit_key_in_environment, tmp_path / "checkpoints.jsonl"))
+    try:
+        with session_factory(engine)() as session:
+            report = verify_chain(session)
+    finally:
+        engine.dispose()
+    assert (report.ok, report.first_broken_id) == (False, first_broken_id), report
+    assert word in report.reason

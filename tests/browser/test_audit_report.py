@@ -27,4 +27,8 @@ def test_the_audit_report_renders_with_its_sections(live_server, browser, engine
     # The evaluation-over-time plot is drawn (inline SVG with paths), not a placeholder sentence.
     paths = browser.find_elements(By.CSS_SELECTOR, "#gaps-over-time svg path")
     assert paths, "the gaps plot drew nothing"
+    # The page's Content Security Policy lets its inline style sheet and the plots' styles through.
+    assert browser.execute_script("return getComputedStyle(document.body).maxWidth") == "960px"  # 60rem
+    refused = [entry["message"] for entry in browser.get_log("browser") if "Content Security Policy" in entry["message"]]
+    assert not refused, refused
     browser.save_screenshot(str(artifacts / "audit-report.png"))

@@ -11,14 +11,16 @@ from service.api.schemas import (
     DATABASE_UNAVAILABLE,
     NO_NUL,
     AuditEntryPublic,
+    AuditLogVerificationPublic,
     AuditPublic,
-    ChainReportPublic,
+    DigitsOnly,
     ErrorPublic,
     Page,
     ProblemPublic,
+    SubjectAuditPublic,
     VersionAuditPublic,
 )
-from service.audit.queries import audit_entries_page
+from service.audit.queries import audit_entries_page, subject_audit
 from service.audit.standing import deployment_audit, version_audit
 from service.core.audit_log import verify_chain
 from service.core.models import Model, Role
@@ -44,8 +46,8 @@ def list_audit_log(
     action: Annotated[str | None, Query(min_length=1, max_length=64, pattern=NO_NUL)] = None,
     object_type: Annotated[str | None, Query(min_length=1, max_length=32, pattern=NO_NUL)] = None,
     object_id: Annotated[str | None, Query(min_length=1, max_length=64, pattern=NO_NUL)] = None,
-    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
-    offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE), DigitsOnly] = 100,
+    offset: Annotated[int, Query(ge=0, le=2**31 - 1), DigitsOnly] = 0,
 ) -> Page[AuditEntryPublic]:
     """List audit log entries in the chain's order, filtered by action and by object (type, id)."""
     entries, count = audit_entries_page(
@@ -54,10 +56,24 @@ def list_audit_log(
     return Page[AuditEntryPublic](data=entries, count=count)
 
 
-@router.get("/log/verify", response_model=ChainReportPublic)
-def verify_audit_log(session: SessionDep) -> ChainReportPublic:
-    """Recompute the audit log's hash chain; report the first entry that does not fit, if any."""
-    return ChainReportPublic.model_validate(verify_chain(session))
+@router.get("/log/verify", response_model=AuditLogVerificationPublic)
+def verify_audit_log(session: SessionDep) -> AuditLogVerificationPublic:
+    """Recompute the audit log's keyed hash chain and check it against every signed checkpoint of its
+    head; report the first entry that does not fit, or that a checkpoint names but the log lost."""
+    return AuditLogVerificationPublic.model_validate(verify_chain(session))
+
+
+@router.get(
+    "/subjects/{subject_id}",
+    response_model=SubjectAuditPublic,
+    responses={422: {"model": ProblemPublic, "description": "The subject id is malformed."}},
+)
+def read_subject_audit(
+    subject_id: Annotated[str, Path(min_length=1, max_length=128, pattern=NO_NUL)], session: SessionDep
+) -> SubjectAuditPublic:
+    """Get what the audit log holds about a subject, found by the pseudonym it records instead of the
+    id: the subject's forget requests, received, completed, by which versions, when, and their entries."""
+    return SubjectAuditPublic.model_validate(subject_audit(session, subject_id))
 
 
 @router.get(
@@ -106,7 +122,7 @@ def read_audit_report(
     },
 )
 def read_version_audit(
-    version_id: Annotated[int, Path(ge=1, le=2**31 - 1)], session: SessionDep
+    version_id: Annotated[int, Path(ge=1, le=2**31 - 1), DigitsOnly], session: SessionDep
 ) -> VersionAuditPublic:
     """Get one version's FA, RA, TA, MIA against the newest reference that excludes the same samples."""
     version = find_version(session, version_id)

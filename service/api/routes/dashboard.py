@@ -24,20 +24,17 @@ router = APIRouter(tags=["operations"])
 # Beside the package's code, so it is found both from a clone and from an installed package.
 STATIC_FOLDER = Path(__file__).resolve().parent.parent / "static"
 ASSETS = {"dashboard.js": "text/javascript; charset=utf-8", "dashboard.css": "text/css; charset=utf-8"}
-PAGE_HEADERS = {
-    # Own scripts, styles and fetches only; no framing (clickjacking), no plugins.
-    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-    "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-}
+# The page's own policy, in place of the one every other page gets (service/api/security_headers.py):
+# own scripts, styles and fetches only; no framing (clickjacking), no plugins.
+DASHBOARD_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+                    "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
 
 @router.get("/dashboard", include_in_schema=False)
 def dashboard_page() -> FileResponse:
     """The dashboard page (no data in it; it asks for an API key and fetches /dashboard/data)."""
     return FileResponse(STATIC_FOLDER / "dashboard.html", media_type="text/html; charset=utf-8",
-                        headers={**PAGE_HEADERS, "Cache-Control": "no-cache"})
+                        headers={"Content-Security-Policy": DASHBOARD_POLICY, "Cache-Control": "no-cache"})
 
 
 @router.get("/dashboard/assets/{name}", include_in_schema=False)
@@ -45,8 +42,7 @@ def dashboard_asset(name: str) -> FileResponse:
     """The page's script and style sheet."""
     if name not in ASSETS:
         raise HTTPException(status_code=404, detail=f"no dashboard asset {name!r}; there are {', '.join(ASSETS)}")
-    return FileResponse(STATIC_FOLDER / name, media_type=ASSETS[name],
-                        headers={**PAGE_HEADERS, "Cache-Control": "no-cache"})
+    return FileResponse(STATIC_FOLDER / name, media_type=ASSETS[name], headers={"Cache-Control": "no-cache"})
 
 
 @router.get(
@@ -57,4 +53,4 @@ def dashboard_asset(name: str) -> FileResponse:
 def dashboard_data(session: SessionDep, settings: SettingsDep) -> JSONResponse:
     """The figures behind /metrics as JSON: requests, due dates, batches and their durations, queues,
     leases, held batches, batch events, deployments with their newest evaluation (auditor, admin)."""
-    return JSONResponse(read_figures(session, settings).as_json(), headers={"Cache-Control": "no-store"})
+    return JSONResponse(read_figures(session, settings).as_json())

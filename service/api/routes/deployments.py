@@ -7,7 +7,17 @@ from fastapi import APIRouter, HTTPException, Path, Query
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.api.deps import ActorDep, AdminDep, AuditorDep, SessionDep
-from service.api.schemas import AUTH_ERRORS, DATABASE_UNAVAILABLE, NO_NUL, ErrorPublic, Page, ProblemPublic, UtcDatetime
+from service.api.schemas import (
+    AUTH_ERRORS,
+    DATABASE_UNAVAILABLE,
+    NO_NUL,
+    DigitsOnly,
+    ErrorPublic,
+    Id,
+    Page,
+    ProblemPublic,
+    UtcDatetime,
+)
 from service.core.models import BatchStatus
 from service.core.settings import UnlearnSettings
 from service.deployments import deploy as deployments
@@ -46,7 +56,7 @@ class BatchDiscard(BaseModel):
 
 class Rollback(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    version_id: int = Field(ge=1, le=2**31 - 1)
+    version_id: Id
 
 
 class DeploymentPublic(BaseModel):
@@ -64,7 +74,7 @@ def _batch_public(session, batch_id: int) -> BatchPublic:
     return BatchPublic.model_validate(batch)
 
 
-BatchId = Annotated[int, Path(ge=1, le=2**31 - 1)]
+BatchId = Annotated[int, Path(ge=1, le=2**31 - 1), DigitsOnly]
 
 
 @router.get("/batches", response_model=Page[BatchPublic], responses={422: {"model": ProblemPublic}})
@@ -73,8 +83,8 @@ def list_batches(
     caller: AuditorDep,
     model: Annotated[str | None, Query(min_length=1, max_length=64, pattern=NO_NUL)] = None,
     status: BatchStatus | None = None,
-    limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
+    limit: Annotated[int, Query(ge=1, le=500), DigitsOnly] = 50,
+    offset: Annotated[int, Query(ge=0, le=2**31 - 1), DigitsOnly] = 0,
 ) -> Page[BatchPublic]:
     """List unlearning batches, newest first: status, attempts, errors, holds and leases."""
     batches, count = batches_page(session, model_name=model, status=status, limit=limit, offset=offset)

@@ -11,6 +11,7 @@ from service.api.schemas import (
     BODY_TOO_LARGE,
     DATABASE_UNAVAILABLE,
     NO_NUL,
+    DigitsOnly,
     ErrorPublic,
     ForgetRequestCreate,
     ForgetRequestPublic,
@@ -127,8 +128,8 @@ def list_forget_requests(
     model: Annotated[str | None, Query(min_length=1, max_length=64, pattern=NO_NUL)] = None,
     received_after: Annotated[UtcInput | None, Query(description="Received at or after this time.")] = None,
     received_before: Annotated[UtcInput | None, Query(description="Received before this time.")] = None,
-    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
-    offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE), DigitsOnly] = 50,
+    offset: Annotated[int, Query(ge=0, le=2**31 - 1), DigitsOnly] = 0,
 ) -> Page[ForgetRequestPublic]:
     """List forget requests, newest first, filtered by status, subject, model and time received."""
     if model is not None:

@@ -12,6 +12,7 @@ from service.api.schemas import (
     AUTH_ERRORS,
     DATABASE_UNAVAILABLE,
     NO_NUL,
+    DigitsOnly,
     ErrorPublic,
     ModelVersionPublic,
     Page,
@@ -42,8 +43,8 @@ def list_model_versions(
     caller: AuditorDep,
     model: ModelName = None,
     kind: VersionKind | None = None,
-    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
-    offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE), DigitsOnly] = 50,
+    offset: Annotated[int, Query(ge=0, le=2**31 - 1), DigitsOnly] = 0,
 ) -> Page[ModelVersionPublic]:
     """List model versions, newest first, with their lineage and which one each model has deployed."""
     versions, count = versions_page(session, model_name=model, kind=kind, limit=limit, offset=offset)
@@ -118,7 +119,7 @@ def _etag_matches(if_none_match: str, etag: str) -> bool:
     responses={404: {"model": ErrorPublic, "description": "No model version has this id."}},
 )
 def read_model_version(
-    version_id: Annotated[int, Path(ge=1, le=2**31 - 1)], session: SessionDep, caller: AuditorDep
+    version_id: Annotated[int, Path(ge=1, le=2**31 - 1), DigitsOnly], session: SessionDep, caller: AuditorDep
 ) -> ModelVersionPublic:
     """Get a model version: its kind, parent, batch, method, configuration, metrics, sha256, exclusions."""
     version = find_version_with_lineage(session, version_id)

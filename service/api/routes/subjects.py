@@ -22,7 +22,7 @@ def read_subject(
     caller: ReaderDep,
 ) -> SubjectPublic:
     """Get a subject's samples with their status (active or forgotten) and the subject's forget requests."""
-    # A key limited to a model sees that model's data set and requests only.
+    # A key limited to a model sees that model's data set, requests and version ids only.
     subject = find_subject(session, subject_id, model_name=caller.model)
     if subject is None:
         raise HTTPException(status_code=404, detail=f"subject {subject_id!r} not found")
