@@ -376,6 +376,7 @@ class _BatchCheck:
         )
 
     def _holds(self, model: Row, sample_id: int) -> bool:
+        # service.requests.holdings' rule, on the rows read above (one read for a whole batch).
         sample = self.samples[sample_id]
         return (
             model.deployed_version_id is not None
