@@ -164,6 +164,19 @@ def settings(database_url: str, tmp_path) -> Settings:
     return Settings(database_url=database_url, data_dir=tmp_path / "var", _env_file=None)
 
 
+def add_deployed_model(engine, name: str, dataset: str = "digits") -> int:
+    """A model with a deployed original version (it holds its data set's samples); the version's id."""
+    with transaction(engine) as session:
+        session.add(Model(name=name, dataset=dataset, spec={}))
+        session.flush()
+        version = ModelVersion(model_name=name, kind=VersionKind.original, method="qat", config={}, metrics={},
+                               sha256="0" * 64, artifact_path=f"/nonexistent/{name}.pt", excluded_sample_ids=[])
+        session.add(version)
+        session.flush()
+        session.get(Model, name).deployed_version_id = version.id
+        return version.id
+
+
 @pytest.fixture
 def seed(engine: Engine) -> Seed:
     with transaction(engine) as session:

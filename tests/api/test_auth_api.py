@@ -10,8 +10,9 @@ from service import cli
 from service.core.api_keys import ApiKeyError, create_api_key, find_api_key, hash_key, revoke_api_key
 from service.core.audit_log import verify_chain
 from service.core.db import session_factory, transaction
-from service.core.models import ApiKey, AuditEntry, Model, ModelVersion, VersionKind
+from service.core.models import ApiKey, AuditEntry
 from service.core.settings import get_settings
+from tests.conftest import add_deployed_model
 
 # Every route behind a key, with a harmless request for each: {"METHOD /template": (path, json body)}.
 PROTECTED = {
@@ -149,14 +150,7 @@ def test_admin_may_call_everything(anonymous, seed, bearer, route):
 @pytest.fixture
 def other_model(engine, seed) -> str:
     """A second deployed model on the seed's data set: it holds the same samples."""
-    with transaction(engine) as session:
-        session.add(Model(name="other", dataset="digits", spec={}))
-        session.flush()
-        version = ModelVersion(model_name="other", kind=VersionKind.original, method="qat", config={}, metrics={},
-                               sha256="3" * 64, artifact_path="/nonexistent/other.pt", excluded_sample_ids=[])
-        session.add(version)
-        session.flush()
-        session.get(Model, "other").deployed_version_id = version.id
+    add_deployed_model(engine, "other")
     return "other"
 
 

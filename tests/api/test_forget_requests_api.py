@@ -16,15 +16,14 @@ from service.core.models import (
     ForgetRequestPart,
     ForgottenSample,
     Model,
-    ModelVersion,
     RequestStatus,
     Sample,
     Subject,
-    VersionKind,
     utcnow,
 )
 from service.core.pseudonyms import pseudonym
 from service.requests.intake import MAX_SAMPLES_PER_REQUEST
+from tests.conftest import add_deployed_model
 
 
 def forget(engine, model: str, sample_ids: list[int], version_id: int) -> None:
@@ -32,19 +31,6 @@ def forget(engine, model: str, sample_ids: list[int], version_id: int) -> None:
     with transaction(engine) as session:
         session.add_all(ForgottenSample(model_name=model, sample_id=sample_id, forgotten_at=utcnow(),
                                         version_id=version_id) for sample_id in sample_ids)
-
-
-def add_deployed_model(engine, name: str, dataset: str) -> int:
-    """A model on `dataset` with a deployed original version; returns the version's id."""
-    with transaction(engine) as session:
-        session.add(Model(name=name, dataset=dataset, spec={}))
-        session.flush()
-        version = ModelVersion(model_name=name, kind=VersionKind.original, method="qat", config={}, metrics={},
-                               sha256="0" * 64, artifact_path=f"/nonexistent/{name}.pt", excluded_sample_ids=[])
-        session.add(version)
-        session.flush()
-        session.get(Model, name).deployed_version_id = version.id
-        return version.id
 
 
 def set_part_status(engine, request_id: str, status: RequestStatus) -> None:

@@ -6,15 +6,8 @@ import pytest
 from sqlalchemy import inspect, update
 
 from service.core.db import transaction
-from service.core.models import (
-    ForgetRequest,
-    ForgetRequestPart,
-    ForgottenSample,
-    Model,
-    ModelVersion,
-    RequestStatus,
-    VersionKind,
-)
+from service.core.models import ForgetRequest, ForgetRequestPart, ForgottenSample, RequestStatus
+from tests.conftest import add_deployed_model
 
 
 def file(client, subject: str, **body) -> dict:
@@ -26,19 +19,6 @@ def file(client, subject: str, **body) -> dict:
 def set_request(engine, request_id: str, **values) -> None:
     with transaction(engine) as session:
         session.execute(update(ForgetRequest).where(ForgetRequest.id == request_id).values(**values))
-
-
-def add_deployed_model(engine, name: str, dataset: str = "digits") -> int:
-    """A model with a deployed original version (it holds its data set's samples); the version's id."""
-    with transaction(engine) as session:
-        session.add(Model(name=name, dataset=dataset, spec={}))
-        session.flush()
-        version = ModelVersion(model_name=name, kind=VersionKind.original, method="qat", config={}, metrics={},
-                               sha256="0" * 64, artifact_path=f"/nonexistent/{name}.pt", excluded_sample_ids=[])
-        session.add(version)
-        session.flush()
-        session.get(Model, name).deployed_version_id = version.id
-        return version.id
 
 
 @pytest.fixture

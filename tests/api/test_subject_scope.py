@@ -8,16 +8,9 @@ import pytest
 from sqlalchemy import update
 
 from service.core.db import transaction
-from service.core.models import (
-    ForgetRequestPart,
-    ForgottenSample,
-    Model,
-    ModelVersion,
-    RequestStatus,
-    VersionKind,
-    utcnow,
-)
+from service.core.models import ForgetRequestPart, ForgottenSample, RequestStatus, utcnow
 from service.requests.intake import file_forget_request
+from tests.conftest import add_deployed_model
 
 OTHER = "other"  # a second model on the seed's data set
 
@@ -34,25 +27,19 @@ class TwoModels:
 @pytest.fixture
 def two_models(engine, seed) -> TwoModels:
     alice = seed.samples["alice"]
+    other_version = add_deployed_model(engine, OTHER, seed.dataset)
     with transaction(engine) as session:
-        session.add(Model(name=OTHER, dataset=seed.dataset, spec={}))
-        session.flush()
-        version = ModelVersion(model_name=OTHER, kind=VersionKind.original, method="qat", config={}, metrics={},
-                               sha256="1" * 64, artifact_path="/nonexistent/other.pt", excluded_sample_ids=[])
-        session.add(version)
-        session.flush()
-        session.get(Model, OTHER).deployed_version_id = version.id
         mine = file_forget_request(session, subject_id="alice", sample_ids=alice[2:3], model_name=seed.model,
                                    deadline_days=30, actor="test").request.id
         theirs = file_forget_request(session, subject_id="alice", sample_ids=alice[:1], model_name=OTHER,
                                      deadline_days=30, actor="test").request.id
         session.execute(update(ForgetRequestPart).where(ForgetRequestPart.request_id == theirs).values(
-            status=RequestStatus.completed, completed_version_id=version.id, completed_at=utcnow()))
-        for model_name, sample_id, version_id in ((OTHER, alice[0], version.id),
+            status=RequestStatus.completed, completed_version_id=other_version, completed_at=utcnow()))
+        for model_name, sample_id, version_id in ((OTHER, alice[0], other_version),
                                                   (seed.model, alice[1], seed.version_id)):
             session.add(ForgottenSample(model_name=model_name, sample_id=sample_id, forgotten_at=utcnow(),
                                         version_id=version_id))
-    return TwoModels(mine, theirs, version.id, forgotten_by_other=alice[0], forgotten_by_mine=alice[1])
+    return TwoModels(mine, theirs, other_version, forgotten_by_other=alice[0], forgotten_by_mine=alice[1])
 
 
 def forgotten_by(subject: dict) -> dict[tuple[int, str], int]:
