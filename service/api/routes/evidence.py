@@ -38,8 +38,7 @@ def read_evidence(
     model = model or caller.model
     parts = {} if request is None else {part.model_name: part for part in request.parts}
     # Another model's request is "not found" to a key limited to a model, as in GET /forget-requests/{id}.
-    if request is None or (caller.model is not None and caller.model not in parts) or (
-            caller.model is not None and model != caller.model):
+    if request is None or (caller.model is not None and (caller.model not in parts or model != caller.model)):
         raise HTTPException(status_code=404, detail=f"forget request {request_id!r} not found")
     if model is None and len(parts) == 1:
         [model] = parts
