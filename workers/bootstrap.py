@@ -27,6 +27,7 @@ from service.core.models import (
     utcnow,
 )
 from service.core.settings import Settings
+from service.requests.holdings import erased_indices
 from workers import engine as qf
 from workers.runtime import artifact_spec, configure_torch, load_data
 
@@ -68,13 +69,14 @@ def bootstrap(
                 Sample.id.in_(select(ForgetRequestSample.sample_id)),
             ).order_by(Sample.id)
         ).all()
+        tombstoned = erased_indices(session, spec.dataset)
 
     configure_torch(settings)
-    data = load_data(spec)
-    erased_indices = {index for _, index in erased}
-    if erased_indices:
-        kept = [i for i in range(len(data.train)) if i not in erased_indices]
-        log.info("bootstrap %s: %d samples whose erasure was asked are left out", model_name, len(erased_indices))
+    data = load_data(spec, tombstoned)
+    left_out = {index for _, index in erased}
+    if left_out:
+        kept = [i for i in range(len(data.train)) if i not in left_out]
+        log.info("bootstrap %s: %d samples whose erasure was asked are left out", model_name, len(left_out))
         data = replace(data, train=data.train.subset(kept))
     network = qf.train_original(spec, data, device=settings.torch_device, progress=progress)
     metrics = {
@@ -83,7 +85,7 @@ def bootstrap(
     }
     path, sha256 = qf.save_artifact(network, artifact_spec(spec), Path(settings.model_store))
 
-    train_size = len(data.train) + len(erased_indices)
+    train_size = len(data.train) + len(left_out)
     with transaction(engine) as session:
         _record_dataset(session, spec.dataset, train_size)
         already_registered = session.scalar(

@@ -11,9 +11,10 @@ from service.core.db import get_engine, transaction
 from service.core.logging_setup import bind_log_context
 from service.core.models import utcnow
 from service.core.settings import get_settings
-from service.core.tasks import DISPATCH_TASK, REFERENCE_TASK, UNLEARN_TASK, redelivery_seconds
+from service.core.tasks import DISPATCH_TASK, ERASE_TASK, REFERENCE_TASK, UNLEARN_TASK, redelivery_seconds
 from service.references.schedule import claim_requests_to_send, schedule_references
 from service.requests import idempotency
+from service.requests.erasure import requests_due
 from workers.batches.policy import BatchPolicy, due_models
 from workers.celery_app import app
 
@@ -37,6 +38,9 @@ def dispatch() -> list[str]:
     dispatch_references()
     with transaction(get_engine(settings, "scheduler")) as session:
         idempotency.prune_expired(session, utcnow() - timedelta(hours=settings.idempotency_retention_hours))
+        erasures_due = requests_due(session, utcnow(), timedelta(hours=settings.erasure_window_hours))
+    if erasures_due:
+        erase_copies.delay()
     return due
 
 
@@ -91,7 +95,8 @@ def train_reference(model_name: str, reference_request_id: int | None = None) ->
     and a request already closed is not trained again (a duplicate delivery).
     """
     from workers.evaluation.deployment import evaluate_deployment
-    from workers.references.training import record_reference_failure, train_reference as train
+    from workers.references.training import record_reference_failure
+    from workers.references.training import train_reference as train
     from workers.runtime import configure_torch
 
     settings = get_settings()
@@ -109,3 +114,12 @@ def train_reference(model_name: str, reference_request_id: int | None = None) ->
     log.info("reference version %s trained for model %s", reference_id, model_name,
              extra={"model": model_name, "version_id": reference_id})
     return evaluate_deployment(engine, settings, model_name)
+
+
+@app.task(name=ERASE_TASK)
+def erase_copies() -> list[str]:
+    """Freeze the evidence and erase every copy of the samples of each request whose erasure window
+    has passed (workers/erasure.py). Returns the request ids erased."""
+    from workers.erasure import erase_due_requests
+
+    return erase_due_requests(get_engine(get_settings(), "worker"), get_settings())

@@ -133,6 +133,12 @@ class ForgetRequestPublic(BaseModel):
     completed_at: UtcDatetime | None = Field(
         validation_alias=AliasPath("request", "completed_at"), description="When its last part completed."
     )
+    erased_at: UtcDatetime | None = Field(
+        default=None, validation_alias=AliasPath("request", "erased_at"),
+        description="When every copy of its samples the service held was erased (QFORGET_ERASURE_WINDOW_HOURS after "
+        "completion, at the latest on the due date), its evidence frozen just before. A sample a model outside the "
+        "request's scope still holds is erased when that model has forgotten it too.",
+    )
     parts: list[RequestPartPublic] = Field(description="One per model the samples are forgotten from, by model name.")
 
 
@@ -174,8 +180,11 @@ class SubjectPublic(BaseModel):
     # Read from a service.requests.queries.SubjectRecord.
     model_config = ConfigDict(from_attributes=True)
 
-    id: str = Field(validation_alias=AliasPath("subject", "id"))
+    id: str = Field(validation_alias=AliasPath("subject", "id"),
+                    description="The subject's id; once every copy of its data was erased, its pseudonym instead.")
     created_at: UtcDatetime = Field(validation_alias=AliasPath("subject", "created_at"))
+    erased_at: UtcDatetime | None = Field(validation_alias=AliasPath("subject", "erased_at"),
+                                          description="When the last copy of the subject's data was erased.")
     held_sample_count: int = Field(description="Samples some model still holds.")
     forgotten_sample_count: int = Field(description="Samples no model holds any more.")
     samples: list[SamplePublic]
@@ -452,8 +461,8 @@ class EvidencePublic(BaseModel):
     """A forget request's samples before (the batch's parent version) and after (the version that
     completed it), against a retrain reference that never saw them."""
 
-    # Read from a service.audit.evidence.Evidence.
-    model_config = ConfigDict(from_attributes=True)
+    # Read from a service.audit.evidence.Evidence, or from its dump as frozen when the samples were erased.
+    model_config = ConfigDict(from_attributes=True, validate_by_name=True)
 
     request_id: str = Field(validation_alias=AliasPath("request", "id"))
     model: str = Field(description="The model whose part of the request this is.")
@@ -472,6 +481,9 @@ class EvidencePublic(BaseModel):
     after: FiguresSummaryPublic | None
     reference: FiguresSummaryPublic | None
     samples: list[EvidenceSamplePublic]
+    frozen_at: UtcDatetime | None = Field(
+        default=None, description="Set once the request's samples were erased: the evidence as it stood then, kept "
+        "unchanged (nothing can recompute it without the samples); later audits of the version rely on it.")
 
 
 class AuditLogVerificationPublic(ChainReportPublic):

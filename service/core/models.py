@@ -90,8 +90,12 @@ class Role(str, enum.Enum):
 class Subject(Base):
     __tablename__ = "subjects"
 
+    # Once every copy of the subject's data is erased, the id is replaced by its pseudonym
+    # (service.core.pseudonyms): the service no longer names the subject, and an auditor given the
+    # id still finds the row by hashing it.
     id: Mapped[str] = mapped_column(String(128), primary_key=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    erased_at: Mapped[datetime | None]
 
     samples: Mapped[list["Sample"]] = relationship(back_populates="subject")
 
@@ -118,6 +122,9 @@ class Sample(Base):
     dataset: Mapped[str] = mapped_column(String(64))
     dataset_index: Mapped[int]
     subject_id: Mapped[str] = mapped_column(ForeignKey("subjects.id"), index=True)
+    # The tombstone: every copy the service held was erased then (no model holds it any more). Data
+    # loading blanks it, and nothing reads it again.
+    erased_at: Mapped[datetime | None]
 
     subject: Mapped[Subject] = relationship(back_populates="samples")
 
@@ -233,6 +240,8 @@ class ForgetRequest(Base):
     received_at: Mapped[datetime] = mapped_column(default=utcnow)
     due_at: Mapped[datetime]
     completed_at: Mapped[datetime | None]
+    # When the copies of its samples that the service held were erased (service.requests.erasure).
+    erased_at: Mapped[datetime | None]
 
     parts: Mapped[list["ForgetRequestPart"]] = relationship(back_populates="request",
                                                             order_by="ForgetRequestPart.model_name")
@@ -253,6 +262,10 @@ class ForgetRequestPart(Base):
     completed_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
     completed_at: Mapped[datetime | None]
     error: Mapped[str | None] = mapped_column(Text)
+    # The part's evidence (GET /forget-requests/{id}/evidence) as it stood just before the samples
+    # were erased: afterwards nothing can recompute it, so it is kept as it was.
+    frozen_evidence: Mapped[dict | None]
+    evidence_frozen_at: Mapped[datetime | None]
 
     request: Mapped[ForgetRequest] = relationship(back_populates="parts")
     batch: Mapped[Batch | None] = relationship(back_populates="parts")

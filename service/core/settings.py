@@ -14,7 +14,6 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-
 # The Q-MUL settings of a run, each bounded here once: the service-wide values in Settings
 # (QFORGET_UNLEARN_*) and an admin's per-model overrides (UnlearnSettings) are checked against the
 # same bounds, and the worker hands every one to the engine's QMulConfig.
@@ -101,6 +100,10 @@ class Settings(BaseSettings):
     # Artifacts of versions that still carry forgotten samples are deleted this long after the
     # deployment forgot them (kept meanwhile for audit evidence); the deployed one never is.
     artifact_retention_hours: float = 24.0
+    # A completed request's evidence is frozen and every copy of its samples the service holds is
+    # erased this long after it completed (room for an auditor to look at the live evidence), and
+    # never later than its due date (service/requests/erasure.py).
+    erasure_window_hours: float = Field(default=24.0, ge=0)
     # An Idempotency-Key is remembered this long (the scheduler deletes older records): a client
     # retries within minutes, and a key reused after this is a new request.
     idempotency_retention_hours: float = 24.0

@@ -19,6 +19,9 @@ UNLEARN_TASK = "qforget.run_unlearning"
 REFERENCE_TASK = "qforget.train_reference"
 
 
+ERASE_TASK = "qforget.erase_copies"  # control queue: a worker with the model store and the data caches
+
+
 def redelivery_seconds(settings: Settings) -> int:
     """How long the broker keeps an unacknowledged task before delivering it again (Redis). It must
     outlast the longest run, or a healthy long run would be started a second time; a task sent

@@ -4,7 +4,8 @@ A model learned every sample of its data set's training split (positions below t
 `train_size`), and holds each until it forgets it; a model bootstrapped after a sample's erasure
 was asked never learned it. Both are rows of `forgotten_samples`, the only thing stored: a model
 holds a registered sample of its data set exactly when no such row names the two. A version
-carries its model's samples but its `excluded_sample_ids`.
+carries its model's samples but its `excluded_sample_ids`. A sample no model holds may be erased
+(service.requests.erasure): its tombstone, `samples.erased_at`, is what data loading blanks.
 """
 
 from sqlalchemy import Select, exists, select
@@ -48,3 +49,11 @@ def holders(session: Session, sample_ids: list[int]) -> dict[str, list[int]]:
     for model_name, sample_id in rows:
         held.setdefault(model_name, []).append(sample_id)
     return held
+
+
+def erased_indices(session: Session, dataset: str) -> list[int]:
+    """The dataset indices of the data set's tombstoned samples, ascending: what data loading blanks."""
+    return list(session.scalars(
+        select(Sample.dataset_index).where(Sample.dataset == dataset, Sample.erased_at.is_not(None))
+        .order_by(Sample.dataset_index)
+    ))

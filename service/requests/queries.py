@@ -6,6 +6,7 @@ from datetime import datetime
 from sqlalchemy import Row, bindparam, func, select
 from sqlalchemy.orm import Session, selectinload
 
+from service.core.audit_log import audit_key
 from service.core.models import (
     Dataset,
     ForgetRequest,
@@ -17,6 +18,7 @@ from service.core.models import (
     Sample,
     Subject,
 )
+from service.core.pseudonyms import pseudonym
 
 
 @dataclass(frozen=True)
@@ -146,9 +148,12 @@ def find_subject(session: Session, subject_id: str, *, model_name: str | None = 
     """The subject with its samples, which model holds each, and its forget requests, or None. With
     `model_name`: only that model's data set, holdings, requests and parts (none when no such model
     exists)."""
-    subject = session.get(Subject, subject_id)
+    # An erased subject's row is kept under its pseudonym: found by hashing the id asked for.
+    subject = session.get(Subject, subject_id) or session.get(Subject, pseudonym(audit_key(session), "subject",
+                                                                                  subject_id))
     if subject is None:
         return None
+    subject_id = subject.id
     samples = session.execute(
         select(Sample.id, Sample.dataset, Sample.dataset_index, Sample.subject_id, Dataset.train_size)
         .outerjoin(Dataset, Dataset.name == Sample.dataset)

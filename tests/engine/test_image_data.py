@@ -129,8 +129,8 @@ def test_archive_and_folder_decode_to_the_same_arrays(tree, tmp_path, cache):
     with tarfile.open(archive, "w:gz") as tar:
         for path in files:
             tar.add(path, arcname=str(path.relative_to(tree)))
-    from_folder, classes = read_image_folder(tree, use_cache=False)
-    from_archive, archive_classes = read_image_archive(archive, use_cache=False)
+    from_folder, classes, _ = read_image_folder(tree, use_cache=False)
+    from_archive, archive_classes, _ = read_image_archive(archive, use_cache=False)
     assert classes == archive_classes == CLASSES
     for split in ("train", "test"):
         assert np.array_equal(from_folder[split].x, from_archive[split].x)
@@ -219,7 +219,7 @@ def test_real_cifar10_subset(real_cifar_subset, cache):
     assert data.train.x.shape == (20, 3, 32, 32) and data.test.x.shape == (20, 3, 32, 32)
     assert data.train.y.tolist() == [c for c in range(10) for _ in range(2)]
     first = np.asarray(Image.open(min((real_cifar_subset / "test" / "airplane").iterdir())))
-    arrays, _ = read_image_folder(real_cifar_subset, use_cache=False)
+    arrays, _, _ = read_image_folder(real_cifar_subset, use_cache=False)
     assert np.array_equal(arrays["test"].x[0], first.transpose(2, 0, 1))
 
 

@@ -22,7 +22,7 @@ from service.core.models import (
 from service.core.settings import Settings
 from service.deployments.deploy import deploy_version
 from service.requests import lifecycle
-from service.requests.holdings import held_by
+from service.requests.holdings import erased_indices, held_by
 from workers import engine as qf
 from workers.batches.claims import ClaimedBatch, LeaseKeeper
 from workers.evaluation.samples import SampleAssessment, assess_samples, record_sample_scores
@@ -44,6 +44,7 @@ def run_batch(engine: Engine, settings: Settings, claimed: ClaimedBatch, progres
         held = session.execute(held_by(model.name, model.dataset)).all()
         in_batch = set(session.scalars(batch_samples))
         spec = qf.ModelSpec.from_dict(model.spec)
+        erased = erased_indices(session, model.dataset)
         config = unlearn_config(settings, model)
         parent_path, parent_sha256 = parent.artifact_path, parent.sha256
     forget_rows = [row for row in held if row.id in in_batch]
@@ -54,7 +55,7 @@ def run_batch(engine: Engine, settings: Settings, claimed: ClaimedBatch, progres
     keeper = LeaseKeeper(engine, claimed.batch_id, settings.lease_seconds)
     keeper.start()
     try:
-        data = load_data(spec)
+        data = load_data(spec, erased)
         retain_indices, unreadable = readable_indices(
             [row.dataset_index for row in held if row.id not in in_batch], len(data.train))
         if forget_indices and forget_indices[-1] >= len(data.train):

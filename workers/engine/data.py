@@ -59,6 +59,10 @@ class Split:
     x: torch.Tensor  # N x C x H x W, float32
     y: torch.Tensor  # N, int64 class labels
     augment: Augment | None = None  # train-time augmentation; evaluation always sees x as is
+    # Where the decoded pixels are cached (a split read from a cache file): each sample's row in the
+    # file's "train" array, so that erasing a sample can rewrite the cache without it.
+    cache_file: Path | None = None
+    cache_rows: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.y)
@@ -66,6 +70,26 @@ class Split:
     def subset(self, indices: Sequence[int] | torch.Tensor | np.ndarray) -> "Split":
         index = torch.as_tensor(indices, dtype=torch.long)
         return Split(self.x[index], self.y[index], self.augment)
+
+    def erase(self, indices: Sequence[int]) -> bool:
+        """Blank the samples at `indices` in memory, and in the cache file this split was read from
+        (rewritten, atomically, when it still holds any of them: a cache decoded again from the
+        source has them back). The source files, the data owner's copy, are not touched. Returns
+        whether the cache file was rewritten."""
+        if not len(indices):
+            return False
+        index = np.asarray(indices)
+        self.x[torch.as_tensor(index, dtype=torch.long)] = 0.0
+        if self.cache_file is None or self.cache_rows is None or not self.cache_file.exists():
+            return False
+        rows = self.cache_rows[index]
+        with np.load(self.cache_file) as stored:
+            arrays = {name: stored[name] for name in stored.files}
+        if not arrays["train_x"][rows].any():
+            return False
+        arrays["train_x"][rows] = 0
+        write_arrays(self.cache_file, arrays)
+        return True
 
     def training_batch(
         self, index: torch.Tensor, generator: torch.Generator, device: str | torch.device
@@ -204,13 +228,14 @@ def per_class_choice(labels: np.ndarray, count, rng: np.random.Generator) -> np.
     return chosen
 
 
-def subset_per_class(arrays: ImageArrays, per_class: int | None, seed: list[int]) -> ImageArrays:
+def subset_per_class(arrays: ImageArrays, per_class: int | None, seed: list[int]) -> tuple[ImageArrays, np.ndarray]:
+    """The subset and the mask that chose it (all True without a subset)."""
     if per_class is None:
-        return arrays
+        return arrays, np.ones(len(arrays.y), dtype=bool)
     if per_class < 1:
         raise ValueError(f"per-class subset sizes must be >= 1, got {per_class}")
     keep = per_class_choice(arrays.y, lambda n: per_class, np.random.default_rng(seed))
-    return ImageArrays(arrays.x[keep], arrays.y[keep])
+    return ImageArrays(arrays.x[keep], arrays.y[keep]), keep
 
 
 def channel_mean_std(x: np.ndarray, chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
@@ -242,6 +267,7 @@ def make_image_splits(
 ) -> tuple[Split, Split, Split | None]:
     """The shared image recipe (module docstring): validation split, subsets, normalisation,
     crop-and-flip augmentation. Returns (train, test, val)."""
+    train_rows = np.arange(len(train.y))  # each kept training sample's row in the decoded arrays
     if val is None and val_fraction > 0:
         if not val_fraction < 1:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
@@ -249,11 +275,13 @@ def make_image_splits(
         is_val = per_class_choice(train.y, lambda n: round(val_fraction * n), rng)
         val = ImageArrays(train.x[is_val], train.y[is_val])
         train = ImageArrays(train.x[~is_val], train.y[~is_val])
+        train_rows = train_rows[~is_val]
     # Separate seeded streams per split, so that a subset of one does not move another's.
-    train = subset_per_class(train, train_per_class, [seed, 1])
-    test = subset_per_class(test, test_per_class, [seed, 2])
+    train, kept = subset_per_class(train, train_per_class, [seed, 1])
+    train_rows = train_rows[kept]
+    test, _ = subset_per_class(test, test_per_class, [seed, 2])
     if val is not None:
-        val = subset_per_class(val, val_per_class, [seed, 3])
+        val, _ = subset_per_class(val, val_per_class, [seed, 3])
 
     mean, std = channel_mean_std(train.x)
     augment = CropFlip(padding, flip, tuple((-mean / std).tolist()))
@@ -263,8 +291,10 @@ def make_image_splits(
         x = x.sub_(mean.float().view(1, -1, 1, 1)).div_(std.float().view(1, -1, 1, 1))
         return Split(x, torch.from_numpy(arrays.y).long(), augment)
 
+    train_split = to_split(train, augment)
+    train_split.cache_rows = train_rows
     return (
-        to_split(train, augment),
+        train_split,
         to_split(test),
         to_split(val) if val is not None and len(val.y) else None,
     )
@@ -313,27 +343,35 @@ def folder_listing(root: Path, classes: list[str] | None = None) -> tuple[list[s
     return classes, files
 
 
+def write_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """An .npz written whole under a temporary name, then moved over `path`: a reader sees the old
+    file or the new one, never a part."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_suffix(f".{os.getpid()}.tmp.npz")
+    np.savez(temp, **arrays)
+    os.replace(temp, path)
+
+
 def cached(key: str, build: Callable[[], dict[str, ImageArrays]], use_cache: bool):
-    """build(), or its result as stored under the cache folder for key (one .npz per key)."""
+    """(build(), None), or its result as stored under the cache folder for key (one .npz per key)
+    with the file's path."""
     path = cache_dir() / f"{key}.npz"
     if use_cache and path.exists():
         with np.load(path) as stored:
             names = sorted({name.rsplit("_", 1)[0] for name in stored.files})
-            return {name: ImageArrays(stored[f"{name}_x"], stored[f"{name}_y"]) for name in names}
+            return {name: ImageArrays(stored[f"{name}_x"], stored[f"{name}_y"]) for name in names}, path
     result = build()
-    if use_cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temp = path.with_suffix(f".{os.getpid()}.tmp.npz")
-        np.savez(temp, **{f"{name}_{part}": getattr(arrays, part)
-                          for name, arrays in result.items() for part in ("x", "y")})
-        os.replace(temp, path)
-    return result
+    if not use_cache:
+        return result, None
+    write_arrays(path, {f"{name}_{part}": getattr(arrays, part) for name, arrays in result.items()
+                        for part in ("x", "y")})
+    return result, path
 
 
 def read_image_folder(
     root: Path, image_size: int | None = None, use_cache: bool = True
-) -> tuple[dict[str, ImageArrays], list[str]]:
-    """Decode root/{train,test[,val]}/<class>/* into arrays; return (splits, class names)."""
+) -> tuple[dict[str, ImageArrays], list[str], Path | None]:
+    """Decode root/{train,test[,val]}/<class>/* into arrays; return (splits, class names, cache file)."""
     root = Path(root).expanduser().resolve()
     for required in ("train", "test"):
         if not (root / required).is_dir():
@@ -361,14 +399,15 @@ def read_image_folder(
             for name, files in listings.items()
         }
 
-    return cached(f"folder-{fingerprint.hexdigest()[:24]}", build, use_cache), classes
+    arrays, cache_file = cached(f"folder-{fingerprint.hexdigest()[:24]}", build, use_cache)
+    return arrays, classes, cache_file
 
 
 def read_image_archive(
     archive: Path, image_size: int | None = None, use_cache: bool = True
-) -> tuple[dict[str, ImageArrays], list[str]]:
+) -> tuple[dict[str, ImageArrays], list[str], Path | None]:
     """Decode a tar(.gz) of [prefix/]{train,test[,val]}/<class>/<file> (read as a stream, never
-    extracted to disk); ImageFolder order. Returns (splits, class names)."""
+    extracted to disk); ImageFolder order. Returns (splits, class names, cache file)."""
     archive = Path(archive).expanduser().resolve()
     stat = archive.stat()
     key = hashlib.sha256(repr((str(archive), stat.st_size, stat.st_mtime_ns, image_size)).encode())
@@ -403,9 +442,9 @@ def read_image_archive(
         result["classes"] = ImageArrays(np.asarray(names), np.arange(len(names)))
         return result
 
-    result = cached(f"archive-{key.hexdigest()[:24]}", build, use_cache)
+    result, cache_file = cached(f"archive-{key.hexdigest()[:24]}", build, use_cache)
     classes = [str(name) for name in result.pop("classes").x]
-    return result, classes
+    return result, classes, cache_file
 
 
 def read_image_source(source: Path, image_size=None, use_cache=True):
@@ -447,11 +486,12 @@ def cifar10_source(root: str | Path | None = None) -> Path:
 
 def load_image_dataset(source, seed, image_size=None, cache=True, flip=True, expect_classes=None,
                        **options):
-    arrays, classes = read_image_source(source, image_size, cache)
+    arrays, classes, cache_file = read_image_source(source, image_size, cache)
     if expect_classes is not None and len(classes) != expect_classes:
         raise ValueError(f"{source} has {len(classes)} classes, expected {expect_classes}")
     train, test, val = make_image_splits(arrays["train"], arrays["test"], seed,
                                          val=arrays.get("val"), flip=flip, **options)
+    train.cache_file = cache_file
     return train, test, val, classes
 
 

@@ -9,7 +9,7 @@ from service.core.audit_log import append_audit
 from service.core.db import transaction
 from service.core.models import Evaluation, Model, ModelVersion, Sample
 from service.core.settings import Settings
-from service.requests.holdings import held_by
+from service.requests.holdings import erased_indices, held_by
 from workers import engine as qf
 from workers.evaluation.samples import SCORE_BIN_EDGES, assess_samples, record_sample_scores, score_histogram
 from workers.runtime import WORKER_ID, load_data
@@ -24,15 +24,17 @@ def _audit_splits(session, model: Model, forgotten_ids) -> tuple[list[tuple[int,
 
 
 def _forget_samples(session, forgotten_ids) -> list[tuple[int, int]]:
-    """(sample id, dataset index) of the given samples, in the forget split's order."""
+    """(sample id, dataset index) of the given samples that are not erased, in the forget split's
+    order. An erased sample cannot be read: its figures are its request's frozen evidence."""
     return [tuple(row) for row in session.execute(
-        select(Sample.id, Sample.dataset_index).where(Sample.id.in_(forgotten_ids)).order_by(Sample.dataset_index)
+        select(Sample.id, Sample.dataset_index).where(Sample.id.in_(forgotten_ids), Sample.erased_at.is_(None))
+        .order_by(Sample.dataset_index)
     )]
 
 
 def _evaluate_artifact(settings: Settings, spec: qf.ModelSpec, artifact_path: str, sha256: str,
-                       forget_indices: list[int], retain_indices: list[int]) -> dict:
-    data = load_data(spec)
+                       forget_indices: list[int], retain_indices: list[int], erased: list[int]) -> dict:
+    data = load_data(spec, erased)
     network, _ = qf.load_artifact(Path(artifact_path), sha256, device=settings.torch_device)
     forget, retain = data.train.subset(forget_indices), data.train.subset(retain_indices)
     return qf.evaluate(network, forget, retain, data.test, device=settings.torch_device)
@@ -45,16 +47,17 @@ def evaluate_on_deployment_splits(engine: Engine, settings: Settings, model_name
         deployed = session.get(ModelVersion, model.deployed_version_id)
         version = session.get(ModelVersion, version_id)
         forget_samples, retain_indices = _audit_splits(session, model, deployed.excluded_sample_ids)
+        erased = erased_indices(session, model.dataset)
     forget_indices = [index for _, index in forget_samples]
     return _evaluate_artifact(settings, qf.ModelSpec.from_dict(model.spec), version.artifact_path, version.sha256,
-                              forget_indices, retain_indices)
+                              forget_indices, retain_indices, erased)
 
 
 def evaluate_deployment(engine: Engine, settings: Settings, model_name: str) -> int | None:
     """Evaluate the deployed version against the newest reference that excludes the same samples.
 
-    Returns the evaluation id, or None when there is nothing forgotten yet or no such reference
-    (the audit endpoint then says so).
+    Returns the evaluation id, or None when there is nothing forgotten yet, no such reference, or
+    every forgotten sample is erased (the audit endpoint then says so).
     """
     with transaction(engine) as session:
         model = session.get(Model, model_name)
@@ -67,10 +70,13 @@ def evaluate_deployment(engine: Engine, settings: Settings, model_name: str) -> 
             return None
         reference = comparison.reference
         forget_samples, retain_indices = _audit_splits(session, model, excluded)
+        if not forget_samples:
+            return None
         forget_sample_ids = [sample_id for sample_id, _ in forget_samples]
         forget_indices = [index for _, index in forget_samples]
         spec = qf.ModelSpec.from_dict(model.spec)
-    data = load_data(spec)
+        erased = erased_indices(session, model.dataset)
+    data = load_data(spec, erased)
     forget, retain = data.train.subset(forget_indices), data.train.subset(retain_indices)
     assessments = {}
     for version in (deployed, reference):

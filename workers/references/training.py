@@ -11,7 +11,7 @@ from service.core.audit_log import append_audit
 from service.core.db import transaction
 from service.core.models import Model, ModelVersion, ReferenceRequest, VersionKind, utcnow
 from service.core.settings import Settings
-from service.requests.holdings import forgotten_by, held_by
+from service.requests.holdings import erased_indices, forgotten_by, held_by
 from workers import engine as qf
 from workers.runtime import WORKER_ID, artifact_spec, load_data, readable_indices
 
@@ -37,7 +37,8 @@ def train_reference(engine: Engine, settings: Settings, model_name: str, referen
         held_indices = sorted(row.dataset_index for row in session.execute(held_by(model.name, model.dataset)))
         excluded = list(forgotten_by(session, model.name))
         spec = qf.ModelSpec.from_dict(model.spec)
-    data = load_data(spec)
+        erased = erased_indices(session, model.dataset)
+    data = load_data(spec, erased)
     active_indices, unreadable = readable_indices(held_indices, len(data.train))
     if unreadable:
         log.warning("reference for %s: %d samples beyond the data set's %d skipped", model_name, unreadable,
@@ -49,6 +50,10 @@ def train_reference(engine: Engine, settings: Settings, model_name: str, referen
                                      checkpoint=checkpoint, checkpoint_every_s=settings.checkpoint_every_seconds)
     path, sha256 = qf.save_artifact(reference, artifact_spec(spec), Path(settings.model_store))
     with transaction(engine) as session:
+        if set(erased_indices(session, spec.dataset)) & set(active_indices):
+            # Forgotten by the model and erased while this trained: the reference must not exist.
+            path.unlink(missing_ok=True)
+            raise ErasedDuringTraining("samples this reference trained on were erased meanwhile; it is trained again")
         version = ModelVersion(
             model_name=model_name,
             kind=VersionKind.reference,
@@ -76,6 +81,10 @@ def train_reference(engine: Engine, settings: Settings, model_name: str, referen
     return version_id
 
 
+class ErasedDuringTraining(RuntimeError):
+    """Samples a reference trained on were erased before it was recorded."""
+
+
 def reference_checkpoint(settings: Settings, reference_request_id: int, spec: qf.ModelSpec,
                          active_indices: list[int]) -> Path:
     """Where a request's reference training keeps its checkpoint: named by the request and the exact
@@ -86,10 +95,13 @@ def reference_checkpoint(settings: Settings, reference_request_id: int, spec: qf
             / f"reference-{reference_request_id}-{hashlib.sha256(trained_on).hexdigest()[:16]}.pt")
 
 
-def drop_reference_checkpoints(settings: Settings, reference_request_id: int) -> None:
-    """A closed request's checkpoints: they may hold samples forgotten since, and nothing resumes them."""
-    for path in (Path(settings.model_store) / "checkpoints").glob(f"reference-{reference_request_id}-*.pt"):
+def drop_reference_checkpoints(settings: Settings, reference_request_id: int) -> int:
+    """Delete a request's checkpoints (a closed request's: they may hold samples forgotten since, and
+    nothing resumes them). Returns how many there were."""
+    paths = list((Path(settings.model_store) / "checkpoints").glob(f"reference-{reference_request_id}-*.pt"))
+    for path in paths:
         path.unlink(missing_ok=True)
+    return len(paths)
 
 
 def record_reference_failure(engine: Engine, settings: Settings, reference_request_id: int,

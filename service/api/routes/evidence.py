@@ -33,7 +33,7 @@ def read_evidence(
 ) -> EvidencePublic:
     """Get the request's samples before and after unlearning by one model: accuracy, true-label
     confidence and membership calls of the parent version, the version that forgot them, and a
-    retrain reference."""
+    retrain reference. Once the samples are erased, the evidence frozen just before (`frozen_at`)."""
     request = find_request(session, request_id)
     model = model or caller.model
     parts = {} if request is None else {part.model_name: part for part in request.parts}
@@ -45,4 +45,7 @@ def read_evidence(
     if model not in parts:
         raise RequestValidationProblem("model", f"name one of the request's models: {', '.join(sorted(parts))}",
                                        error_type="unknown_part", location="query")
-    return EvidencePublic.model_validate(request_evidence(session, request, parts[model]))
+    part = parts[model]
+    if part.frozen_evidence is not None:  # the samples are erased: the evidence as it was kept then
+        return EvidencePublic.model_validate({**part.frozen_evidence, "frozen_at": part.evidence_frozen_at})
+    return EvidencePublic.model_validate(request_evidence(session, request, part))
