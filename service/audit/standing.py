@@ -6,11 +6,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from service.audit.comparison import ReferenceMatch, compare_with_references
 from service.audit.queries import matching_evaluation, newest_evaluation_of_model
-from service.core.models import Evaluation, Model, ModelVersion, VersionKind
+from service.core.models import Evaluation, Model, ModelVersion, Sample, VersionKind
 from service.deployments.queries import deployed_version, find_model
 
 
@@ -84,7 +85,8 @@ def deployment_audit(session: Session, model: Model) -> DeploymentAudit:
         return DeploymentAudit(name, deployed_id, "current",
                                f"evaluation of the deployed version {deployed_id} against reference "
                                f"{evaluation.reference_id}, trained without the same "
-                               f"{len(deployed.excluded_sample_ids)} samples", evaluation, reference)
+                               f"{len(deployed.excluded_sample_ids)} samples{erased_note(session, deployed)}",
+                               evaluation, reference)
     why = "" if reference is None else f"; {reference.message}"
     earlier = newest_evaluation_of_model(session, name)
     if earlier is None:
@@ -120,4 +122,16 @@ def version_audit(session: Session, version: ModelVersion) -> VersionAudit:
         return audit("not_evaluated", f"{reference.message}, but version {version.id} has not been evaluated against "
                      "it (a worker evaluates the deployed version when a reference is trained)", reference)
     return audit("current", f"evaluation of version {version.id} against reference {evaluation.reference_id}, "
-                 f"trained without the same {len(version.excluded_sample_ids)} samples", reference, evaluation)
+                 f"trained without the same {len(version.excluded_sample_ids)} samples{erased_note(session, version)}",
+                 reference, evaluation)
+
+
+def erased_note(session: Session, version: ModelVersion) -> str:
+    """What an evaluation of the version cannot cover: its forgotten samples that were erased since."""
+    erased = session.scalar(select(func.count()).select_from(Sample).where(
+        Sample.id.in_(version.excluded_sample_ids), Sample.erased_at.is_not(None))) if version.excluded_sample_ids else 0
+    if not erased:
+        return ""
+    return (f"; {erased} of these samples are erased: the forget-set figures (FA, MIA) of evaluations since cover "
+            f"the other {len(version.excluded_sample_ids) - erased}, and the erased ones' figures are the evidence "
+            "frozen by their forget requests")

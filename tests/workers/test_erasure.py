@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from sqlalchemy import inspect, select, text
 
+from service.audit.standing import erased_note
 from service.core.db import get_engine, transaction
 from service.core.models import ForgetRequest, ModelVersion, Sample, Subject
 from service.core.pseudonyms import pseudonym
@@ -154,3 +155,6 @@ def test_erasure_leaves_no_copy_and_no_name(settings, owner_data, tmp_path, monk
     assert not reloaded.train.x[[index for _, index in erased_samples]].any()
     metrics = evaluate_on_deployment_splits(engine, settings, "a", deployed["a"])
     assert set(metrics) >= {"FA", "RA", "TA", "MIA"}
+    with transaction(engine) as session:
+        note = erased_note(session, session.get(ModelVersion, deployed["a"]))
+    assert note.startswith(f"; {len(erased_samples)} of these samples are erased")
