@@ -88,7 +88,6 @@ def register_samples(
     # Counts only: the audit log is append-only, so it should not become a second copy of the map.
     append_audit(
         session, actor=actor, action="samples.registered", object_type="dataset", object_id=dataset,
-        details={"samples": len(created), "subjects_created": len(new_subjects),
-                 "min_sample_id": min(s.id for s in created), "max_sample_id": max(s.id for s in created)},
+        details={"samples": len(created), "subjects_created": len(new_subjects)},
     )
     return created, len(new_subjects)
