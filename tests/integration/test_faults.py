@@ -20,23 +20,28 @@ REDIS_START = ["redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "-::
 
 
 def assert_exactly_once(stack, request_ids: list[str]) -> list[Batch]:
-    """Each request completed once, by a completed batch; batches chain parent to result."""
+    """Each request completed once, with a part per model, each completed by a completed batch of
+    its model; each model's batches chain parent to result. Returns the default model's batches."""
     with transaction(stack.engine) as session:
         completions = session.scalars(select(AuditEntry.object_id).where(AuditEntry.action == "request.completed")).all()
         assert sorted(completions) == sorted(request_ids)
-        batches = session.scalars(select(Batch).where(Batch.status == BatchStatus.completed).order_by(Batch.id)).all()
-        model = session.get(Model, stack.settings.default_model)
-        parent = session.get(ModelVersion, batches[0].parent_version_id)
-        assert parent.kind.value == "original"
-        for earlier, later in zip(batches, batches[1:]):
-            assert later.parent_version_id == earlier.result_version_id
-        assert model.deployed_version_id == batches[-1].result_version_id
+        models = session.scalars(select(Model).order_by(Model.name)).all()
+        batches_of = {}
+        for model in models:
+            batches = session.scalars(select(Batch).where(Batch.model_name == model.name,
+                                                         Batch.status == BatchStatus.completed).order_by(Batch.id)).all()
+            assert session.get(ModelVersion, batches[0].parent_version_id).kind.value == "original"
+            for earlier, later in zip(batches, batches[1:]):
+                assert later.parent_version_id == earlier.result_version_id
+            assert model.deployed_version_id == batches[-1].result_version_id
+            batches_of[model.name] = batches
         assert session.scalar(select(func.count()).select_from(Batch).where(Batch.status == BatchStatus.running)) == 0
         for request_id in request_ids:
-            [part] = session.get(ForgetRequest, request_id).parts
-            assert part.completed_version_id == part.batch.result_version_id
+            parts = session.get(ForgetRequest, request_id).parts
+            assert sorted(part.model_name for part in parts) == [model.name for model in models]
+            assert all(part.completed_version_id == part.batch.result_version_id for part in parts)
         assert verify_chain(session).ok
-        return batches
+        return batches_of[stack.settings.default_model]
 
 
 def batch_started(stack) -> bool:
@@ -45,8 +50,9 @@ def batch_started(stack) -> bool:
 
 
 def test_a_worker_killed_mid_run_is_replaced_and_nothing_is_applied_twice(make_stack):
-    # Short leases so the takeover comes quickly; runs long enough to be killed in the middle.
-    stack = make_stack(lease_seconds=3, unlearn_epochs=10)
+    # Short leases so the takeover comes quickly; runs long enough to be killed in the middle. Two
+    # models: each request fans out to both, and the killed run is one of them.
+    stack = make_stack(models=2, lease_seconds=3, unlearn_epochs=10)
     stack.services.start("worker-a", "worker")
     stack.services.start("scheduler", "scheduler")
     client = stack.client()
@@ -57,15 +63,18 @@ def test_a_worker_killed_mid_run_is_replaced_and_nothing_is_applied_twice(make_s
     stack.services.start("worker-b", "worker")
 
     stack.wait_for_completion(client, request_ids)
-    (batch,) = assert_exactly_once(stack, request_ids)
-    assert batch.attempts == 2  # the killed attempt, then the takeover from the same parent
+    assert_exactly_once(stack, request_ids)
     with transaction(stack.engine) as session:
+        batches = session.scalars(select(Batch).order_by(Batch.id)).all()
         takeovers = session.scalars(select(AuditEntry).where(AuditEntry.action == "batch.lease_taken_over")).all()
-        assert [entry.object_id for entry in takeovers] == [str(batch.id)]
+    # The killed attempt, then the takeover from the same parent; one batch per model.
+    assert sorted(batch.model_name for batch in batches) == sorted({batch.model_name for batch in batches})
+    assert {entry.object_id for entry in takeovers} == {str(batch.id) for batch in batches if batch.attempts == 2}
+    assert takeovers
 
 
 def test_a_redis_outage_loses_no_request(make_stack):
-    stack = make_stack()
+    stack = make_stack(models=2)
     stack.services.start("worker", "worker")
     stack.services.start("scheduler", "scheduler")
     client = stack.client()
