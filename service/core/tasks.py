@@ -7,7 +7,7 @@ from service.core.settings import Settings
 GPU_QUEUE = "gpu"  # unlearning runs and retrain references: long, one model per worker slot
 
 
-CONTROL_QUEUE = "control"  # the scheduler's cheap dispatch task
+CONTROL_QUEUE = "control"  # the scheduler's cheap dispatch task, and webhook deliveries
 
 
 DISPATCH_TASK = "qforget.dispatch"
@@ -17,6 +17,9 @@ UNLEARN_TASK = "qforget.run_unlearning"
 
 
 REFERENCE_TASK = "qforget.train_reference"
+
+
+WEBHOOK_TASK = "qforget.deliver_webhooks"  # control queue (the default): short POSTs, no GPU
 
 
 def redelivery_seconds(settings: Settings) -> int:
