@@ -72,7 +72,7 @@ def failed(session: Session, batch: Batch, request_ids: list[str], error: str) -
         return
     outbox.emit_many(session, [
         ("request.failed", {"request_id": request_id, "model": batch.model_name, "batch_id": batch.id,
-                            "attempts": batch.attempts, "error": error, "part_status": "pending"})
+                            "error": error, "part_status": "pending"})
         for request_id in request_ids
     ])
 

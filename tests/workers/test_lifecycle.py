@@ -152,5 +152,5 @@ def test_holding_records_nothing_and_giving_up_records_request_failed(hooked, se
     apply(hooked, lifecycle.give_up, second, "worker lost three times", "test")
     [(event_type, data)] = events(hooked)
     assert event_type == "request.failed"
-    assert data == {"request_id": request_id, "model": seed.model, "batch_id": second, "attempts": 1,
+    assert data == {"request_id": request_id, "model": seed.model, "batch_id": second,
                     "error": "worker lost three times", "part_status": "pending"}
