@@ -1,4 +1,4 @@
-"""Celery tasks. Each takes a model name and reads its work from the database.
+"""Celery tasks. Each reads its work from the database (the GPU tasks: a model's).
 
 The engine (torch) is imported inside the task bodies so that the scheduler process, which only
 sends dispatches, never loads it.
@@ -11,10 +11,13 @@ from service.core.db import get_engine, transaction
 from service.core.logging_setup import bind_log_context
 from service.core.models import utcnow
 from service.core.settings import get_settings
-from service.core.tasks import DISPATCH_TASK, ERASE_TASK, REFERENCE_TASK, UNLEARN_TASK, redelivery_seconds
+from service.core.tasks import DISPATCH_TASK, ERASE_TASK, REFERENCE_TASK, UNLEARN_TASK, WEBHOOK_TASK, redelivery_seconds
 from service.references.schedule import claim_requests_to_send, schedule_references
 from service.requests import idempotency
 from service.requests.erasure import requests_due
+from service.webhooks import outbox
+from service.webhooks.delivery import deliver_due
+from service.webhooks.queries import has_due
 from workers.batches.policy import BatchPolicy, due_models
 from workers.celery_app import app
 
@@ -36,9 +39,15 @@ def dispatch() -> list[str]:
     for model_name in due:
         run_unlearning.delay(model_name)
     dispatch_references()
+    now = utcnow()
     with transaction(get_engine(settings, "scheduler")) as session:
-        idempotency.prune_expired(session, utcnow() - timedelta(hours=settings.idempotency_retention_hours))
-        erasures_due = requests_due(session, utcnow(), timedelta(hours=settings.erasure_window_hours))
+        idempotency.prune_expired(session, now - timedelta(hours=settings.idempotency_retention_hours))
+        outbox.clear_abandoned(session, now - timedelta(hours=settings.webhook_failed_retention_hours))
+        webhooks_due = bool(settings.webhook_url) and has_due(session.connection(), now)
+        erasures_due = requests_due(session, now, timedelta(hours=settings.erasure_window_hours))
+    if webhooks_due:
+        # A send older than one interval is superseded by the next tick's.
+        deliver_webhooks.apply_async(expires=settings.scheduler_interval_seconds)
     if erasures_due:
         erase_copies.delay()
     return due
@@ -57,6 +66,12 @@ def dispatch_references() -> list[int]:
     for request_id, model_name in to_send:
         train_reference.delay(model_name, request_id)
     return [request_id for request_id, _ in to_send]
+
+
+@app.task(name=WEBHOOK_TASK)
+def deliver_webhooks() -> int:
+    """POST the webhook deliveries that are due (service/webhooks/delivery.py); returns how many were tried."""
+    return len(deliver_due(get_engine(get_settings(), "worker")))
 
 
 @app.task(name=UNLEARN_TASK)

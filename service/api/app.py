@@ -25,6 +25,7 @@ from service.api.routes import (
     metrics,
     models,
     subjects,
+    webhooks,
 )
 from service.api.schemas import ErrorPublic
 from service.api.security_headers import SecurityHeaders, with_security_headers
@@ -75,7 +76,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(HotPath)
     app.add_middleware(BodySizeLimit, max_bytes=settings.api_max_body_bytes)
     routers = [forget_requests.router, evidence.router, subjects.router, models.router, datasets.router,
-               audit.router, deployments.router, health.router, metrics.router, dashboard.router]
+               audit.router, deployments.router, webhooks.router, health.router, metrics.router, dashboard.router]
     # Added last, so outermost: they see every answer, the size limit's 413 included.
     app.add_middleware(SecurityHeaders)
     app.add_middleware(RequestLogging, routes=[route for router in routers for route in router.routes])

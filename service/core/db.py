@@ -7,7 +7,8 @@ one upgrades a read lock (the audit log's hash chain reads the last entry, then 
 
 An engine made from settings carries the audit log's key and checkpoint file (the execution option
 service.core.audit_log.AUDIT_OPTION), which every session made from it inherits: appending to the
-audit log needs them.
+audit log needs them. It carries the webhook endpoint the same way (service.webhooks.config), when
+one is configured: recording an event needs it.
 """
 
 import time
@@ -20,6 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.core.audit_log import AUDIT_OPTION, AuditLogConfig
 from service.core.settings import Settings, get_settings
+from service.webhooks.config import WebhookConfig, with_webhooks
 
 # Connections per engine (and process): the API lets at most its settings.api_database_sessions
 # requests hold one at once, which must not exceed POOL_SIZE + MAX_OVERFLOW.
@@ -96,10 +98,12 @@ def _engine_for(database_url: str, name: str) -> Engine:
 
 def get_engine(settings: Settings | None = None, name: str = "qforget") -> Engine:
     settings = settings or get_settings()
-    # One pool per database and name, whatever the settings' audit key: a view of it that carries them.
-    return _engine_for(settings.database_url, name).execution_options(
+    # One pool per database and name, whatever the settings' audit key and webhook endpoint: a view
+    # of it that carries them.
+    engine = _engine_for(settings.database_url, name).execution_options(
         **{AUDIT_OPTION: AuditLogConfig.from_settings(settings)}
     )
+    return with_webhooks(engine, WebhookConfig.from_settings(settings))
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:

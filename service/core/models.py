@@ -72,6 +72,12 @@ class BatchStatus(str, enum.Enum):
     discarded = "discarded"  # an admin refused a held batch; its requests went back to pending
 
 
+class DeliveryStatus(str, enum.Enum):
+    pending = "pending"  # waits for its next attempt
+    delivered = "delivered"  # the receiver answered 2xx
+    failed = "failed"  # the last attempt failed; an admin may retry it
+
+
 class VersionKind(str, enum.Enum):
     original = "original"
     unlearned = "unlearned"
@@ -246,6 +252,8 @@ class ForgetRequest(Base):
     completed_at: Mapped[datetime | None]
     # When the copies of its samples that the service held were erased (service.requests.erasure).
     erased_at: Mapped[datetime | None]
+    # When the data owner acknowledged (2xx) the request.erased webhook telling it which records to delete.
+    erasure_acknowledged_at: Mapped[datetime | None]
 
     parts: Mapped[list["ForgetRequestPart"]] = relationship(back_populates="request",
                                                             order_by="ForgetRequestPart.model_name")
@@ -405,3 +413,40 @@ class IdempotencyRecord(Base):
     response_body: Mapped[dict]
     forget_request_id: Mapped[str | None] = mapped_column(ForeignKey("forget_requests.id"), index=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
+class WebhookDelivery(Base):
+    """One event to POST to the webhook endpoint (service/webhooks), recorded in the transaction of
+    the change it reports, and what became of its attempts.
+
+    `payload` is the body (which may name a subject) until the delivery is delivered or abandoned
+    (its last attempt failed, and it was not retried within QFORGET_WEBHOOK_FAILED_RETENTION_HOURS);
+    then it is cleared and only its sha256 stays. `attempt_log` holds every attempt, as
+    {at, status_code, error, duration_ms}; `attempts` counts those since it was filed or retried.
+    """
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        Index("ix_webhook_deliveries_status_next_attempt_at", "status", "next_attempt_at"),
+        Index("ix_webhook_deliveries_created_at", "created_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # the webhook-id header: "msg_..."
+    event_type: Mapped[str] = mapped_column(String(64))
+    request_id: Mapped[str | None] = mapped_column(ForeignKey("forget_requests.id"), index=True)
+    payload: Mapped[dict | None] = mapped_column(JSON(none_as_null=True))  # None is SQL NULL, not JSON null
+    payload_sha256: Mapped[str] = mapped_column(String(64))
+    status: Mapped[DeliveryStatus] = mapped_column(_enum(DeliveryStatus), default=DeliveryStatus.pending)
+    attempts: Mapped[int] = mapped_column(default=0)
+    attempt_log: Mapped[list] = mapped_column(default=list)
+    next_attempt_at: Mapped[datetime | None]
+    last_status_code: Mapped[int | None] = mapped_column(SmallInteger)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    delivered_at: Mapped[datetime | None]
+    failed_at: Mapped[datetime | None]  # when its last attempt failed (the retention counts from here)
+
+    @property
+    def body_kept(self) -> bool:
+        """Whether the body is still stored: until the delivery is delivered or abandoned."""
+        return self.payload is not None

@@ -5,11 +5,15 @@ store folder, all under `data_dir`; no server to install. Production sets the da
 URLs to PostgreSQL and Redis.
 """
 
+import base64
+import binascii
 import os
 import secrets
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -42,6 +46,30 @@ class UnlearnSettings(BaseModel):
 
 # A shorter QFORGET_AUDIT_KEY is refused: the audit log's hashes are only as strong as its key.
 MIN_AUDIT_KEY_LENGTH = 32
+# The Standard Webhooks secret format: "whsec_" and the base64 of the HMAC key's bytes, of which the
+# convention asks for 24 to 64.
+WEBHOOK_SECRET_PREFIX = "whsec_"
+MIN_WEBHOOK_KEY_BYTES = 24
+MAX_WEBHOOK_KEY_BYTES = 64
+
+
+def webhook_key(secret: str) -> bytes:
+    """The HMAC key a `whsec_<base64>` secret stands for; ValueError when it is not one."""
+    if not secret.startswith(WEBHOOK_SECRET_PREFIX):
+        raise ValueError(f"QFORGET_WEBHOOK_SECRET: must start with {WEBHOOK_SECRET_PREFIX!r}")
+    try:
+        key = base64.b64decode(secret[len(WEBHOOK_SECRET_PREFIX):], validate=True)
+    except binascii.Error:
+        raise ValueError("QFORGET_WEBHOOK_SECRET: the part after whsec_ is not base64") from None
+    if not MIN_WEBHOOK_KEY_BYTES <= len(key) <= MAX_WEBHOOK_KEY_BYTES:
+        raise ValueError(f"QFORGET_WEBHOOK_SECRET: the key must be {MIN_WEBHOOK_KEY_BYTES} to "
+                         f"{MAX_WEBHOOK_KEY_BYTES} bytes, not {len(key)}")
+    return key
+
+
+def new_webhook_secret() -> str:
+    """A fresh secret in the whsec_ format (32 random bytes)."""
+    return WEBHOOK_SECRET_PREFIX + base64.b64encode(secrets.token_bytes(32)).decode()
 
 
 class Settings(BaseSettings):
@@ -137,6 +165,21 @@ class Settings(BaseSettings):
     # Request bodies larger than this are refused with 413 (service/api/body_limit.py).
     api_max_body_bytes: int = 1 << 20
 
+    # Webhooks (service/webhooks, docs/webhooks.md): events about requests are POSTed to this URL,
+    # signed with the secret (Standard Webhooks: "whsec_" and base64). No URL: none are recorded.
+    # Production needs the secret with the URL; elsewhere one is made once in <data_dir>/webhook.secret.
+    webhook_url: str = ""
+    webhook_secret: SecretStr | None = None
+    # A delivery is tried this many times, waiting backoff * 2^(attempt-1) (at most the cap) after
+    # each failed attempt; each POST may take at most the timeout.
+    webhook_max_attempts: int = Field(8, ge=1, le=50)
+    webhook_backoff_seconds: float = Field(60.0, gt=0)
+    webhook_backoff_max_seconds: float = Field(6 * 3600.0, gt=0)
+    webhook_timeout_seconds: float = Field(5.0, gt=0, le=60)
+    # A delivery that failed its last attempt keeps its body this long, so that an admin can retry it
+    # (POST /webhooks/deliveries/{id}/retry) once the receiver is fixed; then the body is cleared.
+    webhook_failed_retention_hours: float = Field(168.0, ge=0)
+
     # Log lines: "json" (one object a line, for a log collector), "text" (readable), or "auto":
     # JSON in production, text otherwise (service/core/logging_setup.py).
     log_format: Literal["auto", "json", "text"] = "auto"
@@ -159,7 +202,22 @@ class Settings(BaseSettings):
         if self.environment == "production" and self.audit_key is None:
             raise ValueError("QFORGET_AUDIT_KEY: production needs the audit log's secret key, the same in every "
                              "process (e.g. the 64 hex digits of `openssl rand -hex 32`; docs/audit.md)")
+        self._check_webhooks()
         return self
+
+    def _check_webhooks(self) -> None:
+        if self.webhook_secret is not None and not self.webhook_secret.get_secret_value():
+            self.webhook_secret = None  # set but empty, as an unset variable in docker-compose.yml is
+        if self.webhook_secret is not None:
+            webhook_key(self.webhook_secret.get_secret_value())
+        if not self.webhook_url:
+            return
+        parts = urlsplit(self.webhook_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("QFORGET_WEBHOOK_URL: an http:// or https:// URL with a host")
+        if self.environment == "production" and self.webhook_secret is None:
+            raise ValueError("QFORGET_WEBHOOK_SECRET: production needs the secret that signs webhook deliveries "
+                             "with QFORGET_WEBHOOK_URL (whsec_ and the base64 of 32 random bytes; docs/webhooks.md)")
 
     def unlearn_settings(self, overrides: dict | None = None) -> dict:
         """A model's Q-MUL settings: the service-wide ones, then the admin's overrides for it."""
@@ -189,13 +247,25 @@ class Settings(BaseSettings):
         return _key_kept_in((self.data_dir / "audit.key").resolve())
 
     @property
+    def webhook_signing_key(self) -> bytes | None:
+        """The HMAC key of webhook signatures: QFORGET_WEBHOOK_SECRET's, else (never in production) the
+        one of the secret kept in <data_dir>/webhook.secret, made on first use; None without a URL."""
+        if not self.webhook_url:
+            return None
+        if self.webhook_secret is not None:
+            return webhook_key(self.webhook_secret.get_secret_value())
+        kept = _key_kept_in((self.data_dir / "webhook.secret").resolve(), make=new_webhook_secret)
+        return webhook_key(kept.decode())
+
+    @property
     def broker_folder(self) -> Path:
         """Where the filesystem broker keeps its messages (embedded default only)."""
         return (self.data_dir / "broker").resolve()
 
 
-def _key_kept_in(path: Path) -> bytes:
-    """The key in `path`; made (64 random hex digits, readable by this user only) when there is none.
+def _key_kept_in(path: Path, make: Callable[[], str] = lambda: secrets.token_hex(32)) -> bytes:
+    """The secret in `path`; made by `make` (by default 64 random hex digits), readable by this user only,
+    when there is none.
     Processes that start at once (the demo's API, worker and scheduler) agree on one: the file
     appears whole, as a link to a complete temporary file, or not at all."""
     if not path.exists():
@@ -204,7 +274,7 @@ def _key_kept_in(path: Path) -> bytes:
         descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             with os.fdopen(descriptor, "w") as file:
-                file.write(secrets.token_hex(32) + "\n")
+                file.write(make() + "\n")
                 file.flush()
                 os.fsync(file.fileno())
             try:
@@ -215,8 +285,8 @@ def _key_kept_in(path: Path) -> bytes:
             temporary.unlink(missing_ok=True)
     key = path.read_bytes().strip()
     if len(key) < MIN_AUDIT_KEY_LENGTH:
-        raise ValueError(f"{path}: the audit key kept there is shorter than {MIN_AUDIT_KEY_LENGTH} characters; "
-                         "restore it, or set QFORGET_AUDIT_KEY")
+        raise ValueError(f"{path}: the secret kept there is shorter than {MIN_AUDIT_KEY_LENGTH} characters; "
+                         "restore it, or set the QFORGET_ variable it stands in for")
     return key
 
 

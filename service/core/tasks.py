@@ -7,7 +7,7 @@ from service.core.settings import Settings
 GPU_QUEUE = "gpu"  # unlearning runs and retrain references: long, one model per worker slot
 
 
-CONTROL_QUEUE = "control"  # the scheduler's cheap dispatch task
+CONTROL_QUEUE = "control"  # the scheduler's cheap dispatch task, and webhook deliveries
 
 
 DISPATCH_TASK = "qforget.dispatch"
@@ -20,6 +20,9 @@ REFERENCE_TASK = "qforget.train_reference"
 
 
 ERASE_TASK = "qforget.erase_copies"  # control queue: a worker with the model store and the data caches
+
+
+WEBHOOK_TASK = "qforget.deliver_webhooks"  # control queue (the default): short POSTs, no GPU
 
 
 def redelivery_seconds(settings: Settings) -> int:

@@ -39,6 +39,7 @@ from service.requests.idempotency import HEADER as IDEMPOTENCY_HEADER
 from service.requests.idempotency import Replay
 from service.requests.problems import RequestConflict, RequestValidationProblem, format_ids
 from service.requests.queries import FiledRequest
+from service.webhooks import events as webhook_events
 
 MAX_SAMPLES_PER_REQUEST = 10_000
 
@@ -145,6 +146,7 @@ def file_forget_requests(
             [{"request_id": f.request.id, "model_name": part.model_name, "status": part.status}
              for f in filed for part in f.parts],
         )
+        webhook_events.received(session, filed)  # one more insert, only where a webhook endpoint is configured
     _settle_idempotency_keys(session, submissions, outcomes, claimed, response_body)
     # Last: the audit lock is held from here to the commit, and every intake waits on it.
     key = audit_key(session)  # the log names subjects and samples by their pseudonyms only

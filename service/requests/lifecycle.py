@@ -17,7 +17,8 @@ A request is filed `pending` with a pending part per model (service.requests.int
 before anything is written). A batch claims pending parts of one model. A held batch keeps its
 parts attached, pending, until an admin decides; discarding or giving up detaches them, so the next
 batch claims them again. Each transition checks the current state, changes it, settles the
-requests' statuses and appends its audit entries, inside the caller's transaction.
+requests' statuses, appends its audit entries and records its webhook events (service.webhooks),
+inside the caller's transaction.
 """
 
 from datetime import datetime
@@ -35,6 +36,7 @@ from service.core.models import (
     RequestStatus,
     utcnow,
 )
+from service.webhooks import events as webhook_events
 
 FILED = RequestStatus.pending
 # A sample in a part of one of these is already on its way to being forgotten by the part's model.
@@ -96,6 +98,7 @@ def complete(session: Session, batch: Batch, version: ModelVersion, actor: str, 
     batch.status = BatchStatus.completed
     batch.finished_at = now
     completed = _settle_requests(session, request_ids, now=now)
+    webhook_events.completed(session, completed, now)
     for request_id in request_ids:
         append_audit(session, actor=actor, action="request.part_completed", object_type="forget_request",
                      object_id=request_id,
@@ -124,18 +127,21 @@ def give_up(session: Session, batch: Batch, error: str, actor: str) -> None:
     batch.status = BatchStatus.failed
     batch.finished_at = utcnow()
     batch.error = error
-    _release_parts(session, batch, error=error)
+    request_ids = _release_parts(session, batch, error=error)
+    webhook_events.failed(session, batch, request_ids, error)
     append_audit(session, actor=actor, action="batch.failed", object_type="batch", object_id=str(batch.id),
                  details={"error": error})
 
 
-def _release_parts(session: Session, batch: Batch, error: str | None) -> None:
+def _release_parts(session: Session, batch: Batch, error: str | None) -> list[str]:
+    """Detach the batch's parts, pending again; returns their requests' ids."""
     request_ids = _request_ids(session, batch)
     values = {"status": RequestStatus.pending, "batch_id": None}
     if error is not None:
         values["error"] = error
     session.execute(update(ForgetRequestPart).where(ForgetRequestPart.batch_id == batch.id).values(**values))
     _settle_requests(session, request_ids, now=None)
+    return request_ids
 
 
 def _request_ids(session: Session, batch: Batch) -> list[str]:

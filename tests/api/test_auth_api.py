@@ -29,6 +29,7 @@ PROTECTED = {
     "GET /audit": ("/audit", None),
     "GET /audit/log": ("/audit/log", None),
     "GET /audit/log/verify": ("/audit/log/verify", None),
+    "GET /webhooks/deliveries": ("/webhooks/deliveries", None),
 }
 # Which routes each role may call, besides admin, who may call everything.
 ALLOWED = {
@@ -39,7 +40,7 @@ ALLOWED = {
     "auditor": {
         "GET /forget-requests", "GET /forget-requests/{request_id}", "GET /subjects/{subject_id}", "GET /models",
         "GET /models/{version_id}", "GET /models/deployed/artifact", "GET /audit", "GET /audit/log",
-        "GET /audit/log/verify",
+        "GET /audit/log/verify", "GET /webhooks/deliveries",
     },
 }
 ROUTES = pytest.mark.parametrize("route", PROTECTED)

@@ -196,3 +196,40 @@ def test_0008_keeps_what_was_done_to_the_log_before_visible(
         engine.dispose()
     assert (report.ok, report.first_broken_id) == (False, first_broken_id), report
     assert word in report.reason
+
+
+def test_0009_adds_the_webhook_outbox_and_keeps_existing_requests(unmigrated_url):
+    alembic.command.upgrade(alembic_config(unmigrated_url), "0008")
+    now = datetime(2026, 12, 1, tzinfo=timezone.utc)
+    before = create_engine(unmigrated_url, poolclass=NullPool)
+    with before.begin() as connection:
+        connection.execute(text("INSERT INTO subjects (id, created_at) VALUES ('alice', :now)"), {"now": now})
+        connection.execute(text("INSERT INTO forget_requests (id, subject_id, status, received_at, due_at) "
+                                "VALUES ('r1', 'alice', 'completed', :now, :now)"), {"now": now})
+    before.dispose()
+
+    upgrade_database(unmigrated_url)
+    assert schema_differences(unmigrated_url) == []
+    engine = make_engine(unmigrated_url, "test")  # SQLite: with its foreign keys enforced, as the service runs
+    with engine.begin() as connection:
+        assert connection.execute(text("SELECT id, erasure_acknowledged_at FROM forget_requests")).all() == [
+            ("r1", None)]
+        connection.execute(text(
+            "INSERT INTO webhook_deliveries (id, event_type, request_id, payload, payload_sha256, status, attempts, "
+            "attempt_log, created_at) VALUES ('msg_1', 'request.completed', 'r1', NULL, :sha, 'delivered', 1, "
+            "'[]', :now)"), {"sha": "0" * 64, "now": now})
+        with pytest.raises(IntegrityError), connection.begin_nested():
+            connection.execute(text(
+                "INSERT INTO webhook_deliveries (id, event_type, request_id, payload_sha256, status, attempts, "
+                "attempt_log, created_at) VALUES ('msg_2', 'request.completed', 'nowhere', :sha, 'pending', 0, "
+                "'[]', :now)"), {"sha": "0" * 64, "now": now})
+    engine.dispose()
+
+    downgrade_database(unmigrated_url, "0008")
+    assert "webhook_deliveries" not in table_names(unmigrated_url)
+    after = create_engine(unmigrated_url, poolclass=NullPool)
+    columns = {column["name"] for column in inspect(after).get_columns("forget_requests")}
+    with after.connect() as connection:
+        assert connection.execute(text("SELECT id FROM forget_requests")).scalars().all() == ["r1"]
+    after.dispose()
+    assert "erasure_acknowledged_at" not in columns

@@ -16,10 +16,15 @@ from service.core.models import (
     ForgetRequestPart,
     ModelVersion,
     RequestStatus,
+    SampleScore,
+    VersionKind,
+    WebhookDelivery,
     utcnow,
 )
+from service.core.settings import Settings
 from service.requests import lifecycle
 from service.requests.intake import file_forget_request
+from service.webhooks.config import WebhookConfig, with_webhooks
 
 
 @pytest.fixture
@@ -92,3 +97,60 @@ def test_give_up_returns_the_requests_with_the_error(engine, batch_id):
     with pytest.raises(lifecycle.TransitionRefused, match="is failed, not running or held"):
         apply(engine, lifecycle.complete, batch_id, "version", "test", utcnow())
     assert actions(engine)[-1] == "batch.failed"
+
+
+@pytest.fixture
+def hooked(engine, tmp_path):
+    """The engine, carrying a webhook endpoint (nothing is sent here: the events are only recorded)."""
+    settings = Settings(webhook_url="http://127.0.0.1:9/hooks", data_dir=tmp_path, _env_file=None)
+    return with_webhooks(engine, WebhookConfig.from_settings(settings))
+
+
+def events(engine) -> list[tuple[str, dict]]:
+    with transaction(engine) as session:
+        rows = session.scalars(select(WebhookDelivery).order_by(WebhookDelivery.created_at)).all()
+        return [(row.event_type, row.payload["data"]) for row in rows]
+
+
+def test_completing_records_request_completed_with_the_evidence_summary(hooked, seed, batch_id):
+    with transaction(hooked) as session:
+        batch = session.get(Batch, batch_id)
+        [request_id] = session.scalars(select(ForgetRequest.id)).all()
+        after = ModelVersion(model_name=seed.model, kind=VersionKind.unlearned, parent_id=seed.version_id,
+                             batch_id=batch_id, method="qmul", config={}, metrics={}, sha256="1" * 64,
+                             artifact_path="/nonexistent/after.pt", excluded_sample_ids=seed.samples["alice"])
+        session.add(after)
+        session.flush()
+        alice = seed.samples["alice"]
+        # Before: right on every sample and called a member of all; after: right on 2 of 6, a member of 1.
+        session.add_all([SampleScore(version_id=seed.version_id, sample_id=s, correct=True, confidence=0.9,
+                                     member=True) for s in alice])
+        session.add_all([SampleScore(version_id=after.id, sample_id=s, correct=i < 2, confidence=0.2,
+                                     member=i < 1) for i, s in enumerate(alice)])
+        session.flush()
+        lifecycle.complete(session, batch, after, "test", utcnow())
+        after_id = after.id
+    [(event_type, data)] = events(hooked)
+    assert event_type == "request.completed" and data["request_id"] == request_id
+    [part] = data["parts"]
+    assert (part["model"], part["version_id"], part["parent_version_id"]) == (seed.model, after_id, seed.version_id)
+    assert part["before"] == {"version_id": seed.version_id, "sample_count": 6, "forget_accuracy": 100.0,
+                              "member_share": 100.0}
+    assert part["after"] == {"version_id": after_id, "sample_count": 6, "forget_accuracy": 33.33,
+                             "member_share": 16.67}
+
+
+def test_holding_records_nothing_and_giving_up_records_request_failed(hooked, seed, batch_id):
+    apply(hooked, lifecycle.hold, batch_id, "version", "test accuracy fell", "test")
+    apply(hooked, lifecycle.discard, batch_id, "test", None)
+    assert events(hooked) == []
+    with transaction(hooked) as session:
+        parts = session.scalars(select(ForgetRequestPart)).all()
+        batch = lifecycle.claim(session, parts, seed.model, seed.version_id, "test-worker",
+                                utcnow() + timedelta(minutes=5), actor="test")
+        second, request_id = batch.id, parts[0].request_id
+    apply(hooked, lifecycle.give_up, second, "worker lost three times", "test")
+    [(event_type, data)] = events(hooked)
+    assert event_type == "request.failed"
+    assert data == {"request_id": request_id, "model": seed.model, "batch_id": second,
+                    "error": "worker lost three times", "part_status": "pending"}
