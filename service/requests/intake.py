@@ -1,7 +1,10 @@
 """Taking in forget requests: check them against the database, store them, audit them.
 
 A request fans out to one part per model that holds any of its samples (service.requests.holdings),
-or to the one model it names.
+or to the one model it names. A sample a model is already forgetting in an open part gets no second
+part for that model; a request filed while its subject has a part under way is linked to the
+subject's newest such request, and waits for it (service.requests.lifecycle). A request left with
+no part of its own is still filed, linked: the subject asked, and is answered with what covers it.
 
 Plain functions over a Session, for the API and any other caller. Every check runs before the
 first write, so input that is refused leaves no trace, not even an audit entry. The work is a
@@ -37,7 +40,7 @@ from service.core.pseudonyms import pseudonym
 from service.requests import lifecycle
 from service.requests.idempotency import HEADER as IDEMPOTENCY_HEADER
 from service.requests.idempotency import Replay
-from service.requests.problems import RequestConflict, RequestValidationProblem, format_ids
+from service.requests.problems import RequestValidationProblem, format_ids
 from service.requests.queries import FiledRequest
 
 MAX_SAMPLES_PER_REQUEST = 10_000
@@ -89,7 +92,7 @@ def file_forget_request(
 
     Raises:
         RequestValidationProblem: the input names something that does not exist or cannot be
-            forgotten; RequestConflict (409) when samples are already in an open request.
+            forgotten.
     """
     submission = Submission(subject_id, sample_ids, model_name, deadline_days, actor)
     [outcome] = file_forget_requests(session, [submission])
@@ -105,7 +108,7 @@ def file_forget_requests(
     response_body: Callable[[FiledRequest], dict] | None = None,
 ) -> list[Outcome]:
     """File many submissions in the caller's transaction, each as if filed alone in list order
-    (a sample claimed by an earlier one is in an open request for a later one), in a fixed number
+    (a sample claimed by an earlier one is in an open part for a later one), in a fixed number
     of statements whatever their number: the API's intake writes what arrived meanwhile at once.
 
     `response_body` makes the response stored for a submission's idempotency key; submissions
@@ -140,11 +143,10 @@ def file_forget_requests(
             _INSERT_REQUEST_SAMPLES,
             [{"request_id": f.request.id, "sample_id": sample_id} for f in filed for sample_id in f.sample_ids],
         )
-        connection.execute(
-            _INSERT_REQUEST_PARTS,
-            [{"request_id": f.request.id, "model_name": part.model_name, "status": part.status}
-             for f in filed for part in f.parts],
-        )
+        parts = [{"request_id": f.request.id, "model_name": part.model_name, "status": part.status}
+                 for f in filed for part in f.parts]
+        if parts:  # none when every request filed follows another
+            connection.execute(_INSERT_REQUEST_PARTS, parts)
     _settle_idempotency_keys(session, submissions, outcomes, claimed, response_body)
     # Last: the audit lock is held from here to the commit, and every intake waits on it.
     key = audit_key(session)  # the log names subjects and samples by their pseudonyms only
@@ -162,6 +164,7 @@ def file_forget_requests(
                     "parts": [part.model_name for part in outcomes[i].parts],
                     "sample_pseudonyms": [pseudonym(key, "sample", sample_id) for sample_id in outcomes[i].sample_ids],
                     "due_at": outcomes[i].request.due_at.isoformat(),
+                    "linked_to": outcomes[i].request.linked_request_id,
                 },
             }
             for i in range(len(submissions))
@@ -182,7 +185,7 @@ _INSERT_REQUEST_PARTS = insert(ForgetRequestPart.__table__)
 
 def _row(request: ForgetRequest) -> dict:
     return {column: getattr(request, column) for column in
-            ("id", "subject_id", "model_name", "status", "received_at", "due_at")}
+            ("id", "subject_id", "model_name", "status", "received_at", "due_at", "linked_request_id")}
 
 
 def _claim_idempotency_keys(session: Session, submissions: list[Submission], outcomes: list) -> set[int]:
@@ -272,7 +275,22 @@ _MODELS = (
 )
 
 
-_SUBJECTS = select(Subject.id).where(Subject.id.in_(bindparam("subject_ids", expanding=True)))
+# Each subject with its newest request that has a part under way: a new request is linked to it.
+_OPEN_REQUEST = (
+    select(ForgetRequest.id)
+    .join(ForgetRequestPart, ForgetRequestPart.request_id == ForgetRequest.id)
+    .where(ForgetRequest.subject_id == Subject.id, ForgetRequestPart.status.in_(lifecycle.OPEN_STATUSES))
+    .order_by(ForgetRequest.received_at.desc(), ForgetRequest.id.desc())
+    .limit(1)
+    .correlate(Subject)
+    .scalar_subquery()
+)
+
+
+_SUBJECTS = (
+    select(Subject.id, _OPEN_REQUEST.label("open_request_id"))
+    .where(Subject.id.in_(bindparam("subject_ids", expanding=True)))
+)
 
 
 _WANTED_SAMPLES = or_(
@@ -314,6 +332,8 @@ class _BatchCheck:
     def __init__(self, session: Session, submissions: list[Submission]):
         self.models: dict[str, Row] = {}  # name -> (name, dataset, deployed_version_id, train_size)
         self.subjects: set[str] = set()
+        # subject -> its newest request with a part under way (None: none); the batch's own as filed.
+        self.open_requests: dict[str, str | None] = {}
         self.samples: dict[int, Row] = {}
         self.forgotten: set[tuple[str, int]] = set()  # (model, sample) the model no longer holds
         # (model, sample) -> the open request whose part for the model holds it; the batch's own join as filed.
@@ -323,13 +343,16 @@ class _BatchCheck:
         # Core on the session's connection: plain rows, none of the ORM's per-statement work.
         connection = session.connection()
         self.models = {row.name: row for row in connection.execute(_MODELS)}
-        subject_ids = sorted({s.subject_id for s in submissions})
-        self.subjects = set(connection.scalars(_SUBJECTS, {"subject_ids": subject_ids}))
         wanted = {
             "named_ids": sorted({i for s in submissions if s.sample_ids is not None for i in s.sample_ids}),
             "whole_subjects": sorted({s.subject_id for s in submissions if s.sample_ids is None}),
         }
         self.samples = {row.id: row for row in connection.execute(_LOCK_SAMPLES, wanted)}
+        # Read once the samples are locked, and before the open parts: a request filed or withdrawn
+        # meanwhile on the same samples is seen, and a part seen open below has its request here.
+        subject_ids = sorted({s.subject_id for s in submissions})
+        self.open_requests = dict(connection.execute(_SUBJECTS, {"subject_ids": subject_ids}).all())
+        self.subjects = set(self.open_requests)
         if self.samples:
             self.forgotten = {(row.model_name, row.sample_id) for row in connection.execute(_FORGOTTEN, wanted)}
             rows = connection.execute(_OPEN_PARTS, wanted)
@@ -350,16 +373,17 @@ class _BatchCheck:
         if subject_id not in self.subjects:
             raise RequestValidationProblem("subject_id", f"unknown subject {subject_id!r}", error_type="unknown_subject")
         if submission.sample_ids is None:
-            candidates = sorted(row.id for row in self.samples.values() if row.subject_id == subject_id)
+            held = sorted(row.id for row in self.samples.values()
+                          if row.subject_id == subject_id and any(self._holds(model, row.id) for model in targets))
+            if not held:
+                raise _nothing_held(subject_id, submission.model_name)
         else:
-            candidates = self._check_named(subject_id, submission, targets)
+            held = self._check_named(subject_id, submission, targets)
+        # Per model, the samples no open part of it covers yet: only those need a part.
         parts = {
             model.name: free for model in targets
-            if (free := [i for i in candidates if self._holds(model, i) and (model.name, i) not in self.open_parts])
+            if (free := [i for i in held if self._holds(model, i) and (model.name, i) not in self.open_parts])
         }
-        if not parts:
-            self._refuse_nothing_to_forget(subject_id, submission, targets, candidates)
-        chosen = sorted({i for free in parts.values() for i in free})
         received_at = utcnow()
         request = ForgetRequest(
             id=str(uuid.uuid4()),
@@ -368,11 +392,14 @@ class _BatchCheck:
             status=lifecycle.FILED,
             received_at=received_at,
             due_at=received_at + timedelta(days=submission.deadline_days),
+            linked_request_id=self.open_requests.get(subject_id),
         )
         for model_name, free in parts.items():
             self.open_parts.update({(model_name, sample_id): request.id for sample_id in free})
+        if parts:
+            self.open_requests[subject_id] = request.id
         return FiledRequest(
-            request, chosen, [ForgetRequestPart(model_name=name, status=lifecycle.FILED) for name in sorted(parts)]
+            request, held, [ForgetRequestPart(model_name=name, status=lifecycle.FILED) for name in sorted(parts)]
         )
 
     def _holds(self, model: Row, sample_id: int) -> bool:
@@ -401,44 +428,14 @@ class _BatchCheck:
         for error_type, what, ids in problems:
             if ids:
                 raise RequestValidationProblem("sample_ids", f"{what}: {format_ids(ids)}", error_type=error_type)
-        # A named sample every holder is already forgetting in an open request: the caller asked for
-        # something under way, and is told so rather than given a request without it.
-        in_open = {
-            i: self.open_parts[(model.name, i)] for i in sample_ids for model in targets
-            if self._holds(model, i) and (model.name, i) in self.open_parts
-            and all((m.name, i) in self.open_parts for m in targets if self._holds(m, i))
-        }
-        if in_open:
-            raise RequestConflict(
-                "sample_ids",
-                f"samples already in an open request: {format_ids(in_open)} "
-                f"(requests {', '.join(sorted(set(in_open.values())))})",
-                error_type="samples_in_open_request",
-            )
         return sorted(sample_ids)
 
-    def _refuse_nothing_to_forget(self, subject_id: str, submission: Submission, targets: list[Row],
-                                  candidates: list[int]) -> None:
-        """No model has a sample of the request to forget: say whether they are all in requests
-        under way (409), or none is held any more (422)."""
-        field = "subject_id" if submission.sample_ids is None else "sample_ids"
-        in_open = {
-            (model.name, i): self.open_parts[(model.name, i)] for model in targets for i in candidates
-            if (model.name, i) in self.open_parts and self._holds(model, i)
-        }
-        if in_open:
-            raise RequestConflict(
-                field,
-                f"every sample of the request that a model still holds is already in an open request: "
-                f"{', '.join(sorted(set(in_open.values())))}",
-                error_type="samples_in_open_request",
-            )
-        scope = "any model" if submission.model_name is None else f"model {submission.model_name!r}"
-        raise RequestValidationProblem(
-            "subject_id",
-            f"subject {subject_id!r} has no samples that {scope} still holds",
-            error_type="no_active_samples",
-        )
+
+def _nothing_held(subject_id: str, model_name: str | None) -> RequestValidationProblem:
+    scope = "any model" if model_name is None else f"model {model_name!r}"
+    return RequestValidationProblem(
+        "subject_id", f"subject {subject_id!r} has no samples that {scope} still holds", error_type="no_active_samples"
+    )
 
 
 def idempotency_key_reused() -> RequestValidationProblem:
