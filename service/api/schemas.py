@@ -143,8 +143,8 @@ class ForgetRequestPublic(BaseModel):
     status: RequestStatus = Field(
         validation_alias=AliasPath("request", "status"),
         description="completed when every part is (each model that held the samples deployed a version that "
-        "forgot them) and, for a linked request, the subject's earlier requests are; batched while a part is under "
-        "way; withdrawn by the client before any part was batched; else pending.",
+        "forgot them) and, for a linked request, the earlier requests' parts it relies on are; batched while a part "
+        "is under way; withdrawn by the client before any part was batched; else pending.",
     )
     sample_ids: list[int]
     sample_count: int
@@ -158,8 +158,8 @@ class ForgetRequestPublic(BaseModel):
     )
     linked_to: str | None = Field(
         validation_alias=AliasPath("request", "linked_request_id"),
-        description="The subject's request that was under way when this one was filed: samples that request "
-        "already covers got no part here, and this one is completed only once the subject's earlier requests are.",
+        description="The newest earlier request whose open part covered some of these samples when this one was "
+        "filed: those got no second part here, and this request is completed only once the parts it relies on are.",
     )
     withdrawn_at: UtcDatetime | None = Field(validation_alias=AliasPath("request", "withdrawn_at"))
     withdrawal_reason: str | None = Field(validation_alias=AliasPath("request", "withdrawal_reason"))

@@ -220,10 +220,10 @@ class ForgetRequest(Base):
     None) or by one named model. Its status sums up its parts': completed when every part is,
     batched while any part is batched, else pending (service.requests.lifecycle).
 
-    A request filed while its subject had a request with parts under way is linked to the newest
-    such request (`linked_request_id`): its samples that an open part already covers get no part
-    of their own, and it is completed only once the subject's earlier requests are. A client may
-    withdraw it before any part is batched, and extend its deadline once (GDPR Art. 12(3)).
+    A request some of whose samples an earlier request's open part already covers gets no part for
+    them and is linked to the newest such request (`linked_request_id`); it is completed only once
+    the parts it relies on are. A client may withdraw it before any part is batched, and extend its
+    deadline once (GDPR Art. 12(3)).
     """
 
     __tablename__ = "forget_requests"
@@ -240,7 +240,7 @@ class ForgetRequest(Base):
     received_at: Mapped[datetime] = mapped_column(default=utcnow)
     due_at: Mapped[datetime]  # the deadline, extended or not
     completed_at: Mapped[datetime | None]
-    # The newest request of the same subject with a part under way when this one was filed.
+    # The newest request whose open part covered one of this one's samples when it was filed.
     linked_request_id: Mapped[str | None] = mapped_column(ForeignKey("forget_requests.id"))
     withdrawn_at: Mapped[datetime | None]
     withdrawal_reason: Mapped[str | None] = mapped_column(Text)

@@ -1,10 +1,11 @@
 """Taking in forget requests: check them against the database, store them, audit them.
 
 A request fans out to one part per model that holds any of its samples (service.requests.holdings),
-or to the one model it names. A sample a model is already forgetting in an open part gets no second
-part for that model; a request filed while its subject has a part under way is linked to the
-subject's newest such request, and waits for it (service.requests.lifecycle). A request left with
-no part of its own is still filed, linked: the subject asked, and is answered with what covers it.
+or to the one model it names. A sample a model is already forgetting in an open part (of an
+earlier request of the same subject) gets no second part for that model: the request is linked to
+the newest request whose open part covers one of its samples, and waits for the requests it relies
+on (service.requests.lifecycle). A request left with no part of its own is still filed, linked:
+the subject asked, and is answered with the work that covers it.
 
 Plain functions over a Session, for the API and any other caller. Every check runs before the
 first write, so input that is refused leaves no trace, not even an audit entry. The work is a
@@ -17,7 +18,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import Row, bindparam, delete, insert, or_, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -34,6 +35,7 @@ from service.core.models import (
     Model,
     Sample,
     Subject,
+    as_utc,
     utcnow,
 )
 from service.core.pseudonyms import pseudonym
@@ -275,22 +277,7 @@ _MODELS = (
 )
 
 
-# Each subject with its newest request that has a part under way: a new request is linked to it.
-_OPEN_REQUEST = (
-    select(ForgetRequest.id)
-    .join(ForgetRequestPart, ForgetRequestPart.request_id == ForgetRequest.id)
-    .where(ForgetRequest.subject_id == Subject.id, ForgetRequestPart.status.in_(lifecycle.OPEN_STATUSES))
-    .order_by(ForgetRequest.received_at.desc(), ForgetRequest.id.desc())
-    .limit(1)
-    .correlate(Subject)
-    .scalar_subquery()
-)
-
-
-_SUBJECTS = (
-    select(Subject.id, _OPEN_REQUEST.label("open_request_id"))
-    .where(Subject.id.in_(bindparam("subject_ids", expanding=True)))
-)
+_SUBJECTS = select(Subject.id).where(Subject.id.in_(bindparam("subject_ids", expanding=True)))
 
 
 _WANTED_SAMPLES = or_(
@@ -318,8 +305,10 @@ _FORGOTTEN = (
 
 
 _OPEN_PARTS = (
-    select(ForgetRequestSample.sample_id, ForgetRequestPart.request_id, ForgetRequestPart.model_name)
+    select(ForgetRequestSample.sample_id, ForgetRequestPart.request_id, ForgetRequestPart.model_name,
+           ForgetRequest.received_at)
     .join(ForgetRequestPart, ForgetRequestPart.request_id == ForgetRequestSample.request_id)
+    .join(ForgetRequest, ForgetRequest.id == ForgetRequestSample.request_id)
     .join(Sample, Sample.id == ForgetRequestSample.sample_id)
     .where(ForgetRequestPart.status.in_(lifecycle.OPEN_STATUSES), _WANTED_SAMPLES)
 )
@@ -332,31 +321,29 @@ class _BatchCheck:
     def __init__(self, session: Session, submissions: list[Submission]):
         self.models: dict[str, Row] = {}  # name -> (name, dataset, deployed_version_id, train_size)
         self.subjects: set[str] = set()
-        # subject -> its newest request with a part under way (None: none); the batch's own as filed.
-        self.open_requests: dict[str, str | None] = {}
         self.samples: dict[int, Row] = {}
         self.forgotten: set[tuple[str, int]] = set()  # (model, sample) the model no longer holds
-        # (model, sample) -> the open request whose part for the model holds it; the batch's own join as filed.
-        self.open_parts: dict[tuple[str, int], str] = {}
+        # (model, sample) -> (received_at, id) of the newest open request whose part for the model holds
+        # it; the batch's own join as filed.
+        self.open_parts: dict[tuple[str, int], tuple[datetime, str]] = {}
         if not submissions:
             return  # every submission was refused or replayed before the reads
         # Core on the session's connection: plain rows, none of the ORM's per-statement work.
         connection = session.connection()
         self.models = {row.name: row for row in connection.execute(_MODELS)}
+        subject_ids = sorted({s.subject_id for s in submissions})
+        self.subjects = set(connection.scalars(_SUBJECTS, {"subject_ids": subject_ids}))
         wanted = {
             "named_ids": sorted({i for s in submissions if s.sample_ids is not None for i in s.sample_ids}),
             "whole_subjects": sorted({s.subject_id for s in submissions if s.sample_ids is None}),
         }
         self.samples = {row.id: row for row in connection.execute(_LOCK_SAMPLES, wanted)}
-        # Read once the samples are locked, and before the open parts: a request filed or withdrawn
-        # meanwhile on the same samples is seen, and a part seen open below has its request here.
-        subject_ids = sorted({s.subject_id for s in submissions})
-        self.open_requests = dict(connection.execute(_SUBJECTS, {"subject_ids": subject_ids}).all())
-        self.subjects = set(self.open_requests)
         if self.samples:
             self.forgotten = {(row.model_name, row.sample_id) for row in connection.execute(_FORGOTTEN, wanted)}
-            rows = connection.execute(_OPEN_PARTS, wanted)
-            self.open_parts = {(row.model_name, row.sample_id): row.request_id for row in rows}
+            for row in connection.execute(_OPEN_PARTS, wanted):
+                newest = (as_utc(row.received_at), row.request_id)
+                self.open_parts[(row.model_name, row.sample_id)] = max(
+                    newest, self.open_parts.get((row.model_name, row.sample_id), newest))
 
     def file(self, submission: Submission) -> FiledRequest:
         """The request filed for `submission` (not yet added to the session), or the problem."""
@@ -379,11 +366,14 @@ class _BatchCheck:
                 raise _nothing_held(subject_id, submission.model_name)
         else:
             held = self._check_named(subject_id, submission, targets)
-        # Per model, the samples no open part of it covers yet: only those need a part.
+        # Per model, the samples no open part of it covers yet: only those need a part; the newest
+        # request covering the others is the one this request is linked to.
         parts = {
             model.name: free for model in targets
             if (free := [i for i in held if self._holds(model, i) and (model.name, i) not in self.open_parts])
         }
+        covering = [self.open_parts[(model.name, i)] for model in targets for i in held
+                    if self._holds(model, i) and (model.name, i) in self.open_parts]
         received_at = utcnow()
         request = ForgetRequest(
             id=str(uuid.uuid4()),
@@ -392,12 +382,10 @@ class _BatchCheck:
             status=lifecycle.FILED,
             received_at=received_at,
             due_at=received_at + timedelta(days=submission.deadline_days),
-            linked_request_id=self.open_requests.get(subject_id),
+            linked_request_id=max(covering)[1] if covering else None,
         )
         for model_name, free in parts.items():
-            self.open_parts.update({(model_name, sample_id): request.id for sample_id in free})
-        if parts:
-            self.open_requests[subject_id] = request.id
+            self.open_parts.update({(model_name, sample_id): (received_at, request.id) for sample_id in free})
         return FiledRequest(
             request, held, [ForgetRequestPart(model_name=name, status=lifecycle.FILED) for name in sorted(parts)]
         )

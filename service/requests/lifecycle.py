@@ -8,9 +8,10 @@ change is here.
 
     request   the sum of its parts: completed when every part is, batched while any part is
               batched or some are completed, else pending; withdrawn with its parts
-    linked    a request filed while its subject had a request with parts under way (see below):
-              completed only when its own parts are and the subject's earlier requests have none
-              under way; batched while any of these is under way; else pending
+    linked    a request some of whose samples an earlier request's open part covered (see below):
+              completed only when its own parts are and no earlier request it shares a sample with
+              has a part under way (of a model it goes to); batched while any of these is under
+              way; else pending
 
     batch     running --complete--> completed
               running --hold--> held --complete (an admin approves)--> completed
@@ -24,11 +25,12 @@ giving up detaches them, so the next batch claims them again. Each transition ch
 state, changes it, settles the requests' statuses and appends its audit entries, inside the
 caller's transaction.
 
-Linking: a subject's second request while an earlier one is under way is not run twice. Intake
-gives it no part for a sample an open part already covers and links it to the subject's newest
-request with a part under way; the request then waits for the subject's earlier requests, so it
-is never reported completed while a part it relies on is still running, whichever of them covers
-which sample. A subject's requests therefore complete in the order they were filed.
+Linking: a subject's second request for samples already under way is not run twice. Intake gives
+it no part for a (model, sample) an open part already covers and links it to the newest request
+whose open part covers one (`linked_request_id`). The request then waits for every earlier request
+it shares a sample with, not only the one it names: it is never reported completed while a part
+it relies on is still running, whichever request covers which sample. A request with no part of
+its own is thus completed when the requests covering it are.
 
 Two transitions belong to the client: `withdraw` (before any part is in a batch) and `extend`
 (the deadline, once, by one or two calendar months: GDPR Art. 12(3)).
@@ -269,43 +271,55 @@ def _lock_for_change(session: Session, request: ForgetRequest) -> list[ForgetReq
 
 
 def _open_followers(session: Session, request: ForgetRequest) -> list[str]:
-    """The open requests of the request's subject filed after it while it was open: linked ones
-    (its parts may cover their samples: `_WAITING` counts them)."""
+    """The open linked requests filed after the request (or at the same instant) that share a
+    sample with it and go to a model it has a part for: those `_WAITING` makes wait for its parts,
+    which may cover samples they have no part for."""
+    mine, theirs = aliased(ForgetRequestSample), aliased(ForgetRequestSample)
+    models = select(ForgetRequestPart.model_name).where(ForgetRequestPart.request_id == request.id)
     return list(session.scalars(
-        select(ForgetRequest.id).where(
-            ForgetRequest.subject_id == request.subject_id, ForgetRequest.id != request.id,
-            ForgetRequest.linked_request_id.is_not(None), ForgetRequest.status.in_(OPEN_STATUSES),
-            ForgetRequest.received_at >= request.received_at,
-        ).order_by(ForgetRequest.received_at, ForgetRequest.id)
+        select(ForgetRequest.id).distinct()
+        .join(theirs, theirs.request_id == ForgetRequest.id)
+        .join(mine, mine.sample_id == theirs.sample_id)
+        .where(mine.request_id == request.id, ForgetRequest.id != request.id,
+               ForgetRequest.received_at >= request.received_at, _LINKED,
+               ForgetRequest.status.in_(OPEN_STATUSES),
+               ForgetRequest.model_name.is_(None) | ForgetRequest.model_name.in_(models))
+        .order_by(ForgetRequest.id)
     ))
 
 
-# The status a request's parts, and for a linked request its subject's earlier requests' parts,
-# give it. Built once; correlated to the request the UPDATE sets.
+# The status a request's parts, and for a linked request the parts it relies on, give it. Built
+# once; correlated to the request the UPDATE sets.
+_mine = aliased(ForgetRequestSample, name="mine")
+_theirs = aliased(ForgetRequestSample, name="theirs")
 _earlier = aliased(ForgetRequest, name="earlier")
 _earlier_part = aliased(ForgetRequestPart, name="earlier_part")
+_LINKED = ForgetRequest.linked_request_id.is_not(None)
 
 
 def _own_parts(*statuses: RequestStatus):
     return exists().where(ForgetRequestPart.request_id == ForgetRequest.id, ForgetRequestPart.status.in_(statuses))
 
 
-def _earlier_parts(statuses: tuple[RequestStatus, ...], *also):
-    """A part in one of `statuses` of a request of the same subject filed before it (or at the
-    same instant: it waits rather than be completed too early), meeting `also`."""
-    return exists().where(
-        _earlier_part.request_id == _earlier.id, _earlier.subject_id == ForgetRequest.subject_id,
-        _earlier.id != ForgetRequest.id, _earlier.received_at <= ForgetRequest.received_at,
-        _earlier_part.status.in_(statuses), *also,
+def _relied_on_parts(statuses: tuple[RequestStatus, ...], *also):
+    """A part in one of `statuses`, meeting `also`, of an earlier request (or one filed at the same
+    instant: it waits rather than be completed too early) that shares a sample with it, for a model
+    it goes to: a part that may be forgetting that sample for it."""
+    return _LINKED & exists().where(
+        _mine.request_id == ForgetRequest.id, _theirs.sample_id == _mine.sample_id,
+        _earlier.id == _theirs.request_id, _earlier.id != ForgetRequest.id,
+        _earlier.received_at <= ForgetRequest.received_at,
+        _earlier_part.request_id == _earlier.id, _earlier_part.status.in_(statuses),
+        ForgetRequest.model_name.is_(None) | (_earlier_part.model_name == ForgetRequest.model_name),
+        *also,
     )
 
 
-_LINKED = ForgetRequest.linked_request_id.is_not(None)
-# A linked request waits while an earlier request of its subject has a part under way...
-_WAITING = _LINKED & _earlier_parts(OPEN_STATUSES)
-# ... and is under way itself once one of those is: a part batched, or some completed while others
-# are not. (An earlier request whose parts are all completed or withdrawn is not waited for.)
-_EARLIER_UNDER_WAY = _LINKED & _earlier_parts(
+# A linked request waits while a part it relies on is under way...
+_WAITING = _relied_on_parts(OPEN_STATUSES)
+# ... and is under way itself once one of those requests is: a part batched, or some completed while
+# others are not. (A request whose parts are all completed or withdrawn is not waited for.)
+_EARLIER_UNDER_WAY = _relied_on_parts(
     (RequestStatus.batched, RequestStatus.completed),
     exists().where(ForgetRequestPart.request_id == _earlier.id, ForgetRequestPart.status.in_(OPEN_STATUSES)),
 )
@@ -318,8 +332,9 @@ _STATUS = case(
 
 def _settle_requests(session: Session, request_ids: list[str], now: datetime | None) -> list[str]:
     """Set the status of each request, and of every open linked request of their subjects (a change
-    of theirs may be what it waits for), from their parts; returns those that became completed (at
-    `now`). Five statements, whatever the number of requests. A withdrawn request stays withdrawn."""
+    of theirs may be what it waits for), from the parts; returns those that became completed (at
+    `now`). Four or five statements, whatever the number of requests. A withdrawn request stays
+    withdrawn."""
     if not request_ids:
         return []
     origin = aliased(ForgetRequest)
