@@ -86,6 +86,22 @@ def test_the_due_margin_reads_the_extended_deadline(engine, seed):
     assert due(engine, new_due.replace(tzinfo=timezone.utc) - timedelta(days=3)) == [seed.model]
 
 
+def test_a_linked_request_lends_its_deadline_to_the_part_it_waits_for(engine, seed):
+    alice = seed.samples["alice"]
+    first = file(engine, seed, alice[:2], deadline_days=2)
+    change(engine, lifecycle.extend, first, 2, "the data sit in an archive", "test", utcnow())
+    assert due(engine, utcnow()) == []
+    # A second request for the same samples, due in two days, relies on the first's part: its
+    # deadline, not the extended one, decides when that part must run.
+    linked = file(engine, seed, alice[:2], deadline_days=2)
+    assert parts_of(engine, linked) == []
+    assert due(engine, utcnow()) == [seed.model]
+    # A request of the subject that relies on nothing lends nothing.
+    change(engine, lifecycle.withdraw, linked, "filed twice", "test", utcnow())
+    file(engine, seed, alice[2:3], deadline_days=30)
+    assert due(engine, utcnow()) == []
+
+
 def test_an_extension_is_by_one_or_two_months(engine, seed):
     request_id = file(engine, seed)
     with pytest.raises(ValueError, match="not 3"):
