@@ -257,3 +257,12 @@ def test_a_withdrawn_request_is_not_open_for_a_later_one(client, engine, seed):
     assert (again["linked_to"], [p["model"] for p in again["parts"]]) == (None, [seed.model])
     with transaction(engine) as session:
         assert session.get(ForgetRequest, first["id"]).status == RequestStatus.withdrawn
+
+
+def test_a_request_with_no_part_of_its_own_points_to_the_evidence_of_the_one_it_follows(client, seed):
+    first = file(client, sample_ids=seed.samples["alice"][:2])
+    linked = file(client, sample_ids=seed.samples["alice"][:2])
+    response = client.get(f"/forget-requests/{linked['id']}/evidence")
+    assert response.status_code == 422
+    [problem] = response.json()["detail"]
+    assert (problem["type"], problem["loc"]) == ("no_parts", ["query", "model"]) and first["id"] in problem["msg"]
