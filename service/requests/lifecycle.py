@@ -249,24 +249,25 @@ def _lock_request(session: Session, request: ForgetRequest) -> None:
 
 
 def _lock_for_change(session: Session, request: ForgetRequest) -> list[ForgetRequestPart]:
-    """Lock the request's parts, the request and its samples, in that order (a claim locks parts
-    then settles requests; intake and the worker lock samples last), and return the parts as
-    they are now.
+    """Lock the request's samples (in id order), its parts and the request, and return the parts as
+    they are now. The order is intake's and a deployment's (samples, then parts, then requests), so
+    none of them can deadlock with a withdrawal.
 
-    A claim skips parts locked here; intake, which locks the samples it files first, either
-    finishes first (a request it links is then seen below) or sees this one's parts as they end.
+    A claim skips parts locked here, or holds them until it commits (then they are seen batched);
+    intake, which locks the samples it files first, either finishes first (a request linked to this
+    one is then seen by `_open_followers`) or sees this one's parts as the withdrawal leaves them.
     """
+    session.execute(
+        select(Sample.id).where(Sample.id.in_(
+            select(ForgetRequestSample.sample_id).where(ForgetRequestSample.request_id == request.id)
+        )).order_by(Sample.id).with_for_update()
+    )
     parts = list(session.scalars(
         select(ForgetRequestPart).where(ForgetRequestPart.request_id == request.id)
         .order_by(ForgetRequestPart.model_name).with_for_update()
         .execution_options(populate_existing=True)
     ))
     _lock_request(session, request)
-    session.execute(
-        select(Sample.id).where(Sample.id.in_(
-            select(ForgetRequestSample.sample_id).where(ForgetRequestSample.request_id == request.id)
-        )).order_by(Sample.id).with_for_update()
-    )
     return parts
 
 

@@ -3,13 +3,14 @@ SQLite and PostgreSQL: a withdrawn part is never claimed nor counted by the batc
 extended deadline is the one the policy reads, and a linked request runs nothing twice and is
 completed with the requests it relies on."""
 
+import threading
 from datetime import datetime, timedelta, timezone
 
 import pytest
 from sqlalchemy import event, select
 
 from service.core.db import transaction
-from service.core.models import AuditEntry, Batch, ForgetRequest, ForgetRequestPart, ModelVersion, utcnow
+from service.core.models import AuditEntry, Batch, ForgetRequest, ForgetRequestPart, ModelVersion, RequestStatus, utcnow
 from service.requests import lifecycle
 from service.requests.intake import file_forget_request
 from service.requests.problems import RequestConflict
@@ -214,3 +215,37 @@ def test_settling_costs_the_same_statements_for_one_request_or_many_with_their_l
     many = [file(engine, seed, bob[:2], subject="bob"), *(file(engine, seed, bob[:i], subject="bob") for i in (1, 2)),
             file(engine, seed, seed.samples["carol"], subject="carol")]
     assert statements([one]) == statements(many) <= 5
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_a_withdrawal_racing_a_claim_either_wins_or_is_refused(database_url, engine, settings, seed):
+    # Both at once, many times: the request ends withdrawn and unclaimed, or batched and the
+    # withdrawal refused; never withdrawn in a batch, and never a deadlock.
+    for _ in range(5):
+        request_id = file(engine, seed, seed.samples["alice"][:2])
+        start, outcomes = threading.Barrier(2), []
+
+        def withdraw():
+            start.wait()
+            try:
+                change(engine, lifecycle.withdraw, request_id, "withdrawn", "test", utcnow())
+                outcomes.append("withdrawn")
+            except RequestConflict as refused:
+                outcomes.append(refused.error_type)
+
+        def claim():
+            start.wait()
+            outcomes.append("claimed" if claim_batch(engine, settings, seed.model) else "nothing")
+
+        threads = [threading.Thread(target=withdraw), threading.Thread(target=claim)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+        assert sorted(outcomes) in (["nothing", "withdrawn"], ["claimed", "request_batched"]), outcomes
+        with transaction(engine) as session:
+            part = session.scalars(select(ForgetRequestPart).where(ForgetRequestPart.request_id == request_id)).one()
+            assert (part.status == RequestStatus.withdrawn) == (part.batch_id is None)
+            batch = session.get(Batch, part.batch_id) if part.batch_id else None
+            if batch is not None:
+                lifecycle.complete(session, batch, session.get(ModelVersion, seed.version_id), "test", utcnow())
