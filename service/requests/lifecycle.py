@@ -160,8 +160,8 @@ def withdraw(session: Session, request: ForgetRequest, reason: str, actor: str, 
 
     Refused (RequestConflict) once it is withdrawn or completed, once a part is in a batch (running,
     held for review or done: the version that forgets its samples exists or is being made), and
-    while a later request of its subject is open: that one may rely on this one's parts for samples
-    it has no part for, and would never see them forgotten.
+    while an open request linked later relies on its parts (`_open_followers`): that one has no
+    part for the samples they share, and would never see them forgotten.
     """
     parts = _lock_for_change(session, request)
     if request.status == RequestStatus.withdrawn:
@@ -174,8 +174,8 @@ def withdraw(session: Session, request: ForgetRequest, reason: str, actor: str, 
                                           f"{', '.join(started)} are in a batch or done")
     followers = _open_followers(session, request)
     if followers:
-        raise _refused("linked_requests_open", f"requests filed later for the same subject follow request "
-                       f"{request.id} ({', '.join(followers)}): withdraw them first")
+        raise _refused("linked_requests_open", f"requests filed later rely on the parts of request {request.id} "
+                       f"for samples they share ({', '.join(followers)}): withdraw them first")
     session.execute(update(ForgetRequestPart).where(ForgetRequestPart.request_id == request.id)
                     .values(status=RequestStatus.withdrawn))
     request.status = RequestStatus.withdrawn
@@ -243,8 +243,8 @@ def _when(moment: datetime) -> str:
 
 
 def _lock_request(session: Session, request: ForgetRequest) -> None:
-    """Read the request again, locked against a concurrent change of it. NO KEY UPDATE: intake may
-    still insert a request linked to it (a foreign key takes KEY SHARE), then wait where it should."""
+    """Read the request again, locked against a concurrent change of it. NO KEY UPDATE: a request
+    that intake links to it meanwhile (its foreign key takes KEY SHARE) is not blocked by the lock."""
     session.refresh(request, with_for_update={"key_share": True})
 
 

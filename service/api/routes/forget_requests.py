@@ -198,7 +198,7 @@ def _changed(session, request_id: str, caller: Caller) -> JSONResponse:
         403: {"model": ErrorPublic, "description": "The key's role may not, or the key is limited to a model and the "
                                                   "request also goes to another."},
         409: {"model": ProblemPublic, "description": "The request is withdrawn or completed already, a part of it is "
-              "in a batch, or a later request of its subject is linked to it; `type` says which."},
+              "in a batch, or an open request linked later relies on its parts; `type` says which."},
         422: {"model": ProblemPublic, "description": "The body is malformed; `loc` names the field."},
     },
 )
