@@ -14,6 +14,7 @@ from pydantic import AfterValidator, AliasPath, BaseModel, BeforeValidator, Conf
 
 from service.core.models import RequestStatus, VersionKind, as_utc
 from service.requests.intake import MAX_SAMPLES_PER_REQUEST
+from service.requests.lifecycle import EXTENSION_MONTHS, MAX_REASON_LENGTH
 from service.requests.samples import MAX_SAMPLES_PER_REGISTRATION
 
 UtcDatetime = Annotated[datetime, AfterValidator(as_utc)]
@@ -83,6 +84,27 @@ class ForgetRequestCreate(BaseModel):
     )
 
 
+Reason = Annotated[str, Field(min_length=1, max_length=MAX_REASON_LENGTH, pattern=NO_NUL)]
+
+
+class WithdrawalCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reason: Reason = Field(description="Why the request is withdrawn (kept on the request, not in the audit log).")
+
+
+class ExtensionCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    months: int = Field(
+        strict=True, ge=min(EXTENSION_MONTHS), le=max(EXTENSION_MONTHS),
+        description="How many calendar months the deadline moves (GDPR Art. 12(3): at most two further months). "
+        "A day the month reached does not have becomes its last day: due 31 January plus one month is due "
+        "28 (or 29) February, at the same time of day.",
+    )
+    reason: Reason = Field(description="Why the extension is necessary (kept on the request, not in the audit log).")
+
+
 Item = TypeVar("Item")
 
 
@@ -121,14 +143,15 @@ class ForgetRequestPublic(BaseModel):
     status: RequestStatus = Field(
         validation_alias=AliasPath("request", "status"),
         description="completed when every part is (each model that held the samples deployed a version that "
-        "forgot them); batched while a part is under way; else pending.",
+        "forgot them) and, for a linked request, the earlier requests' parts it relies on are; batched while a part "
+        "is under way; withdrawn by the client before any part was batched; else pending.",
     )
     sample_ids: list[int]
     sample_count: int
     received_at: UtcDatetime = Field(validation_alias=AliasPath("request", "received_at"))
     due_at: UtcDatetime = Field(
         validation_alias=AliasPath("request", "due_at"),
-        description="The GDPR Art. 12(3) deadline: received_at plus the deadline days.",
+        description="The GDPR Art. 12(3) deadline: received_at plus the deadline days, or as extended.",
     )
     completed_at: UtcDatetime | None = Field(
         validation_alias=AliasPath("request", "completed_at"), description="When its last part completed."
@@ -139,7 +162,22 @@ class ForgetRequestPublic(BaseModel):
         "completion, at the latest on the due date), its evidence frozen just before. A sample a model outside the "
         "request's scope still holds is erased when that model has forgotten it too.",
     )
-    parts: list[RequestPartPublic] = Field(description="One per model the samples are forgotten from, by model name.")
+    linked_to: str | None = Field(
+        validation_alias=AliasPath("request", "linked_request_id"),
+        description="The newest earlier request whose open part covered some of these samples when this one was "
+        "filed: those got no second part here, and this request is completed only once the parts it relies on are.",
+    )
+    withdrawn_at: UtcDatetime | None = Field(validation_alias=AliasPath("request", "withdrawn_at"))
+    withdrawal_reason: str | None = Field(validation_alias=AliasPath("request", "withdrawal_reason"))
+    original_due_at: UtcDatetime | None = Field(
+        validation_alias=AliasPath("request", "original_due_at"), description="The deadline before its extension."
+    )
+    extended_at: UtcDatetime | None = Field(validation_alias=AliasPath("request", "extended_at"))
+    extension_reason: str | None = Field(validation_alias=AliasPath("request", "extension_reason"))
+    parts: list[RequestPartPublic] = Field(
+        description="One per model the samples are forgotten from, by model name; none when every sample is "
+        "covered by the request it is linked to."
+    )
 
 
 class SampleHoldingPublic(BaseModel):

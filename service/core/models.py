@@ -62,6 +62,7 @@ class RequestStatus(str, enum.Enum):
     pending = "pending"
     batched = "batched"
     completed = "completed"
+    withdrawn = "withdrawn"  # withdrawn by the client before any of its parts was batched
 
 
 class BatchStatus(str, enum.Enum):
@@ -230,7 +231,13 @@ class Batch(Base):
 class ForgetRequest(Base):
     """A subject's erasure: its samples, forgotten by every model that holds them (`model_name`
     None) or by one named model. Its status sums up its parts': completed when every part is,
-    batched while any part is batched, else pending."""
+    batched while any part is batched, else pending (service.requests.lifecycle).
+
+    A request some of whose samples an earlier request's open part already covers gets no part for
+    them and is linked to the newest such request (`linked_request_id`); it is completed only once
+    the parts it relies on are. A client may withdraw it before any part is batched, and extend its
+    deadline once (GDPR Art. 12(3)).
+    """
 
     __tablename__ = "forget_requests"
     # For GET /forget-requests: status, or a time window, newest first.
@@ -248,12 +255,20 @@ class ForgetRequest(Base):
     model_name: Mapped[str | None] = mapped_column(ForeignKey("models.name"))  # the scope; None: every model
     status: Mapped[RequestStatus] = mapped_column(_enum(RequestStatus))
     received_at: Mapped[datetime] = mapped_column(default=utcnow)
-    due_at: Mapped[datetime]
+    due_at: Mapped[datetime]  # the deadline, extended or not
     completed_at: Mapped[datetime | None]
     # When the copies of its samples that the service held were erased (service.requests.erasure).
     erased_at: Mapped[datetime | None]
     # When the data owner acknowledged (2xx) the request.erased webhook telling it which records to delete.
     erasure_acknowledged_at: Mapped[datetime | None]
+    # The newest request whose open part covered one of this one's samples when it was filed.
+    linked_request_id: Mapped[str | None] = mapped_column(ForeignKey("forget_requests.id"))
+    withdrawn_at: Mapped[datetime | None]
+    withdrawal_reason: Mapped[str | None] = mapped_column(Text)
+    # Set by the one extension a request may have: the deadline before it, when and why.
+    original_due_at: Mapped[datetime | None]
+    extended_at: Mapped[datetime | None]
+    extension_reason: Mapped[str | None] = mapped_column(Text)
 
     parts: Mapped[list["ForgetRequestPart"]] = relationship(back_populates="request",
                                                             order_by="ForgetRequestPart.model_name")

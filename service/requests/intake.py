@@ -1,7 +1,11 @@
 """Taking in forget requests: check them against the database, store them, audit them.
 
 A request fans out to one part per model that holds any of its samples (service.requests.holdings),
-or to the one model it names.
+or to the one model it names. A sample a model is already forgetting in an open part (of an
+earlier request of the same subject) gets no second part for that model: the request is linked to
+the newest request whose open part covers one of its samples, and waits for the requests it relies
+on (service.requests.lifecycle). A request left with no part of its own is still filed, linked:
+the subject asked, and is answered with the work that covers it.
 
 Plain functions over a Session, for the API and any other caller. Every check runs before the
 first write, so input that is refused leaves no trace, not even an audit entry. The work is a
@@ -14,7 +18,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import Row, bindparam, delete, insert, or_, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -31,13 +35,14 @@ from service.core.models import (
     Model,
     Sample,
     Subject,
+    as_utc,
     utcnow,
 )
 from service.core.pseudonyms import pseudonym
 from service.requests import lifecycle
 from service.requests.idempotency import HEADER as IDEMPOTENCY_HEADER
 from service.requests.idempotency import Replay
-from service.requests.problems import RequestConflict, RequestValidationProblem, format_ids
+from service.requests.problems import RequestValidationProblem, format_ids
 from service.requests.queries import FiledRequest
 from service.webhooks import events as webhook_events
 
@@ -90,7 +95,7 @@ def file_forget_request(
 
     Raises:
         RequestValidationProblem: the input names something that does not exist or cannot be
-            forgotten; RequestConflict (409) when samples are already in an open request.
+            forgotten.
     """
     submission = Submission(subject_id, sample_ids, model_name, deadline_days, actor)
     [outcome] = file_forget_requests(session, [submission])
@@ -106,7 +111,7 @@ def file_forget_requests(
     response_body: Callable[[FiledRequest], dict] | None = None,
 ) -> list[Outcome]:
     """File many submissions in the caller's transaction, each as if filed alone in list order
-    (a sample claimed by an earlier one is in an open request for a later one), in a fixed number
+    (a sample claimed by an earlier one is in an open part for a later one), in a fixed number
     of statements whatever their number: the API's intake writes what arrived meanwhile at once.
 
     `response_body` makes the response stored for a submission's idempotency key; submissions
@@ -141,11 +146,10 @@ def file_forget_requests(
             _INSERT_REQUEST_SAMPLES,
             [{"request_id": f.request.id, "sample_id": sample_id} for f in filed for sample_id in f.sample_ids],
         )
-        connection.execute(
-            _INSERT_REQUEST_PARTS,
-            [{"request_id": f.request.id, "model_name": part.model_name, "status": part.status}
-             for f in filed for part in f.parts],
-        )
+        parts = [{"request_id": f.request.id, "model_name": part.model_name, "status": part.status}
+                 for f in filed for part in f.parts]
+        if parts:  # none when every request filed follows another
+            connection.execute(_INSERT_REQUEST_PARTS, parts)
         webhook_events.received(session, filed)  # one more insert, only where a webhook endpoint is configured
     _settle_idempotency_keys(session, submissions, outcomes, claimed, response_body)
     # Last: the audit lock is held from here to the commit, and every intake waits on it.
@@ -164,6 +168,7 @@ def file_forget_requests(
                     "parts": [part.model_name for part in outcomes[i].parts],
                     "sample_pseudonyms": [pseudonym(key, "sample", sample_id) for sample_id in outcomes[i].sample_ids],
                     "due_at": outcomes[i].request.due_at.isoformat(),
+                    "linked_to": outcomes[i].request.linked_request_id,
                 },
             }
             for i in range(len(submissions))
@@ -184,7 +189,7 @@ _INSERT_REQUEST_PARTS = insert(ForgetRequestPart.__table__)
 
 def _row(request: ForgetRequest) -> dict:
     return {column: getattr(request, column) for column in
-            ("id", "subject_id", "model_name", "status", "received_at", "due_at")}
+            ("id", "subject_id", "model_name", "status", "received_at", "due_at", "linked_request_id")}
 
 
 def _claim_idempotency_keys(session: Session, submissions: list[Submission], outcomes: list) -> set[int]:
@@ -302,8 +307,10 @@ _FORGOTTEN = (
 
 
 _OPEN_PARTS = (
-    select(ForgetRequestSample.sample_id, ForgetRequestPart.request_id, ForgetRequestPart.model_name)
+    select(ForgetRequestSample.sample_id, ForgetRequestPart.request_id, ForgetRequestPart.model_name,
+           ForgetRequest.received_at)
     .join(ForgetRequestPart, ForgetRequestPart.request_id == ForgetRequestSample.request_id)
+    .join(ForgetRequest, ForgetRequest.id == ForgetRequestSample.request_id)
     .join(Sample, Sample.id == ForgetRequestSample.sample_id)
     .where(ForgetRequestPart.status.in_(lifecycle.OPEN_STATUSES), _WANTED_SAMPLES)
 )
@@ -318,8 +325,9 @@ class _BatchCheck:
         self.subjects: set[str] = set()
         self.samples: dict[int, Row] = {}
         self.forgotten: set[tuple[str, int]] = set()  # (model, sample) the model no longer holds
-        # (model, sample) -> the open request whose part for the model holds it; the batch's own join as filed.
-        self.open_parts: dict[tuple[str, int], str] = {}
+        # (model, sample) -> (received_at, id) of the newest open request whose part for the model holds
+        # it; the batch's own join as filed.
+        self.open_parts: dict[tuple[str, int], tuple[datetime, str]] = {}
         if not submissions:
             return  # every submission was refused or replayed before the reads
         # Core on the session's connection: plain rows, none of the ORM's per-statement work.
@@ -334,8 +342,10 @@ class _BatchCheck:
         self.samples = {row.id: row for row in connection.execute(_LOCK_SAMPLES, wanted)}
         if self.samples:
             self.forgotten = {(row.model_name, row.sample_id) for row in connection.execute(_FORGOTTEN, wanted)}
-            rows = connection.execute(_OPEN_PARTS, wanted)
-            self.open_parts = {(row.model_name, row.sample_id): row.request_id for row in rows}
+            for row in connection.execute(_OPEN_PARTS, wanted):
+                newest = (as_utc(row.received_at), row.request_id)
+                self.open_parts[(row.model_name, row.sample_id)] = max(
+                    newest, self.open_parts.get((row.model_name, row.sample_id), newest))
 
     def file(self, submission: Submission) -> FiledRequest:
         """The request filed for `submission` (not yet added to the session), or the problem."""
@@ -352,16 +362,20 @@ class _BatchCheck:
         if subject_id not in self.subjects:
             raise RequestValidationProblem("subject_id", f"unknown subject {subject_id!r}", error_type="unknown_subject")
         if submission.sample_ids is None:
-            candidates = sorted(row.id for row in self.samples.values() if row.subject_id == subject_id)
+            held = sorted(row.id for row in self.samples.values()
+                          if row.subject_id == subject_id and any(self._holds(model, row.id) for model in targets))
+            if not held:
+                raise _nothing_held(subject_id, submission.model_name)
         else:
-            candidates = self._check_named(subject_id, submission, targets)
+            held = self._check_named(subject_id, submission, targets)
+        # Per model, the samples no open part of it covers yet: only those need a part; the newest
+        # request covering the others is the one this request is linked to.
         parts = {
             model.name: free for model in targets
-            if (free := [i for i in candidates if self._holds(model, i) and (model.name, i) not in self.open_parts])
+            if (free := [i for i in held if self._holds(model, i) and (model.name, i) not in self.open_parts])
         }
-        if not parts:
-            self._refuse_nothing_to_forget(subject_id, submission, targets, candidates)
-        chosen = sorted({i for free in parts.values() for i in free})
+        covering = [self.open_parts[(model.name, i)] for model in targets for i in held
+                    if self._holds(model, i) and (model.name, i) in self.open_parts]
         received_at = utcnow()
         request = ForgetRequest(
             id=str(uuid.uuid4()),
@@ -370,11 +384,12 @@ class _BatchCheck:
             status=lifecycle.FILED,
             received_at=received_at,
             due_at=received_at + timedelta(days=submission.deadline_days),
+            linked_request_id=max(covering)[1] if covering else None,
         )
         for model_name, free in parts.items():
-            self.open_parts.update({(model_name, sample_id): request.id for sample_id in free})
+            self.open_parts.update({(model_name, sample_id): (received_at, request.id) for sample_id in free})
         return FiledRequest(
-            request, chosen, [ForgetRequestPart(model_name=name, status=lifecycle.FILED) for name in sorted(parts)]
+            request, held, [ForgetRequestPart(model_name=name, status=lifecycle.FILED) for name in sorted(parts)]
         )
 
     def _holds(self, model: Row, sample_id: int) -> bool:
@@ -403,44 +418,14 @@ class _BatchCheck:
         for error_type, what, ids in problems:
             if ids:
                 raise RequestValidationProblem("sample_ids", f"{what}: {format_ids(ids)}", error_type=error_type)
-        # A named sample every holder is already forgetting in an open request: the caller asked for
-        # something under way, and is told so rather than given a request without it.
-        in_open = {
-            i: self.open_parts[(model.name, i)] for i in sample_ids for model in targets
-            if self._holds(model, i) and (model.name, i) in self.open_parts
-            and all((m.name, i) in self.open_parts for m in targets if self._holds(m, i))
-        }
-        if in_open:
-            raise RequestConflict(
-                "sample_ids",
-                f"samples already in an open request: {format_ids(in_open)} "
-                f"(requests {', '.join(sorted(set(in_open.values())))})",
-                error_type="samples_in_open_request",
-            )
         return sorted(sample_ids)
 
-    def _refuse_nothing_to_forget(self, subject_id: str, submission: Submission, targets: list[Row],
-                                  candidates: list[int]) -> None:
-        """No model has a sample of the request to forget: say whether they are all in requests
-        under way (409), or none is held any more (422)."""
-        field = "subject_id" if submission.sample_ids is None else "sample_ids"
-        in_open = {
-            (model.name, i): self.open_parts[(model.name, i)] for model in targets for i in candidates
-            if (model.name, i) in self.open_parts and self._holds(model, i)
-        }
-        if in_open:
-            raise RequestConflict(
-                field,
-                f"every sample of the request that a model still holds is already in an open request: "
-                f"{', '.join(sorted(set(in_open.values())))}",
-                error_type="samples_in_open_request",
-            )
-        scope = "any model" if submission.model_name is None else f"model {submission.model_name!r}"
-        raise RequestValidationProblem(
-            "subject_id",
-            f"subject {subject_id!r} has no samples that {scope} still holds",
-            error_type="no_active_samples",
-        )
+
+def _nothing_held(subject_id: str, model_name: str | None) -> RequestValidationProblem:
+    scope = "any model" if model_name is None else f"model {model_name!r}"
+    return RequestValidationProblem(
+        "subject_id", f"subject {subject_id!r} has no samples that {scope} still holds", error_type="no_active_samples"
+    )
 
 
 def idempotency_key_reused() -> RequestValidationProblem:

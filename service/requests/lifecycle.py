@@ -4,27 +4,43 @@ change is here.
     part      pending --claim--> batched --complete--> completed
                  ^                  |
                  +--- hold, discard, give up
+              pending --withdraw--> withdrawn
 
     request   the sum of its parts: completed when every part is, batched while any part is
-              batched or some are completed, else pending
+              batched or some are completed, else pending; withdrawn with its parts
+    linked    a request some of whose samples an earlier request's open part covered (see below):
+              completed only when its own parts are and no earlier request it shares a sample with
+              has a part under way (of a model it goes to); batched while any of these is under
+              way; else pending
 
     batch     running --complete--> completed
               running --hold--> held --complete (an admin approves)--> completed
                                 held --discard--> discarded
               running --give up (last attempt lost or failed)--> failed
 
-A request is filed `pending` with a pending part per model (service.requests.intake checks it
-before anything is written). A batch claims pending parts of one model. A held batch keeps its
-parts attached, pending, until an admin decides; discarding or giving up detaches them, so the next
-batch claims them again. Each transition checks the current state, changes it, settles the
-requests' statuses, appends its audit entries and records its webhook events (service.webhooks),
-inside the caller's transaction.
+A request is filed `pending` with a pending part per model that still has samples of it to forget
+(service.requests.intake checks it before anything is written). A batch claims pending parts of
+one model. A held batch keeps its parts attached, pending, until an admin decides; discarding or
+giving up detaches them, so the next batch claims them again. Each transition checks the current
+state, changes it, settles the requests' statuses, appends its audit entries and records its
+webhook events (service.webhooks), inside the caller's transaction.
+
+Linking: a subject's second request for samples already under way is not run twice. Intake gives
+it no part for a (model, sample) an open part already covers and links it to the newest request
+whose open part covers one (`linked_request_id`). The request then waits for every earlier request
+it shares a sample with, not only the one it names: it is never reported completed while a part
+it relies on is still running, whichever request covers which sample. A request with no part of
+its own is thus completed when the requests covering it are.
+
+Two transitions belong to the client: `withdraw` (before any part is in a batch) and `extend`
+(the deadline, once, by one or two calendar months: GDPR Art. 12(3)).
 """
 
+import calendar
 from datetime import datetime
 
 from sqlalchemy import case, exists, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from service.core.audit_log import append_audit
 from service.core.models import (
@@ -32,15 +48,23 @@ from service.core.models import (
     BatchStatus,
     ForgetRequest,
     ForgetRequestPart,
+    ForgetRequestSample,
     ModelVersion,
     RequestStatus,
+    Sample,
+    as_utc,
     utcnow,
 )
 from service.webhooks import events as webhook_events
+from service.requests.problems import RequestConflict
 
 FILED = RequestStatus.pending
 # A sample in a part of one of these is already on its way to being forgotten by the part's model.
 OPEN_STATUSES = (RequestStatus.pending, RequestStatus.batched)
+# The longest reason a withdrawal or an extension may give.
+MAX_REASON_LENGTH = 500
+# GDPR Art. 12(3): the deadline "may be extended by two further months where necessary".
+EXTENSION_MONTHS = (1, 2)
 
 
 class TransitionRefused(RuntimeError):
@@ -133,6 +157,70 @@ def give_up(session: Session, batch: Batch, error: str, actor: str) -> None:
                  details={"error": error})
 
 
+def withdraw(session: Session, request: ForgetRequest, reason: str, actor: str, now: datetime) -> None:
+    """The client withdrew the request at `now`, before any work on it began: it and its parts are
+    withdrawn, and no batch claims them.
+
+    Refused (RequestConflict) once it is withdrawn or completed, once a part is in a batch (running,
+    held for review or done: the version that forgets its samples exists or is being made), and
+    while an open request linked later relies on its parts (`_open_followers`): that one has no
+    part for the samples they share, and would never see them forgotten.
+    """
+    parts = _lock_for_change(session, request)
+    if request.status == RequestStatus.withdrawn:
+        raise _refused("already_withdrawn", f"request {request.id} was withdrawn at {_when(request.withdrawn_at)}")
+    if request.status == RequestStatus.completed:
+        raise _refused("request_completed", f"request {request.id} was completed at {_when(request.completed_at)}")
+    started = [part.model_name for part in parts if part.status != RequestStatus.pending or part.batch_id is not None]
+    if started:
+        raise _refused("request_batched", f"request {request.id} can no longer be withdrawn: its parts for "
+                                          f"{', '.join(started)} are in a batch or done")
+    followers = _open_followers(session, request)
+    if followers:
+        raise _refused("linked_requests_open", f"requests filed later rely on the parts of request {request.id} "
+                       f"for samples they share ({', '.join(followers)}): withdraw them first")
+    session.execute(update(ForgetRequestPart).where(ForgetRequestPart.request_id == request.id)
+                    .values(status=RequestStatus.withdrawn))
+    request.status = RequestStatus.withdrawn
+    request.withdrawn_at = now
+    request.withdrawal_reason = reason
+    # The reason is the client's free text: the audit log, which names no one, records its length only.
+    append_audit(session, actor=actor, action="request.withdrawn", object_type="forget_request",
+                 object_id=request.id,
+                 details={"parts": [part.model_name for part in parts], "reason_length": len(reason)})
+
+
+def extend(session: Session, request: ForgetRequest, months: int, reason: str, actor: str, now: datetime) -> None:
+    """Extend the request's deadline once, at `now`, by `months` calendar months (`add_months`);
+    the deadline before is kept as `original_due_at`. Refused (RequestConflict) for a request
+    completed or withdrawn, or extended already."""
+    if months not in EXTENSION_MONTHS:
+        raise ValueError(f"a deadline is extended by one of {EXTENSION_MONTHS} months, not {months}")
+    _lock_request(session, request)
+    if request.status in (RequestStatus.completed, RequestStatus.withdrawn):
+        raise _refused("request_closed", f"request {request.id} is {request.status.value}: its deadline no longer runs")
+    if request.original_due_at is not None:
+        raise _refused("already_extended", f"request {request.id} was extended at {_when(request.extended_at)} "
+                                           f"from {_when(request.original_due_at)}; a deadline is extended once")
+    old_due_at = as_utc(request.due_at)
+    request.original_due_at = old_due_at
+    request.due_at = add_months(old_due_at, months)
+    request.extended_at = now
+    request.extension_reason = reason
+    append_audit(session, actor=actor, action="request.extended", object_type="forget_request", object_id=request.id,
+                 details={"old_due_at": old_due_at.isoformat(), "new_due_at": request.due_at.isoformat(),
+                          "months": months, "reason_length": len(reason)})
+
+
+def add_months(moment: datetime, months: int) -> datetime:
+    """`moment` that many calendar months later, at the same time of day. A day the month reached
+    does not have becomes its last day (31 January plus one month: 28 or 29 February), so an
+    extension never reaches into the month after."""
+    month_index = moment.month - 1 + months
+    year, month = moment.year + month_index // 12, month_index % 12 + 1
+    return moment.replace(year=year, month=month, day=min(moment.day, calendar.monthrange(year, month)[1]))
+
+
 def _release_parts(session: Session, batch: Batch, error: str | None) -> list[str]:
     """Detach the batch's parts, pending again; returns their requests' ids."""
     request_ids = _request_ids(session, batch)
@@ -151,25 +239,123 @@ def _request_ids(session: Session, batch: Batch) -> list[str]:
     ))
 
 
+def _refused(error_type: str, message: str) -> RequestConflict:
+    return RequestConflict("request_id", message, error_type=error_type, location="path")
+
+
+def _when(moment: datetime) -> str:
+    return as_utc(moment).isoformat()
+
+
+def _lock_request(session: Session, request: ForgetRequest) -> None:
+    """Read the request again, locked against a concurrent change of it. NO KEY UPDATE: a request
+    that intake links to it meanwhile (its foreign key takes KEY SHARE) is not blocked by the lock."""
+    session.refresh(request, with_for_update={"key_share": True})
+
+
+def _lock_for_change(session: Session, request: ForgetRequest) -> list[ForgetRequestPart]:
+    """Lock the request's samples (in id order), its parts and the request, and return the parts as
+    they are now. The order is intake's and a deployment's (samples, then parts, then requests), so
+    none of them can deadlock with a withdrawal.
+
+    A claim skips parts locked here, or holds them until it commits (then they are seen batched);
+    intake, which locks the samples it files first, either finishes first (a request linked to this
+    one is then seen by `_open_followers`) or sees this one's parts as the withdrawal leaves them.
+    """
+    session.execute(
+        select(Sample.id).where(Sample.id.in_(
+            select(ForgetRequestSample.sample_id).where(ForgetRequestSample.request_id == request.id)
+        )).order_by(Sample.id).with_for_update()
+    )
+    parts = list(session.scalars(
+        select(ForgetRequestPart).where(ForgetRequestPart.request_id == request.id)
+        .order_by(ForgetRequestPart.model_name).with_for_update()
+        .execution_options(populate_existing=True)
+    ))
+    _lock_request(session, request)
+    return parts
+
+
+def _open_followers(session: Session, request: ForgetRequest) -> list[str]:
+    """The open linked requests filed after the request (or at the same instant) that share a
+    sample with it and go to a model it has a part for: those `_WAITING` makes wait for its parts,
+    which may cover samples they have no part for."""
+    mine, theirs = aliased(ForgetRequestSample), aliased(ForgetRequestSample)
+    models = select(ForgetRequestPart.model_name).where(ForgetRequestPart.request_id == request.id)
+    return list(session.scalars(
+        select(ForgetRequest.id).distinct()
+        .join(theirs, theirs.request_id == ForgetRequest.id)
+        .join(mine, mine.sample_id == theirs.sample_id)
+        .where(mine.request_id == request.id, ForgetRequest.id != request.id,
+               ForgetRequest.received_at >= request.received_at, _LINKED,
+               ForgetRequest.status.in_(OPEN_STATUSES),
+               ForgetRequest.model_name.is_(None) | ForgetRequest.model_name.in_(models))
+        .order_by(ForgetRequest.id)
+    ))
+
+
+# The status a request's parts, and for a linked request the parts it relies on, give it. Built
+# once; correlated to the request the UPDATE sets.
+_mine = aliased(ForgetRequestSample, name="mine")
+_theirs = aliased(ForgetRequestSample, name="theirs")
+_earlier = aliased(ForgetRequest, name="earlier")
+_earlier_part = aliased(ForgetRequestPart, name="earlier_part")
+_LINKED = ForgetRequest.linked_request_id.is_not(None)
+
+
+def _own_parts(*statuses: RequestStatus):
+    return exists().where(ForgetRequestPart.request_id == ForgetRequest.id, ForgetRequestPart.status.in_(statuses))
+
+
+def _relied_on_parts(statuses: tuple[RequestStatus, ...], *also):
+    """A part in one of `statuses`, meeting `also`, of an earlier request (or one filed at the same
+    instant: it waits rather than be completed too early) that shares a sample with it, for a model
+    it goes to: a part that may be forgetting that sample for it."""
+    return _LINKED & exists().where(
+        _mine.request_id == ForgetRequest.id, _theirs.sample_id == _mine.sample_id,
+        _earlier.id == _theirs.request_id, _earlier.id != ForgetRequest.id,
+        _earlier.received_at <= ForgetRequest.received_at,
+        _earlier_part.request_id == _earlier.id, _earlier_part.status.in_(statuses),
+        ForgetRequest.model_name.is_(None) | (_earlier_part.model_name == ForgetRequest.model_name),
+        *also,
+    )
+
+
+# A linked request waits while a part it relies on is under way...
+_WAITING = _relied_on_parts(OPEN_STATUSES)
+# ... and is under way itself once one of those requests is: a part batched, or some completed while
+# others are not. (A request whose parts are all completed or withdrawn is not waited for.)
+_EARLIER_UNDER_WAY = _relied_on_parts(
+    (RequestStatus.batched, RequestStatus.completed),
+    exists().where(ForgetRequestPart.request_id == _earlier.id, ForgetRequestPart.status.in_(OPEN_STATUSES)),
+)
+_STATUS = case(
+    (~_own_parts(*OPEN_STATUSES) & ~_WAITING, RequestStatus.completed.value),
+    (_own_parts(RequestStatus.batched, RequestStatus.completed) | _EARLIER_UNDER_WAY, RequestStatus.batched.value),
+    else_=RequestStatus.pending.value,
+)
+
+
 def _settle_requests(session: Session, request_ids: list[str], now: datetime | None) -> list[str]:
-    """Set each request's status from its parts'; returns those that became completed (at `now`)."""
+    """Set the status of each request, and of every open linked request of their subjects (a change
+    of theirs may be what it waits for), from the parts; returns those that became completed (at
+    `now`). Four or five statements, whatever the number of requests. A withdrawn request stays
+    withdrawn."""
     if not request_ids:
         return []
-    was_completed = set(session.scalars(select(ForgetRequest.id).where(
-        ForgetRequest.id.in_(request_ids), ForgetRequest.status == RequestStatus.completed)))
-
-    def parts_with(*statuses):
-        return exists().where(ForgetRequestPart.request_id == ForgetRequest.id, ForgetRequestPart.status.in_(statuses))
-
-    status = case(
-        (~parts_with(RequestStatus.pending, RequestStatus.batched), RequestStatus.completed.value),
-        (parts_with(RequestStatus.batched) | parts_with(RequestStatus.completed), RequestStatus.batched.value),
-        else_=RequestStatus.pending.value,
-    )
-    session.execute(update(ForgetRequest).where(ForgetRequest.id.in_(request_ids))
-                    .values(status=status).execution_options(synchronize_session=False))
+    origin = aliased(ForgetRequest)
+    subjects = select(origin.subject_id).where(origin.id.in_(request_ids))
+    candidates = session.execute(select(ForgetRequest.id, ForgetRequest.status).where(
+        ForgetRequest.status != RequestStatus.withdrawn,
+        ForgetRequest.id.in_(request_ids)
+        | (_LINKED & ForgetRequest.status.in_(OPEN_STATUSES) & ForgetRequest.subject_id.in_(subjects)),
+    )).all()
+    settled = sorted(request_id for request_id, _ in candidates)
+    was_completed = {request_id for request_id, status in candidates if status == RequestStatus.completed}
+    session.execute(update(ForgetRequest).where(ForgetRequest.id.in_(settled))
+                    .values(status=_STATUS).execution_options(synchronize_session=False))
     completed = [request_id for request_id in session.scalars(select(ForgetRequest.id).where(
-        ForgetRequest.id.in_(request_ids), ForgetRequest.status == RequestStatus.completed,
+        ForgetRequest.id.in_(settled), ForgetRequest.status == RequestStatus.completed,
         ForgetRequest.completed_at.is_(None))) if request_id not in was_completed]
     if completed:
         session.execute(update(ForgetRequest).where(ForgetRequest.id.in_(completed))

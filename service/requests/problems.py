@@ -1,4 +1,5 @@
-"""Why input cannot become a forget request: the errors the API answers 409 or 422 with."""
+"""Why input cannot become a forget request, or a request cannot change as asked: the errors the
+API answers 409 or 422 with."""
 
 from collections.abc import Iterable
 
@@ -22,10 +23,11 @@ class RequestValidationProblem(ValueError):
 
 
 class RequestConflict(RequestValidationProblem):
-    """Valid input that collides with requests already open; it may succeed once they are done."""
+    """Valid input that collides with the state of what it names (rows already there, a request
+    past the point where it may change)."""
 
-    def __init__(self, field: str, message: str, *, error_type: str):
-        super().__init__(field, message, error_type=error_type, status_code=409)
+    def __init__(self, field: str, message: str, *, error_type: str, location: str = "body"):
+        super().__init__(field, message, error_type=error_type, status_code=409, location=location)
 
 
 def format_ids(ids: Iterable[int]) -> str:

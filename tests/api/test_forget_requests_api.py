@@ -114,15 +114,27 @@ def test_without_a_model_a_request_goes_to_every_model_that_holds_the_samples(cl
     assert client.get(f"/forget-requests/{alice['id']}").json() == alice
 
 
-def test_a_named_sample_already_in_an_open_request_is_refused(client, seed):
-    # Naming a sample every holder is already forgetting is a conflict, not a silently smaller request.
+def test_a_named_sample_already_in_an_open_request_is_linked_not_run_twice(client, seed, engine):
+    # A second request for samples under way is filed, linked to the open request: the samples that
+    # request covers get no second part; the others get one as usual.
     alice = seed.samples["alice"]
     first = client.post("/forget-requests", json={"subject_id": "alice", "sample_ids": alice[:1]}).json()
-    response = client.post("/forget-requests", json={"subject_id": "alice", "sample_ids": alice[:2]})
-    assert response.status_code == 409, response.text
-    [problem] = response.json()["detail"]
-    assert (problem["type"], problem["loc"]) == ("samples_in_open_request", ["body", "sample_ids"])
-    assert first["id"] in problem["msg"]
+    assert first["linked_to"] is None
+    second = client.post("/forget-requests", json={"subject_id": "alice", "sample_ids": alice[:2]})
+    assert second.status_code == 202, second.text
+    second = second.json()
+    assert (second["linked_to"], second["sample_ids"], [p["model"] for p in second["parts"]]) == (
+        first["id"], alice[:2], [seed.model])
+    # Nothing of its own left: filed with no part, linked to the subject's newest request under way.
+    third = client.post("/forget-requests", json={"subject_id": "alice", "sample_ids": alice[:1]})
+    assert third.status_code == 202, third.text
+    assert (third.json()["linked_to"], third.json()["parts"], third.json()["status"]) == (second["id"], [], "pending")
+    assert client.get(f"/forget-requests/{third.json()['id']}").json() == third.json()
+    with transaction(engine) as session:
+        parts = session.execute(select(ForgetRequestPart.request_id, ForgetRequestPart.model_name)).all()
+        audit = session.scalars(select(AuditEntry.details).where(AuditEntry.object_id == third.json()["id"])).one()
+    assert sorted(parts) == sorted([(first["id"], seed.model), (second["id"], seed.model)])
+    assert (audit["linked_to"], audit["parts"]) == (second["id"], [])
 
 
 def test_one_model_with_the_samples_in_an_open_request_leaves_them_to_the_others(client, seed, engine):
@@ -133,12 +145,22 @@ def test_one_model_with_the_samples_in_an_open_request_leaves_them_to_the_others
     second = client.post("/forget-requests", json={"subject_id": "carol"})
     assert second.status_code == 202, second.text
     assert (second.json()["sample_ids"], [p["model"] for p in second.json()["parts"]]) == (carol, ["digits-mlp"])
-    # Now every model that holds them has them in an open request.
+    assert second.json()["linked_to"] == first["id"]
+    # Now every model that holds them has them in an open part: linked, with no part of its own.
     third = client.post("/forget-requests", json={"subject_id": "carol"})
-    assert third.status_code == 409
-    [problem] = third.json()["detail"]
-    assert problem["type"] == "samples_in_open_request"
-    assert first["id"] in problem["msg"] and second.json()["id"] in problem["msg"]
+    assert third.status_code == 202, third.text
+    assert (third.json()["sample_ids"], third.json()["parts"], third.json()["linked_to"]) == (
+        carol, [], second.json()["id"])
+
+
+@pytest.mark.parametrize("status", [RequestStatus.pending, RequestStatus.batched])
+def test_samples_in_a_pending_or_batched_request_are_linked(client, seed, engine, status):
+    alice = seed.samples["alice"]
+    first = client.post("/forget-requests", json={"subject_id": "alice", "sample_ids": alice[:2]}).json()
+    set_part_status(engine, first["id"], status)
+    second = client.post("/forget-requests", json={"subject_id": "alice", "sample_ids": alice[:2]})
+    assert second.status_code == 202, second.text
+    assert (second.json()["linked_to"], second.json()["parts"]) == (first["id"], [])
 
 
 def test_without_sample_ids_all_held_samples_of_the_subject_are_taken(client, seed, engine):
@@ -149,12 +171,15 @@ def test_without_sample_ids_all_held_samples_of_the_subject_are_taken(client, se
     assert response.json()["sample_ids"] == bob[1:]
 
 
-def test_without_sample_ids_samples_already_requested_are_left_out(client, seed):
+def test_without_sample_ids_samples_already_requested_get_no_second_part(client, seed, engine):
     alice = seed.samples["alice"]
-    assert client.post("/forget-requests", json={"subject_id": "alice", "sample_ids": alice[:2]}).status_code == 202
+    first = client.post("/forget-requests", json={"subject_id": "alice", "sample_ids": alice[:2]}).json()
     response = client.post("/forget-requests", json={"subject_id": "alice"})
     assert response.status_code == 202, response.text
-    assert response.json()["sample_ids"] == alice[2:]
+    # It names every sample the subject asked about; its part covers what the first does not, and it
+    # follows the first for the rest.
+    assert (response.json()["sample_ids"], response.json()["linked_to"]) == (alice, first["id"])
+    assert [p["model"] for p in response.json()["parts"]] == [seed.model]
 
 
 def test_samples_of_a_completed_request_may_be_requested_again_for_the_model(client, seed, engine):
@@ -172,19 +197,6 @@ def _forget(client, engine, seed) -> None:
 
 def _forget_all_of_carol(client, engine, seed) -> None:
     forget(engine, seed.model, seed.samples["carol"], seed.version_id)
-
-
-def _alices_first_samples_in_a_request(status: RequestStatus):
-    def setup(client, engine, seed) -> None:
-        body = {"subject_id": "alice", "sample_ids": seed.samples["alice"][:2]}
-        response = client.post("/forget-requests", json=body)
-        set_part_status(engine, response.json()["id"], status)
-
-    return setup
-
-
-def _all_of_carol_requested(client, engine, seed) -> None:
-    client.post("/forget-requests", json={"subject_id": "carol"})
 
 
 class Refused(NamedTuple):
@@ -222,17 +234,6 @@ REFUSED = {
     ),
     "forgotten-samples": Refused(
         alice(lambda s: s.samples["alice"][:2]), SAMPLE_IDS, "already forgotten", setup=_forget
-    ),
-    "in-a-pending-request": Refused(
-        alice(lambda s: s.samples["alice"][:2]), SAMPLE_IDS, "already in an open request", 409,
-        _alices_first_samples_in_a_request(RequestStatus.pending),
-    ),
-    "in-a-batched-request": Refused(
-        alice(lambda s: s.samples["alice"][:2]), SAMPLE_IDS, "already in an open request", 409,
-        _alices_first_samples_in_a_request(RequestStatus.batched),
-    ),
-    "all-samples-in-an-open-request": Refused(
-        lambda s: {"subject_id": "carol"}, SUBJECT_ID, "already in an open request", 409, _all_of_carol_requested
     ),
     "duplicates": Refused(alice(lambda s: [s.samples["alice"][0]] * 2), SAMPLE_IDS, "more than once"),
     "empty-list": Refused(alice(lambda s: []), SAMPLE_IDS, "empty"),

@@ -11,10 +11,17 @@ from sqlalchemy import event, func, select
 from service.api.batch_queue import MAX_BATCH_PARAMETERS, intake_queue, take_intake_batch
 from service.core.audit_log import verify_chain
 from service.core.db import make_engine, session_factory, transaction
-from service.core.models import ApiKey, AuditEntry, ForgetRequest, ForgetRequestSample, IdempotencyRecord
+from service.core.models import (
+    ApiKey,
+    AuditEntry,
+    ForgetRequest,
+    ForgetRequestPart,
+    ForgetRequestSample,
+    IdempotencyRecord,
+)
 from service.requests.idempotency import Replay
 from service.requests.intake import IdempotencyClaim, Submission, file_forget_requests
-from service.requests.problems import RequestConflict, RequestValidationProblem
+from service.requests.problems import RequestValidationProblem
 from service.requests.queries import FiledRequest
 
 
@@ -30,10 +37,10 @@ def test_a_batch_files_each_as_if_alone_in_order(engine, seed):
     alice, bob = seed.samples["alice"], seed.samples["bob"]
     batch = [
         submission("alice", alice[:2]),
-        submission("alice", alice[1:3]),  # sample alice[1] was just claimed by the first
+        submission("alice", alice[1:3]),  # sample alice[1] was just claimed by the first: linked to it
         submission("nobody"),
         submission("bob"),  # all of bob's
-        submission("bob"),  # nothing left: every sample is in the request just filed
+        submission("bob"),  # nothing left of its own: every sample is in the request just filed
         submission("alice", alice[3:4], model="no-such-model"),
         submission("alice", [alice[4], alice[4]]),
         submission("carol", bob[:1]),
@@ -42,21 +49,25 @@ def test_a_batch_files_each_as_if_alone_in_order(engine, seed):
         outcomes = file_forget_requests(session, batch)
     first, overlapping, nobody, all_bob, bob_again, unknown_model, repeated, foreign = outcomes
     assert isinstance(first, FiledRequest) and first.sample_ids == alice[:2]
-    assert isinstance(overlapping, RequestConflict) and first.request.id in overlapping.message
-    assert str(alice[1]) in overlapping.message
+    assert first.request.linked_request_id is None
+    assert isinstance(overlapping, FiledRequest) and overlapping.sample_ids == alice[1:3]
+    assert (overlapping.request.linked_request_id, len(overlapping.parts)) == (first.request.id, 1)
     assert (nobody.field, nobody.error_type) == ("subject_id", "unknown_subject")
     assert isinstance(all_bob, FiledRequest) and all_bob.sample_ids == bob
-    assert isinstance(bob_again, RequestConflict) and all_bob.request.id in bob_again.message
+    assert isinstance(bob_again, FiledRequest) and bob_again.sample_ids == bob
+    assert (bob_again.request.linked_request_id, bob_again.parts) == (all_bob.request.id, [])
     assert (unknown_model.field, unknown_model.error_type) == ("model", "unknown_model")
     assert (repeated.field, repeated.error_type) == ("sample_ids", "duplicate_samples")
     assert (foreign.field, foreign.error_type) == ("sample_ids", "foreign_samples")
     with transaction(engine) as session:
         stored = {row.id: row.subject_id for row in session.execute(select(ForgetRequest.id, ForgetRequest.subject_id))}
-        assert stored == {first.request.id: "alice", all_bob.request.id: "bob"}
-        assert session.scalar(select(func.count()).select_from(ForgetRequestSample)) == 2 + len(bob)
+        filed = [first, overlapping, all_bob, bob_again]
+        assert stored == {f.request.id: f.request.subject_id for f in filed}
+        assert session.scalar(select(func.count()).select_from(ForgetRequestSample)) == 2 + 2 + 2 * len(bob)
+        assert session.scalar(select(func.count()).select_from(ForgetRequestPart)) == 3
         audited = session.scalars(select(AuditEntry.object_id).where(AuditEntry.action == "request.received")
                                   .order_by(AuditEntry.id)).all()
-        assert audited == [first.request.id, all_bob.request.id]  # one entry each, in arrival order
+        assert audited == [f.request.id for f in filed]  # one entry each, in arrival order
         assert verify_chain(session).ok
 
 

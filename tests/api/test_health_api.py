@@ -136,7 +136,9 @@ def test_every_route_documents_its_errors_and_has_a_docstring(client):
     }
     paths = schema["paths"]
     assert {"404"} <= set(paths["/forget-requests/{request_id}"]["get"]["responses"])
-    assert {"409", "422"} <= set(paths["/forget-requests"]["post"]["responses"])
+    assert {"422"} <= set(paths["/forget-requests"]["post"]["responses"])
+    for change in ("withdrawal", "extension"):
+        assert {"403", "404", "409", "422"} <= set(paths[f"/forget-requests/{{request_id}}/{change}"]["post"]["responses"])
     assert {"404"} <= set(paths["/audit"]["get"]["responses"])
     assert {"304", "404", "500"} <= set(paths["/models/deployed/artifact"]["get"]["responses"])
     assert {"409"} <= set(paths["/datasets/{dataset}/samples"]["post"]["responses"])

@@ -7,7 +7,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select, update
 
 from service.core.db import transaction
-from service.core.models import ForgetRequest, ForgetRequestPart, IdempotencyRecord, RequestStatus
+from service.core.models import ForgetRequest, IdempotencyRecord, RequestStatus, Sample, Subject
 
 
 def request_count(engine) -> int:
@@ -65,17 +65,16 @@ def test_keys_are_scoped_to_the_api_key(anonymous, seed, bearer, engine):
 
 
 def test_a_refused_request_is_not_remembered(client, seed, engine):
-    # The first try collides with an open request (409) and writes nothing; once that request is
-    # done, the retry with the same key is taken in.
-    alice = seed.samples["alice"][:1]
-    blocking = client.post("/forget-requests", json={"subject_id": "alice", "sample_ids": alice}).json()
-    body = {"subject_id": "alice", "sample_ids": alice}
-    assert client.post("/forget-requests", json=body, headers={"Idempotency-Key": "k"}).status_code == 409
+    # The first try names a subject not registered yet (422) and writes nothing; once the subject
+    # is registered, the retry with the same key is taken in.
+    body = {"subject_id": "erin", "sample_ids": seed.samples["alice"][:1]}
+    assert client.post("/forget-requests", json=body, headers={"Idempotency-Key": "k"}).status_code == 422
     with transaction(engine) as session:
-        for table, key in ((ForgetRequest, ForgetRequest.id), (ForgetRequestPart, ForgetRequestPart.request_id)):
-            session.execute(update(table).where(key == blocking["id"]).values(status=RequestStatus.completed))
+        session.add(Subject(id="erin"))
+        session.flush()
+        session.execute(update(Sample).where(Sample.id == body["sample_ids"][0]).values(subject_id="erin"))
     retry = client.post("/forget-requests", json=body, headers={"Idempotency-Key": "k"})
-    assert retry.status_code == 202
+    assert retry.status_code == 202, retry.text
     assert client.post("/forget-requests", json=body, headers={"Idempotency-Key": "k"}).json() == retry.json()
 
 

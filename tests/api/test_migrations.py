@@ -11,14 +11,14 @@ import alembic.command
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import create_engine, insert, inspect, select, text
+from sqlalchemy import create_engine, insert, inspect, select, text, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.pool import NullPool
 
 from service.core.audit_log import GENESIS_HASH, AuditLogConfig, entry_message, verify_chain
 from service.core.db import make_engine, session_factory, transaction
 from service.core.migrate import alembic_config, downgrade_database, upgrade_database
-from service.core.models import AuditEntry, Base, Batch, BatchStatus
+from service.core.models import AuditEntry, Base, Batch, BatchStatus, ForgetRequest
 from service.core.pseudonyms import pseudonym
 from service.core.settings import get_settings
 
@@ -233,3 +233,46 @@ def test_0009_adds_the_webhook_outbox_and_keeps_existing_requests(unmigrated_url
         assert connection.execute(text("SELECT id FROM forget_requests")).scalars().all() == ["r1"]
     after.dispose()
     assert "erasure_acknowledged_at" not in columns
+
+
+def test_0010_adds_the_request_lifecycle_and_keeps_the_requests(unmigrated_url):
+    alembic.command.upgrade(alembic_config(unmigrated_url), "0008")
+    received = datetime(2027, 1, 1, 9, 30, tzinfo=timezone.utc)
+    request = {"id": "r1", "subject_id": "alice", "status": "pending", "received_at": received,
+               "due_at": received + timedelta(days=30)}
+    before = create_engine(unmigrated_url, poolclass=NullPool)
+    with before.begin() as connection:
+        connection.execute(text("INSERT INTO subjects (id, created_at) VALUES ('alice', :at)"), {"at": received})
+        connection.execute(text("INSERT INTO samples (dataset, dataset_index, subject_id) VALUES ('d', 0, 'alice')"))
+        connection.execute(text("INSERT INTO forget_requests (id, subject_id, status, received_at, due_at) "
+                                "VALUES (:id, :subject_id, :status, :received_at, :due_at)"), request)
+        connection.execute(text("INSERT INTO forget_request_samples (request_id, sample_id) VALUES ('r1', 1)"))
+    before.dispose()
+
+    upgrade_database(unmigrated_url)
+    assert schema_differences(unmigrated_url) == []
+    engine = create_engine(unmigrated_url, poolclass=NullPool)
+    try:
+        with engine.begin() as connection:
+            row = connection.execute(select(ForgetRequest.__table__)).one()._mapping
+            assert {name: row[name] for name in ("id", "subject_id", "status")} == {"id": "r1", "subject_id": "alice",
+                                                                                   "status": "pending"}
+            new_columns = ("linked_request_id", "withdrawn_at", "withdrawal_reason", "original_due_at", "extended_at",
+                           "extension_reason")
+            assert [row[name] for name in new_columns] == [None] * len(new_columns)
+            # The new status is a plain string of the column's length: no CHECK to pass.
+            connection.execute(update(ForgetRequest.__table__).values(status="withdrawn", withdrawal_reason="asked"))
+            connection.execute(insert(ForgetRequest.__table__).values(
+                **{**request, "id": "r2", "status": "pending", "linked_request_id": "r1"}))
+        # The older schema has no withdrawn status nor requests that follow another: the downgrade refuses.
+        with pytest.raises(RuntimeError, match="1 withdrawn requests and 1 open requests without parts"):
+            downgrade_database(unmigrated_url, "0008")
+        with engine.begin() as connection:
+            connection.execute(text("UPDATE forget_requests SET status = 'completed'"))
+        downgrade_database(unmigrated_url, "0008")
+        columns = {column["name"] for column in inspect(engine).get_columns("forget_requests")}
+        assert not set(new_columns) & columns
+        with engine.connect() as connection:
+            assert connection.scalar(text("SELECT COUNT(*) FROM forget_request_samples")) == 1
+    finally:
+        engine.dispose()

@@ -4,6 +4,11 @@ A model is due when the samples of its pending parts reach `min_samples`, or its
 waited `max_wait_seconds`, or a pending request's due date is within `due_margin_days`. Batching
 amortises a run's fixed cost (loading, gradient-norm passes, evaluation) over many requests,
 and the two time bounds keep a quiet model from holding requests back.
+
+A due date is a request's `due_at`, extended or not. A linked request that relies on another's
+pending part (service.requests.lifecycle) lends that part its own due date when it is earlier:
+extending one request must not push back another that waits for it. Withdrawn parts are not
+pending, and count for nothing.
 """
 
 from dataclasses import dataclass
@@ -11,6 +16,7 @@ from datetime import datetime, timedelta
 
 from pydantic import BaseModel
 from sqlalchemy import Connection, func, select
+from sqlalchemy.orm import aliased
 
 from service.core.models import (
     Batch,
@@ -22,6 +28,7 @@ from service.core.models import (
     RequestStatus,
     as_utc,
 )
+from service.requests.lifecycle import OPEN_STATUSES
 
 
 class BatchPolicy(BaseModel):
@@ -61,7 +68,28 @@ def pending_stats(connection: Connection) -> list[PendingStats]:
         .where(ForgetRequestPart.status == RequestStatus.pending)
         .group_by(ForgetRequestPart.model_name)
     ).all()
-    return [PendingStats(name, samples, as_utc(oldest), as_utc(due)) for name, samples, oldest, due in rows]
+    lent = _due_dates_of_linked_requests(connection)
+    return [PendingStats(name, samples, as_utc(oldest), min(as_utc(due), lent.get(name, as_utc(due))))
+            for name, samples, oldest, due in rows]
+
+
+def _due_dates_of_linked_requests(connection: Connection) -> dict[str, datetime]:
+    """Per model, the earliest due date of an open linked request that shares a sample with an
+    earlier request's pending part of that model, for a model it goes to: the part it waits for."""
+    follower, mine, theirs = aliased(ForgetRequest), aliased(ForgetRequestSample), aliased(ForgetRequestSample)
+    rows = connection.execute(
+        select(ForgetRequestPart.model_name, func.min(follower.due_at))
+        .join(ForgetRequest, ForgetRequest.id == ForgetRequestPart.request_id)
+        .join(theirs, theirs.request_id == ForgetRequest.id)
+        .join(mine, mine.sample_id == theirs.sample_id)
+        .join(follower, follower.id == mine.request_id)
+        .where(ForgetRequestPart.status == RequestStatus.pending, follower.linked_request_id.is_not(None),
+               follower.status.in_(OPEN_STATUSES), follower.id != ForgetRequest.id,
+               follower.received_at >= ForgetRequest.received_at,
+               follower.model_name.is_(None) | (follower.model_name == ForgetRequestPart.model_name))
+        .group_by(ForgetRequestPart.model_name)
+    ).all()
+    return {name: as_utc(due) for name, due in rows}
 
 
 def due_models(connection: Connection, policies: dict[str, BatchPolicy], default: BatchPolicy,

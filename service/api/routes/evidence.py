@@ -20,8 +20,8 @@ router = APIRouter(prefix="/forget-requests", tags=["forget-requests"],
     response_model=EvidencePublic,
     responses={
         404: {"model": ErrorPublic, "description": "No forget request has this id (that this key may see)."},
-        422: {"model": ProblemPublic, "description": "The request id is malformed, or the request has several "
-              "parts and `model` names none of them."},
+        422: {"model": ProblemPublic, "description": "The request id is malformed, the request has several "
+              "parts and `model` names none of them, or it has none (a linked request: see `linked_to`)."},
     },
 )
 def read_evidence(
@@ -40,6 +40,11 @@ def read_evidence(
     # Another model's request is "not found" to a key limited to a model, as in GET /forget-requests/{id}.
     if request is None or (caller.model is not None and (caller.model not in parts or model != caller.model)):
         raise HTTPException(status_code=404, detail=f"forget request {request_id!r} not found")
+    if not parts:
+        raise RequestValidationProblem(
+            "model", f"request {request_id!r} has no part of its own: earlier requests forget its samples; read the "
+            f"evidence of the one it is linked to, {request.linked_request_id!r}", error_type="no_parts",
+            location="query")
     if model is None and len(parts) == 1:
         [model] = parts
     if model not in parts:

@@ -1,4 +1,4 @@
-"""Forget requests: a data subject's Art. 17 erasure request against one model."""
+"""Forget requests: a data subject's Art. 17 erasure request, its withdrawal and its deadline's extension."""
 
 from typing import Annotated
 
@@ -13,24 +13,28 @@ from service.api.schemas import (
     NO_NUL,
     DigitsOnly,
     ErrorPublic,
+    ExtensionCreate,
     ForgetRequestCreate,
     ForgetRequestPublic,
     Page,
     ProblemPublic,
     UtcInput,
+    WithdrawalCreate,
 )
 from service.core.api_keys import Caller
-from service.core.models import RequestStatus
-from service.requests import idempotency
+from service.core.models import ForgetRequest, RequestStatus, utcnow
+from service.requests import idempotency, lifecycle
 from service.requests.intake import IdempotencyClaim, Submission
 from service.requests.problems import RequestValidationProblem
-from service.requests.queries import FiledRequest, as_seen_by, requests_page
+from service.requests.queries import FiledRequest, as_seen_by, find_request, requests_page, requests_with_sample_ids
 
 router = APIRouter(
     prefix="/forget-requests", tags=["forget-requests"], responses={**AUTH_ERRORS, **DATABASE_UNAVAILABLE}
 )
 
 MAX_PAGE = 500
+RequestId = Annotated[str, Path(max_length=36, pattern=NO_NUL)]
+NOT_FOUND = {404: {"model": ErrorPublic, "description": "No forget request has this id (that this key may see)."}}
 
 
 def check_model_allowed(caller: Caller, model: str) -> None:
@@ -49,7 +53,6 @@ def check_model_allowed(caller: Caller, model: str) -> None:
     responses={
         **BODY_TOO_LARGE,
         400: {"model": ErrorPublic, "description": "The body is not UTF-8 text."},
-        409: {"model": ProblemPublic, "description": "Some of the samples are already in an open request."},
         422: {
             "model": ProblemPublic,
             "description": "The body is malformed, or names a model, subject or samples that cannot be "
@@ -147,14 +150,8 @@ def list_forget_requests(
     return Page[ForgetRequestPublic](data=[as_seen_by(filed, caller.model) for filed in requests], count=count)
 
 
-@router.get(
-    "/{request_id}",
-    response_model=ForgetRequestPublic,
-    responses={404: {"model": ErrorPublic, "description": "No forget request has this id (that this key may see)."}},
-)
-async def read_forget_request(
-    request_id: Annotated[str, Path(max_length=36, pattern=NO_NUL)], request: Request, caller: ReaderDep
-) -> JSONResponse:
+@router.get("/{request_id}", response_model=ForgetRequestPublic, responses=NOT_FOUND)
+async def read_forget_request(request_id: RequestId, request: Request, caller: ReaderDep) -> JSONResponse:
     """Get a forget request: its status, deadline and, once completed, the model version that forgot it."""
     return await read_request(request.app, request_id, caller)
 
@@ -167,3 +164,75 @@ async def read_request(app: FastAPI, request_id: str, caller: Caller) -> JSONRes
     if filed is None or (caller.model is not None and caller.model not in {p.model_name for p in filed.parts}):
         raise HTTPException(status_code=404, detail=f"forget request {request_id!r} not found")
     return JSONResponse(content=response_body(as_seen_by(filed, caller.model)))
+
+
+def _request_to_change(session, request_id: str, caller: Caller) -> ForgetRequest:
+    """The request a withdrawal or an extension names, if the caller's key may change it: one it
+    may see (404 otherwise, as when reading), and for a key limited to a model, one whose every part
+    is that model's (403): what the request asks of another model is not this key's to change."""
+    request = find_request(session, request_id)
+    models = set() if request is None else {part.model_name for part in request.parts}
+    if request is None or (caller.model is not None and caller.model not in models):
+        raise HTTPException(status_code=404, detail=f"forget request {request_id!r} not found")
+    if caller.model is not None and models != {caller.model}:
+        raise HTTPException(
+            status_code=status.HTTP_403_FORBIDDEN,
+            detail=f"key {caller.prefix} is limited to model {caller.model!r}; request {request_id!r} "
+            "also goes to other models",
+        )
+    return request
+
+
+def _changed(session, request_id: str, caller: Caller) -> JSONResponse:
+    """The request as it is now committed, as the caller sees it (200)."""
+    filed = requests_with_sample_ids(session, {request_id})[request_id]
+    return JSONResponse(content=response_body(as_seen_by(filed, caller.model)))
+
+
+@router.post(
+    "/{request_id}/withdrawal",
+    response_model=ForgetRequestPublic,
+    responses={
+        **NOT_FOUND,
+        **BODY_TOO_LARGE,
+        403: {"model": ErrorPublic, "description": "The key's role may not, or the key is limited to a model and the "
+                                                  "request also goes to another."},
+        409: {"model": ProblemPublic, "description": "The request is withdrawn or completed already, a part of it is "
+              "in a batch, or an open request linked later relies on its parts; `type` says which."},
+        422: {"model": ProblemPublic, "description": "The body is malformed; `loc` names the field."},
+    },
+)
+def withdraw_forget_request(
+    request_id: RequestId, body: WithdrawalCreate, session: SessionDep, caller: SubmitterDep
+) -> JSONResponse:
+    """Withdraw a request before any part of it is batched: it and its parts become withdrawn and no
+    batch takes them. Withdrawing it again is a 409 that changes nothing."""
+    request = _request_to_change(session, request_id, caller)
+    lifecycle.withdraw(session, request, body.reason, caller.actor, utcnow())
+    session.commit()
+    return _changed(session, request_id, caller)
+
+
+@router.post(
+    "/{request_id}/extension",
+    response_model=ForgetRequestPublic,
+    responses={
+        **NOT_FOUND,
+        **BODY_TOO_LARGE,
+        403: {"model": ErrorPublic, "description": "The key's role may not, or the key is limited to a model and the "
+                                                  "request also goes to another."},
+        409: {"model": ProblemPublic, "description": "The request was extended already, or is completed or "
+              "withdrawn; `type` says which."},
+        422: {"model": ProblemPublic, "description": "The body is malformed (months not 1 or 2, say); `loc` names "
+              "the field."},
+    },
+)
+def extend_forget_request(
+    request_id: RequestId, body: ExtensionCreate, session: SessionDep, caller: SubmitterDep
+) -> JSONResponse:
+    """Extend the request's deadline, once, by one or two calendar months (GDPR Art. 12(3)): `due_at`
+    moves, `original_due_at` keeps the deadline before, and the batch policy reads the new one."""
+    request = _request_to_change(session, request_id, caller)
+    lifecycle.extend(session, request, body.months, body.reason, caller.actor, utcnow())
+    session.commit()
+    return _changed(session, request_id, caller)
