@@ -30,6 +30,7 @@ from service.core.audit_log import append_audit, audit_key
 from service.core.models import ForgetRequest, ForgetRequestSample, IdempotencyRecord, RequestStatus, Sample, Subject
 from service.core.pseudonyms import pseudonym
 from service.requests.holdings import holders
+from service.webhooks import events as webhook_events
 
 
 def requests_due(session: Session, now: datetime, window: timedelta) -> list[str]:
@@ -86,10 +87,11 @@ def close_erasure(session: Session, request: ForgetRequest, tombstoned: Tombston
     """Step 3 (the caller holds the request's row lock): the request's erasure is recorded, and its
     subject's id is replaced by the pseudonym once none of the subject's samples is left."""
     request.erased_at = now
+    subject_id = request.subject_id
+    webhook_events.erased(session, request, subject_id, [i for ids in tombstoned.sample_ids.values() for i in ids])
     append_audit(session, actor=actor, action="request.erased", object_type="forget_request", object_id=request.id,
                  details={"erased_samples": tombstoned.count, "still_held_samples": tombstoned.still_held,
                           **files})
-    subject_id = request.subject_id
     if session.get(Subject, subject_id).erased_at is None and not session.scalar(
         select(Sample.id).where(Sample.subject_id == subject_id, Sample.erased_at.is_(None)).limit(1)
     ):

@@ -184,6 +184,7 @@ def withdraw(session: Session, request: ForgetRequest, reason: str, actor: str, 
     request.status = RequestStatus.withdrawn
     request.withdrawn_at = now
     request.withdrawal_reason = reason
+    webhook_events.withdrawn(session, request)
     # The reason is the client's free text: the audit log, which names no one, records its length only.
     append_audit(session, actor=actor, action="request.withdrawn", object_type="forget_request",
                  object_id=request.id,
@@ -207,6 +208,7 @@ def extend(session: Session, request: ForgetRequest, months: int, reason: str, a
     request.due_at = add_months(old_due_at, months)
     request.extended_at = now
     request.extension_reason = reason
+    webhook_events.extended(session, request)
     append_audit(session, actor=actor, action="request.extended", object_type="forget_request", object_id=request.id,
                  details={"old_due_at": old_due_at.isoformat(), "new_due_at": request.due_at.isoformat(),
                           "months": months, "reason_length": len(reason)})

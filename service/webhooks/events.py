@@ -1,6 +1,7 @@
 """The data of the events the service sends itself, built where their change happens: the intake
-(request.received) and the state machine (request.completed, request.failed). Each builder returns
-at once, reading nothing, when no endpoint is configured.
+(request.received), the state machine (request.completed, request.failed, request.withdrawn,
+request.extended) and the erasure (request.erased). Each builder returns at once, reading nothing,
+when no endpoint is configured.
 
 Only request.erased names the subject (the data owner needs it to delete its records); the others
 name the request, whose id the filer got in the 202 of POST /forget-requests.
@@ -11,7 +12,15 @@ from datetime import datetime
 from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
-from service.core.models import Batch, ForgetRequestPart, ForgetRequestSample, SampleScore, as_utc
+from service.core.models import (
+    Batch,
+    ForgetRequest,
+    ForgetRequestPart,
+    ForgetRequestSample,
+    Sample,
+    SampleScore,
+    as_utc,
+)
 from service.requests.queries import FiledRequest
 from service.webhooks import outbox
 
@@ -75,6 +84,35 @@ def failed(session: Session, batch: Batch, request_ids: list[str], error: str) -
                             "error": error, "part_status": "pending"})
         for request_id in request_ids
     ])
+
+
+def withdrawn(session: Session, request: ForgetRequest) -> None:
+    """request.withdrawn: it and its parts are withdrawn; no batch takes them."""
+    if outbox.enabled(session):
+        outbox.emit(session, "request.withdrawn", {"request_id": request.id,
+                                                   "withdrawn_at": _iso(request.withdrawn_at)})
+
+
+def extended(session: Session, request: ForgetRequest) -> None:
+    """request.extended: the deadline before and after its one extension."""
+    if outbox.enabled(session):
+        outbox.emit(session, "request.extended", {"request_id": request.id, "extended_at": _iso(request.extended_at),
+                                                  "original_due_at": _iso(request.original_due_at),
+                                                  "due_at": _iso(request.due_at)})
+
+
+def erased(session: Session, request: ForgetRequest, subject_id: str, sample_ids: list[int]) -> None:
+    """request.erased: the service erased its copies of these samples; the data owner is to delete
+    its own records of them, named as the owner knows them (data set and position), with the subject.
+    Nothing when none was erased (a model outside the request's scope still holds them all)."""
+    if not sample_ids or not outbox.enabled(session):
+        return
+    samples = session.execute(select(Sample.dataset, Sample.dataset_index).where(Sample.id.in_(sample_ids))
+                              .order_by(Sample.dataset, Sample.dataset_index)).all()
+    outbox.emit(session, "request.erased", {
+        "request_id": request.id, "subject_id": subject_id, "erased_at": _iso(request.erased_at),
+        "samples": [{"dataset": dataset, "dataset_index": index} for dataset, index in samples],
+    })
 
 
 def _figures(session: Session, request_ids: list[str], version_ids: set[int]) -> dict[tuple[str, int], dict]:

@@ -4,15 +4,11 @@ describes it, with its own HMAC code (not the service's)."""
 
 import base64
 import hashlib
-import hmac
 import json
 import logging
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from datetime import timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
@@ -26,74 +22,13 @@ from service.requests.intake import file_forget_request
 from service.webhooks import outbox
 from service.webhooks.config import WebhookConfig, with_webhooks
 from service.webhooks.delivery import deliver_due
-
-SECRET = "whsec_" + base64.b64encode(bytes(range(32))).decode()
-TOLERANCE_SECONDS = 300  # the convention's suggested window for webhook-timestamp
-
-
-def signature_is_valid(secret: str, headers, body: bytes, now: float) -> bool:
-    """A receiver's check, from the convention's text: the key is the base64 after "whsec_"; the
-    signed content is "{webhook-id}.{webhook-timestamp}.{body}"; webhook-signature lists
-    space-separated "v1,<base64 HMAC-SHA256>" entries, any of which may match; the timestamp must
-    be recent."""
-    key = base64.b64decode(secret.split("_", 1)[1])
-    message_id, timestamp = headers.get("webhook-id"), headers.get("webhook-timestamp")
-    if not message_id or not timestamp or abs(now - int(timestamp)) > TOLERANCE_SECONDS:
-        return False
-    signed = message_id.encode() + b"." + timestamp.encode() + b"." + body
-    expected = base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest())
-    for entry in headers.get("webhook-signature", "").split(" "):
-        version, _, signature = entry.partition(",")
-        if version == "v1" and hmac.compare_digest(signature.encode(), expected):
-            return True
-    return False
-
-
-@dataclass
-class Received:
-    headers: dict[str, str]
-    body: bytes
-    signed: bool
-    answered: int
-
-
-@dataclass
-class Receiver:
-    """A webhook endpoint: answers 400 to a bad signature, else the next of `answers` (then 204)."""
-
-    url: str = ""
-    answers: list[int] = field(default_factory=list)
-    received: list[Received] = field(default_factory=list)
-
-    def take(self, headers: dict[str, str], body: bytes) -> int:
-        signed = signature_is_valid(SECRET, headers, body, time.time())
-        answer = 400 if not signed else (self.answers.pop(0) if self.answers else 204)
-        self.received.append(Received(headers, body, signed, answer))
-        return answer
+from tests.webhook_receiver import SECRET, TOLERANCE_SECONDS, Receiver, running_receiver, signature_is_valid
 
 
 @pytest.fixture
 def receiver() -> Iterator[Receiver]:
-    endpoint = Receiver()
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):
-            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            self.send_response(endpoint.take({k.lower(): v for k, v in self.headers.items()}, body))
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, *_args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    endpoint.url = f"http://127.0.0.1:{server.server_address[1]}/hooks/qforget"
-    yield endpoint
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=5)
+    with running_receiver() as endpoint:
+        yield endpoint
 
 
 @pytest.fixture
@@ -252,6 +187,25 @@ def test_deliveries_are_listed_with_their_attempts_and_never_the_body(hooked_cli
     one = hooked_client.get(f"/webhooks/deliveries/{delivered['id']}", headers=auditor).json()
     assert (one["status"], one["body_kept"], one["attempts"]) == ("delivered", False, 1)
     assert one["payload_sha256"] == hashlib.sha256(receiver.received[-1].body).hexdigest()
+
+
+def test_an_extension_and_a_withdrawal_are_sent_without_their_reasons(hooked_client, hooked, seed, receiver):
+    request_id = hooked_client.post("/forget-requests", json={"subject_id": "alice"}).json()["id"]
+    extended = hooked_client.post(f"/forget-requests/{request_id}/extension",
+                                  json={"months": 2, "reason": "Alice's case needs the archive"})
+    assert extended.status_code == 200, extended.text
+    withdrawn = hooked_client.post(f"/forget-requests/{request_id}/withdrawal", json={"reason": "Alice asked"})
+    assert withdrawn.status_code == 200, withdrawn.text
+    deliver_due(hooked)
+
+    events = {envelope["type"]: envelope["data"] for envelope in (json.loads(r.body) for r in receiver.received)}
+    assert set(events) == {"request.received", "request.extended", "request.withdrawn"}
+    assert events["request.extended"] == {
+        "request_id": request_id, "extended_at": extended.json()["extended_at"].replace("Z", "+00:00"),
+        "original_due_at": extended.json()["original_due_at"].replace("Z", "+00:00"),
+        "due_at": extended.json()["due_at"].replace("Z", "+00:00")}
+    assert events["request.withdrawn"]["request_id"] == request_id
+    assert "Alice" not in " ".join(r.body.decode() for r in receiver.received)
 
 
 def test_the_erasure_delivered_records_the_owners_acknowledgement_and_names_no_one_after(
