@@ -52,6 +52,9 @@ def _make_engine(database_url: str, name: str) -> Engine:
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.execute("PRAGMA busy_timeout=30000")
+            # Deleted and overwritten rows are zeroed on disk, not left in free pages: what an erasure
+            # removes from a table (a subject's id) is gone from the file too.
+            cursor.execute("PRAGMA secure_delete=ON")
             cursor.close()
 
         @event.listens_for(engine, "begin")

@@ -55,8 +55,8 @@ from service.core.models import (
     as_utc,
     utcnow,
 )
-from service.webhooks import events as webhook_events
 from service.requests.problems import RequestConflict
+from service.webhooks import events as webhook_events
 
 FILED = RequestStatus.pending
 # A sample in a part of one of these is already on its way to being forgotten by the part's model.
