@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from workers.engine import (
     build_model,
@@ -15,8 +16,10 @@ from workers.engine import (
     integer_model,
     load_integer_model,
     save_integer_artifact,
+    unlearn,
 )
 from workers.engine.export import export_weight_bytes, pack_bits, unpack_bits
+from workers.engine.metrics import EXPORT_AGREEMENT, export_fidelity
 from workers.engine.quantization import QuantConv2d, QuantLinear
 
 # Float rounding carried through the network, relative to the largest logit: how far two float
@@ -247,3 +250,38 @@ def test_export_refuses_what_it_cannot_describe():
         integer_model(exported, **{**kwargs, "num_classes": 7})
     with pytest.raises(ValueError, match="format"):
         integer_model({**exported, "format": "other"}, **kwargs)
+
+
+class OnOtherKernels(nn.Module):
+    """A model whose forward pass runs on other_kernels(): the integer model as another machine runs it."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        with other_kernels():
+            return self.model(x)
+
+
+def test_quantization_does_not_bring_forgetting_back(small_model, small_spec, small_train, digits):
+    """An unlearned model's integer export forgets as much as the fake-quantized model it came from:
+    FA and MIA agree within export_fidelity's tolerance (EXPORT_AGREEMENT percent of the forget
+    samples agree; bit-identical figures are not required across kernels)."""
+    forget = digits.train.subset(torch.where(digits.train.y == 0)[0])  # a whole class, 140-odd samples
+    retain = small_train.subset(torch.where(small_train.y != 0)[0])
+    unlearned = unlearn("rl", small_model, forget, retain, {"epochs": 2}, progress=False).model.eval()
+    kwargs = small_spec.model_kwargs()
+    integer = OnOtherKernels(integer_model(export_integer(unlearned), **kwargs))
+    report = export_fidelity(unlearned, integer, forget, retain, digits.test)
+    fake, exported = report["fake_quantized"], report["integer"]
+    assert fake["FA"] <= 50.0  # the class was forgotten (the original: over 90)
+    assert report["within_tolerance"]
+    assert min(report["prediction_agreement"], report["membership_agreement"]) >= EXPORT_AGREEMENT
+    assert abs(fake["FA"] - exported["FA"]) <= 100 - EXPORT_AGREEMENT
+    assert abs(fake["MIA"] - exported["MIA"]) <= 100 - EXPORT_AGREEMENT
+    # The check can fail: the original's export has not forgotten the class.
+    original = integer_model(export_integer(small_model.eval()), **kwargs)
+    stale = export_fidelity(unlearned, original, forget, retain, digits.test)
+    assert not stale["within_tolerance"] and stale["prediction_agreement"] < 50.0
+    assert stale["integer"]["FA"] >= 90.0

@@ -8,7 +8,7 @@ import pytest
 from workers.benchmarks import bench
 
 ARGS = ["--dataset", "digits", "--model", "digits-cnn", "--seeds", "0", "--original-epochs", "1",
-        "--unlearn-epochs", "1", "--methods", "ft", "qmul", "--set", "qmul.schedule=cycled",
+        "--unlearn-epochs", "1", "--methods", "ft", "qmul", "oeu", "quail", "--set", "qmul.schedule=cycled",
         "--threads", "1", "--no-progress", "--name", "tiny"]
 
 
@@ -22,13 +22,13 @@ def tiny_run(tmp_path_factory):
 def test_bench_writes_the_table_the_json_and_the_plot(tiny_run):
     run_dir = tiny_run / "tiny"
     table = (run_dir / "table.md").read_text()
-    for needle in ["| Retrain |", "| No unlearning (original) |", "| FT |", "| Q-MUL |",
+    for needle in ["| Retrain |", "| No unlearning (original) |", "| FT |", "| Q-MUL |", "| OEU |", "| QUAIL |",
                    "Original model: train accuracy", "Q-MUL time / Retrain time", "Verdict",
                    "One seed", "python -m workers.benchmarks.bench --dataset digits"]:
         assert needle in table, needle
     assert (run_dir / "gaps.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     results = json.loads((run_dir / "results.json").read_text())
-    assert list(results["table"]) == ["retrain", "original", "ft", "qmul"]
+    assert list(results["table"]) == ["retrain", "original", "ft", "qmul", "oeu", "quail"]
     retrain = results["table"]["retrain"]
     assert retrain["AG"] == 0.0 and all(gap == 0.0 for gap in retrain["gaps"].values())
     qmul = results["per_seed"]["0"]["qmul"]
@@ -64,7 +64,7 @@ def test_presets_and_overrides_build_configs():
     assert "epochs" not in bench.method_overrides(config, "ga", 5)  # GA keeps its 5 epochs
     cpu = bench.config_from_args(parser.parse_args(["--preset", "cpu-cifar10"]))
     assert cpu.model == "cifar-cnn" and cpu.dataset_options["train_per_class"] == 250
-    assert cpu.methods == bench.ALL_METHODS
+    assert cpu.methods == bench.ALL_METHODS and {"oeu", "quail"} <= set(bench.ALL_METHODS)
     with pytest.raises(SystemExit):
         bench.parse_sets(["qmul-schedule"])
     with pytest.raises(ValueError, match="unknown unlearning method"):

@@ -20,8 +20,10 @@ from .methods import (
     GAConfig,
     IUConfig,
     L1SparseConfig,
+    OEUConfig,
     QMulNoAGRConfig,
     QMulNoSLConfig,
+    QuailConfig,
     RetrainConfig,
     RLConfig,
     SalUnConfig,
@@ -31,6 +33,7 @@ from .methods import (
 from .metrics import (
     evaluate,
     evaluate_with_membership,
+    export_fidelity,
     gaps,
     membership_auc,
     mia_efficacy,
@@ -71,7 +74,7 @@ __all__ = [
     "PactQuantizer", "classwise_forget_split", "export_integer", "integer_model",
     "load_integer_model", "random_forget_split", "save_integer_artifact",
     # unlearning methods and metrics
-    "UNLEARNING_METHODS", "FTConfig", "GAConfig", "IUConfig", "L1SparseConfig", "QMulNoAGRConfig",
-    "QMulNoSLConfig", "RLConfig", "RetrainConfig", "SalUnConfig", "evaluate_with_membership",
-    "membership_auc", "method_config", "unlearn",
+    "UNLEARNING_METHODS", "FTConfig", "GAConfig", "IUConfig", "L1SparseConfig", "OEUConfig",
+    "QMulNoAGRConfig", "QMulNoSLConfig", "QuailConfig", "RLConfig", "RetrainConfig", "SalUnConfig",
+    "evaluate_with_membership", "export_fidelity", "membership_auc", "method_config", "unlearn",
 ]

@@ -160,6 +160,48 @@ def evaluate_with_membership(
     return metrics
 
 
+# How closely the integer export must repeat the fake-quantized model (export_fidelity): the share, in
+# percent, of forget samples on which both must predict the same class, and on which both attackers
+# must make the same membership call. Not 100: another CPU's kernels add in another order, and a value
+# on a quantizer's rounding tie may land on the neighbouring code (workers/engine/export.py); FA and
+# MIA then differ by at most 100 - this many points.
+EXPORT_AGREEMENT = 99.0
+
+
+def export_fidelity(
+    model: nn.Module,
+    integer: nn.Module,
+    forget: Split,
+    retain: Split,
+    test: Split,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+) -> dict:
+    """Whether quantization brings forgetting back: FA, RA, TA and MIA of the fake-quantized model
+    and of its integer export, side by side, and how far they agree on the forget set.
+
+    integer: the inference model of the export, e.g. `load_integer_model(path)[0]` for a stored
+    artifact, or `integer_model(export_integer(model), **spec.model_kwargs())`. Each model gets its
+    own membership attacker, fitted on its own outputs, as an audit of either would. Returns
+    {"fake_quantized": metrics, "integer": metrics, "prediction_agreement": percent of forget
+    samples with the same predicted class, "membership_agreement": percent with the same
+    membership call, "within_tolerance": both agreements at least EXPORT_AGREEMENT}."""
+    results, predictions, calls = {}, {}, {}
+    for name, network in (("fake_quantized", model), ("integer", integer)):
+        probs = split_probs(network, forget, retain, test, device)
+        conf = {key: true_class_probs(probs[key], split.y)
+                for key, split in (("FA", forget), ("RA", retain), ("TA", test))}
+        attacker = membership_attacker(conf["RA"], conf["TA"], seed)
+        results[name] = metrics_from_probs(probs, forget, retain, test, seed, attacker)
+        predictions[name] = probs["FA"].argmax(dim=1)
+        calls[name] = attacker.predict(conf["FA"])
+    prediction_agreement = 100.0 * (predictions["fake_quantized"] == predictions["integer"]).float().mean().item()
+    membership_agreement = 100.0 * float((calls["fake_quantized"] == calls["integer"]).mean())
+    return {**results, "prediction_agreement": prediction_agreement,
+            "membership_agreement": membership_agreement,
+            "within_tolerance": min(prediction_agreement, membership_agreement) >= EXPORT_AGREEMENT}
+
+
 def gaps(metrics: dict[str, float], reference: dict[str, float]) -> dict[str, float]:
     """Absolute difference per metric to the reference, plus AG, their average."""
     result = {key: abs(metrics[key] - reference[key]) for key in METRIC_KEYS}

@@ -430,6 +430,15 @@ class DsqQuantizer(FakeQuantizer):
                 "q_min": self.q_min, "q_max": self.q_max}
 
 
+def quantizer_parameter_names(model: nn.Module) -> set[str]:
+    """Names (as in model.named_parameters()) of the parameters the fake quantizers learn: LSQ+'s
+    step sizes and offsets, PACT's clipping level, DSQ's range and sharpness. They set the grid, not
+    the function the grid carries, so penalties meant for the weights (an L1 norm) leave them out."""
+    return {f"{module_name}.{name}" if module_name else name
+            for module_name, module in model.named_modules() if isinstance(module, FakeQuantizer)
+            for name, _ in module.named_parameters(recurse=False)}
+
+
 def pact_quantizer(bits: int, kind: str, channels: int | None = None) -> FakeQuantizer:
     """PACT for activations, DoReFa for weights (the PACT paper's pairing)."""
     if kind == "weight":

@@ -143,15 +143,22 @@ def save_atomically(state, path: Path) -> None:
 
 
 @torch.no_grad()
+def predict_logits(
+    model: nn.Module, x: torch.Tensor, device: str | torch.device = "cpu", batch_size: int = 512
+) -> torch.Tensor:
+    """Logits in eval mode, on the CPU; the model's train/eval mode is restored."""
+    was_training = model.training
+    model.to(device).eval()
+    logits = [model(chunk.to(device)).cpu() for chunk in x.split(batch_size)]
+    model.train(was_training)
+    return torch.cat(logits) if logits else torch.empty(0)
+
+
 def predict_probs(
     model: nn.Module, x: torch.Tensor, device: str | torch.device = "cpu", batch_size: int = 512
 ) -> torch.Tensor:
     """Softmax outputs in eval mode, on the CPU; the model's train/eval mode is restored."""
-    was_training = model.training
-    model.to(device).eval()
-    probs = [F.softmax(model(chunk.to(device)), dim=1).cpu() for chunk in x.split(batch_size)]
-    model.train(was_training)
-    return torch.cat(probs) if probs else torch.empty(0)
+    return F.softmax(predict_logits(model, x, device, batch_size), dim=1)
 
 
 def accuracy(model: nn.Module, split: Split, device: str | torch.device = "cpu") -> float:
