@@ -6,7 +6,7 @@ from datetime import timedelta
 
 from sqlalchemy import Engine, select
 
-from service.core.db import transaction
+from service.core.db import drop_deleted_content, transaction
 from service.core.models import ForgetRequest, Model, ReferenceRequest, utcnow
 from service.core.settings import Settings
 from service.deployments.retention import delete_artifacts_carrying
@@ -43,19 +43,10 @@ def erase_request(engine: Engine, settings: Settings, request_id: str) -> bool:
         if request is None:
             return False
         close_erasure(session, request, tombstoned, files, actor, utcnow())
-    _drop_old_page_images(engine)
+    drop_deleted_content(engine)
     log.info("forget request erased: %d samples, %d still held by a model outside its scope",
              tombstoned.count, tombstoned.still_held)
     return True
-
-
-def _drop_old_page_images(engine: Engine) -> None:
-    """SQLite's write-ahead log keeps page images from before the erasure (the subject's id among
-    them) until it is overwritten: checkpoint it and truncate it to nothing. PostgreSQL keeps dead
-    row versions until VACUUM reuses their space, out of the service's hands (docs/audit.md)."""
-    if engine.dialect.name == "sqlite":
-        with engine.connect() as connection:
-            connection.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
 
 
 def _locked(session, request_id: str) -> ForgetRequest | None:

@@ -7,7 +7,7 @@ sends dispatches, never loads it.
 import logging
 from datetime import timedelta
 
-from service.core.db import get_engine, transaction
+from service.core.db import drop_deleted_content, get_engine, transaction
 from service.core.logging_setup import bind_log_context
 from service.core.models import utcnow
 from service.core.settings import get_settings
@@ -42,9 +42,11 @@ def dispatch() -> list[str]:
     now = utcnow()
     with transaction(get_engine(settings, "scheduler")) as session:
         idempotency.prune_expired(session, now - timedelta(hours=settings.idempotency_retention_hours))
-        outbox.clear_abandoned(session, now - timedelta(hours=settings.webhook_failed_retention_hours))
+        abandoned = outbox.clear_abandoned(session, now - timedelta(hours=settings.webhook_failed_retention_hours))
         webhooks_due = bool(settings.webhook_url) and has_due(session.connection(), now)
         erasures_due = requests_due(session, now, timedelta(hours=settings.erasure_window_hours))
+    if abandoned:
+        drop_deleted_content(get_engine(settings, "scheduler"))  # their cleared bodies may have named subjects
     if webhooks_due:
         # A send older than one interval is superseded by the next tick's.
         deliver_webhooks.apply_async(expires=settings.scheduler_interval_seconds)

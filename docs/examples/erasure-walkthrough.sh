@@ -36,18 +36,20 @@ start worker "$python" -m service.cli worker
 start scheduler "$python" -m service.cli scheduler
 until curl -sf "http://127.0.0.1:$api_port/ready" >/dev/null; do sleep 0.5; done
 
-api() {  # api METHOD PATH [JSON]: the curl command, then its answer
-    local method="$1" path="$2" body="${3:-}"
+api() {  # api METHOD PATH [JSON [LINES]]: the curl command, then its answer (its first LINES lines)
+    local method="$1" path="$2" body="${3:-}" lines="${4:-10000}" answer
     echo
     echo "\$ curl -s -X $method http://127.0.0.1:\$PORT$path -H 'Authorization: Bearer \$KEY'${body:+ -d '$body'}"
-    curl -s -X "$method" "http://127.0.0.1:$api_port$path" -H "Authorization: Bearer $KEY" \
-        ${body:+-H 'Content-Type: application/json' -d "$body"} | "$python" -m json.tool
+    answer="$(curl -s -X "$method" "http://127.0.0.1:$api_port$path" -H "Authorization: Bearer $KEY" \
+        ${body:+-H 'Content-Type: application/json' -d "$body"} | "$python" -m json.tool)"
+    sed -n "1,${lines}p" <<<"$answer"
+    [ "$(wc -l <<<"$answer")" -le "$lines" ] || echo "    ... ($(wc -l <<<"$answer") lines in all)"
 }
 field() { curl -s "http://127.0.0.1:$api_port$1" -H "Authorization: Bearer $KEY" | "$python" -c "import json, sys; print(json.load(sys.stdin)$2)"; }
 
-api GET /subjects/subject-0001 | head -40
+api GET /subjects/subject-0001 "" 40
 api POST /forget-requests '{"subject_id": "subject-0001"}' | tee "$work/filed.json"
-REQUEST="$("$python" -c "import json; print(json.load(open('$work/filed.json'))['id'])")"
+REQUEST="$(grep -m1 '"id":' "$work/filed.json" | cut -d'"' -f4)"
 
 echo; echo "# waiting for both models' runs and the erasure (the scheduler sends them to the worker)"
 for second in $(seq 600); do
@@ -56,11 +58,11 @@ for second in $(seq 600); do
     sleep 1
 done
 api GET "/forget-requests/$REQUEST"
-api GET "/forget-requests/$REQUEST/evidence?model=digits-a" | head -45
-api GET "/forget-requests/$REQUEST/evidence?model=digits-b" | head -45
-api GET /subjects/subject-0001 | head -20
+api GET "/forget-requests/$REQUEST/evidence?model=digits-a" "" 45
+api GET "/forget-requests/$REQUEST/evidence?model=digits-b" "" 45
+api GET /subjects/subject-0001 "" 20
 api GET "/audit/log?object_type=forget_request&object_id=$REQUEST"
-api GET /audit/subjects/subject-0001 | head -30
+api GET /audit/subjects/subject-0001 "" 30
 api GET "/webhooks/deliveries?request_id=$REQUEST"
 
 echo; echo "# what the data owner's endpoint received and verified"

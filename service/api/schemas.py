@@ -162,6 +162,11 @@ class ForgetRequestPublic(BaseModel):
         "completion, at the latest on the due date), its evidence frozen just before. A sample a model outside the "
         "request's scope still holds is erased when that model has forgotten it too.",
     )
+    erasure_acknowledged_at: UtcDatetime | None = Field(
+        default=None, validation_alias=AliasPath("request", "erasure_acknowledged_at"),
+        description="When the data owner's endpoint answered 2xx to the request.erased webhook that told it which of "
+        "its records to delete (docs/webhooks.md).",
+    )
     linked_to: str | None = Field(
         validation_alias=AliasPath("request", "linked_request_id"),
         description="The newest earlier request whose open part covered some of these samples when this one was "

@@ -11,6 +11,7 @@ audit log needs them. It carries the webhook endpoint the same way (service.webh
 one is configured: recording an event needs it.
 """
 
+import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,6 +23,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.core.audit_log import AUDIT_OPTION, AuditLogConfig
 from service.core.settings import Settings, get_settings
 from service.webhooks.config import WebhookConfig, with_webhooks
+
+log = logging.getLogger(__name__)
 
 # Connections per engine (and process): the API lets at most its settings.api_database_sessions
 # requests hold one at once, which must not exceed POOL_SIZE + MAX_OVERFLOW.
@@ -118,3 +121,23 @@ def transaction(engine: Engine) -> Iterator[Session]:
     """A session whose work commits on success and rolls back on any exception."""
     with session_factory(engine)() as session, session.begin():
         yield session
+
+
+def drop_deleted_content(engine: Engine) -> None:
+    """Remove from the database's files what was deleted or overwritten (after an erasure: the
+    subject's former id, a delivered webhook's body). SQLite keeps such bytes in free pages, in the
+    inner pages of indexes and in its write-ahead log: VACUUM rebuilds the file from the live rows,
+    then the log is checkpointed into it and truncated to nothing. PostgreSQL keeps dead row versions
+    until VACUUM reuses their space, out of the service's hands (docs/audit.md): nothing is done."""
+    if engine.dialect.name != "sqlite":
+        return
+    connection = engine.raw_connection()  # the driver's own, in autocommit: VACUUM cannot run in a transaction
+    try:
+        cursor = connection.cursor()
+        cursor.execute("VACUUM")
+        busy, _, _ = cursor.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    finally:
+        connection.close()
+    if busy:
+        log.warning("the database's write-ahead log could not be truncated (a reader held it); deleted content "
+                    "stays in it until it is overwritten or the next erasure truncates it")

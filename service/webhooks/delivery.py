@@ -25,11 +25,11 @@ from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session
 
 from service.core.audit_log import append_audit
-from service.core.db import transaction
+from service.core.db import drop_deleted_content, transaction
 from service.core.models import DeliveryStatus, WebhookDelivery, utcnow
 from service.webhooks.config import WebhookConfig, webhook_config
 from service.webhooks.hooks import ON_DELIVERED
-from service.webhooks.outbox import encode
+from service.webhooks.outbox import NAMES_THE_SUBJECT, encode
 from service.webhooks.signing import signature_headers
 
 log = logging.getLogger(__name__)
@@ -79,6 +79,8 @@ def deliver_due(engine: Engine, *, now: datetime | None = None, limit: int = DEL
             if attempt.unreachable:
                 _give_back(engine, [rest.id for rest in claimed[position + 1:]], now)
                 break
+    if any(attempt.delivered and attempt.event_type in NAMES_THE_SUBJECT for attempt in attempts):
+        drop_deleted_content(engine)  # the cleared bodies named the subject
     return attempts
 
 

@@ -31,6 +31,10 @@ EVENT_TYPES = frozenset({
     "request.erased",
 })
 
+# The events whose body names the subject: once such a body is cleared, the database's files are
+# rid of it too (service.core.db.drop_deleted_content).
+NAMES_THE_SUBJECT = frozenset({"request.erased"})
+
 _INSERT = insert(WebhookDelivery.__table__)
 
 
