@@ -18,6 +18,7 @@ metadata.create_all, so every run also tests the migrations.
   test (migration tests).
 - `engine` (function): service.core.db.make_engine(database_url, "test") carrying the audit log's key
   and checkpoint file of `settings` (as the API's engine does), disposed after the test.
+- `one_torch_thread` (function): torch limited to one thread for the test (real training runs).
 - `settings` (function): Settings on `database_url` with data_dir under tmp_path; no .env read.
 - `seed` (function): inserts the model "digits-cnn-4bit" (data set "digits") with a deployed
   original version and subjects with active samples; returns a `Seed` (see below).
@@ -157,6 +158,18 @@ def engine(database_url: str, settings: Settings) -> Iterator[Engine]:
     engine = make_engine(database_url, "test", audit=AuditLogConfig.from_settings(settings))
     yield engine
     engine.dispose()
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Real training runs in a test: one thread is as fast on these small models, and far faster
+    than two on a busy two-core machine (OpenMP workers spin while waiting for a core)."""
+    import torch  # here: the API's tests never load it
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture

@@ -22,14 +22,6 @@ from workers.evaluation.deployment import evaluate_deployment
 from workers.references.training import train_reference
 
 
-@pytest.fixture
-def one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 def test_evidence_before_and_after_a_real_run(settings, one_torch_thread):
     settings = settings.model_copy(update={"unlearn_epochs": 2, "quality_gate_max_ta_drop": 100})

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from pydantic import SecretStr
 from sqlalchemy import inspect, select, text
@@ -36,14 +35,6 @@ from workers.erasure import erase_due_requests
 from workers.evaluation.deployment import evaluate_on_deployment_splits
 
 ERASED_SUBJECT, SCOPED_SUBJECT = "subject-0001", "subject-0002"
-
-
-@pytest.fixture
-def one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture

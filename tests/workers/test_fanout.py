@@ -4,19 +4,10 @@ then a third model bootstrapped after the erasure. PostgreSQL only; about 30 s o
 """
 
 import pytest
-import torch
 from sqlalchemy import select
 
 from service.core.db import get_engine, transaction
-from service.core.models import (
-    AuditEntry,
-    Dataset,
-    ForgetRequest,
-    ForgottenSample,
-    ModelVersion,
-    RequestStatus,
-    Sample,
-)
+from service.core.models import AuditEntry, Dataset, ForgetRequest, ForgottenSample, ModelVersion, RequestStatus, Sample
 from service.deployments.deploy import AdminRefusal, rollback
 from service.requests.holdings import holders
 from service.requests.intake import file_forget_request
@@ -27,14 +18,6 @@ from workers.bootstrap import bootstrap, default_spec
 from workers.references.training import train_reference
 
 SUBJECT = "subject-0001"
-
-
-@pytest.fixture
-def one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def request_state(engine, request_id):
