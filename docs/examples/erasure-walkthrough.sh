@@ -58,8 +58,10 @@ for second in $(seq 600); do
     sleep 1
 done
 api GET "/forget-requests/$REQUEST"
-api GET "/forget-requests/$REQUEST/evidence?model=digits-a" "" 45
-api GET "/forget-requests/$REQUEST/evidence?model=digits-b" "" 45
+for model in digits-a digits-b; do
+    api GET "/forget-requests/$REQUEST/evidence?model=$model" "" 45
+    echo "    its frozen_at (after the samples): $(field "/forget-requests/$REQUEST/evidence?model=$model" "['frozen_at']")"
+done
 api GET /subjects/subject-0001 "" 20
 api GET "/audit/log?object_type=forget_request&object_id=$REQUEST"
 api GET /audit/subjects/subject-0001 "" 30
