@@ -18,9 +18,14 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-# The Q-MUL settings of a run, each bounded here once: the service-wide values in Settings
+# The unlearning settings of a run, each bounded here once: the service-wide values in Settings
 # (QFORGET_UNLEARN_*) and an admin's per-model overrides (UnlearnSettings) are checked against the
-# same bounds, and the worker hands every one to the engine's QMulConfig.
+# same bounds, and the worker hands those the method's config has to the engine.
+# The engine's methods the service may run for a batch (workers/engine/methods.py; "retrain" is the
+# reference, not an unlearning run). Named here because the API and the scheduler never load the engine.
+UnlearnMethod = Literal["qmul", "qmul-no-sl", "qmul-no-agr", "ft", "ga", "rl", "l1-sparse", "salun", "iu", "oeu",
+                        "quail"]
+QMUL_METHODS = ("qmul", "qmul-no-sl", "qmul-no-agr")
 UnlearnEpochs = Annotated[int, Field(ge=1, le=1000)]
 LearningRate = Annotated[float, Field(gt=0, le=1)]
 Momentum = Annotated[float, Field(ge=0, lt=1)]
@@ -30,10 +35,13 @@ GradNormBatches = Annotated[int, Field(ge=0, le=100_000)]  # 0: a full pass over
 
 
 class UnlearnSettings(BaseModel):
-    """Q-MUL settings for a model's next runs, overriding the service-wide ones; omitted: unchanged.
-    `similar_labels` and `gradient_reweighting` turn Q-MUL's two components off (ablations)."""
+    """Unlearning settings for a model's next runs, overriding the service-wide ones; omitted:
+    unchanged. `method` picks another of the engine's methods (the one its benchmark found best, say);
+    `similar_labels`, `gradient_reweighting` and `grad_norm_batches` are Q-MUL's (the first two turn
+    its components off: ablations)."""
 
     model_config = ConfigDict(extra="forbid")
+    method: UnlearnMethod | None = None
     epochs: UnlearnEpochs | None = None
     lr: LearningRate | None = None
     momentum: Momentum | None = None
@@ -42,6 +50,15 @@ class UnlearnSettings(BaseModel):
     similar_labels: bool | None = None
     gradient_reweighting: bool | None = None
     grad_norm_batches: GradNormBatches | None = None
+
+    @model_validator(mode="after")
+    def _qmul_fields_for_qmul(self) -> "UnlearnSettings":
+        if self.method is not None and self.method not in QMUL_METHODS:
+            given = [name for name in ("similar_labels", "gradient_reweighting", "grad_norm_batches")
+                     if getattr(self, name) is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)} are Q-MUL's settings; method {self.method!r} has none")
+        return self
 
 
 # A shorter QFORGET_AUDIT_KEY is refused: the audit log's hashes are only as strong as its key.
@@ -95,6 +112,8 @@ class Settings(BaseSettings):
     worker_nice: int = Field(19, ge=0, le=19)
 
     # Q-MUL settings of every model's runs (an admin may override them per model: UnlearnSettings).
+    # The method a batch runs (a model's UnlearnSettings may name another): Q-MUL unless said otherwise.
+    unlearn_method: UnlearnMethod = "qmul"
     unlearn_epochs: UnlearnEpochs = 10
     unlearn_lr: LearningRate = 0.01
     unlearn_momentum: Momentum = 0.9
@@ -220,8 +239,8 @@ class Settings(BaseSettings):
                              "with QFORGET_WEBHOOK_URL (whsec_ and the base64 of 32 random bytes; docs/webhooks.md)")
 
     def unlearn_settings(self, overrides: dict | None = None) -> dict:
-        """A model's Q-MUL settings: the service-wide ones, then the admin's overrides for it."""
-        values = {"epochs": self.unlearn_epochs, "lr": self.unlearn_lr, "momentum": self.unlearn_momentum,
+        """A model's unlearning method and settings: the service-wide ones, then the admin's overrides."""
+        values = {"method": self.unlearn_method, "epochs": self.unlearn_epochs, "lr": self.unlearn_lr, "momentum": self.unlearn_momentum,
                   "weight_decay": self.unlearn_weight_decay, "batch_size": self.unlearn_batch_size,
                   "grad_norm_batches": self.unlearn_grad_norm_batches}
         return values | (overrides or {})

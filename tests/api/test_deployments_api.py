@@ -88,14 +88,22 @@ def test_discarding_returns_the_requests_with_new_settings(client, engine, seed,
     assert negative.status_code == 422 and negative.json()["detail"][0]["loc"][-1] == "grad_norm_batches"
     unknown = client.post(f"/batches/{held_batch['batch_id']}/discard", json={"unlearn_settings": {"epochz": 3}})
     assert unknown.status_code == 422 and unknown.json()["detail"][0]["loc"][-1] == "epochz"
+    no_method = client.post(f"/batches/{held_batch['batch_id']}/discard",
+                            json={"unlearn_settings": {"method": "retrain"}})
+    assert no_method.status_code == 422 and no_method.json()["detail"][0]["loc"][-1] == "method"
+    not_qmul = client.post(f"/batches/{held_batch['batch_id']}/discard",
+                           json={"unlearn_settings": {"method": "ft", "similar_labels": False}})
+    assert not_qmul.status_code == 422 and "similar_labels are Q-MUL's settings" in not_qmul.text
     with transaction(engine) as session:
         assert session.get(Batch, held_batch["batch_id"]).status == BatchStatus.held  # nothing changed
 
     response = client.post(f"/batches/{held_batch['batch_id']}/discard",
-                           json={"unlearn_settings": {"epochs": 3, "lr": 0.001, "grad_norm_batches": 5}})
+                           json={"unlearn_settings": {"method": "qmul-no-agr", "epochs": 3, "lr": 0.001,
+                                                      "grad_norm_batches": 5}})
     assert response.status_code == 200 and response.json()["status"] == "discarded"
     with transaction(engine) as session:
-        assert session.get(Model, seed.model).unlearn_config == {"epochs": 3, "lr": 0.001, "grad_norm_batches": 5}
+        assert session.get(Model, seed.model).unlearn_config == {"method": "qmul-no-agr", "epochs": 3, "lr": 0.001,
+                                                                 "grad_norm_batches": 5}
         request = session.get(ForgetRequest, held_batch["request_id"])
         [part] = request.parts
         assert (request.status, part.status, part.batch_id) == (RequestStatus.pending, RequestStatus.pending, None)

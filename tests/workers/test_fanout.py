@@ -7,7 +7,16 @@ import pytest
 from sqlalchemy import select
 
 from service.core.db import get_engine, transaction
-from service.core.models import AuditEntry, Dataset, ForgetRequest, ForgottenSample, ModelVersion, RequestStatus, Sample
+from service.core.models import (
+    AuditEntry,
+    Dataset,
+    ForgetRequest,
+    ForgottenSample,
+    Model,
+    ModelVersion,
+    RequestStatus,
+    Sample,
+)
 from service.deployments.deploy import AdminRefusal, rollback
 from service.requests.holdings import holders
 from service.requests.intake import file_forget_request
@@ -51,6 +60,8 @@ def test_a_subject_is_forgotten_by_every_model_that_learned_it(settings, one_tor
         with pytest.raises(RequestValidationProblem, match="no samples that model 'a' still holds"):
             file_forget_request(session, subject_id=SUBJECT, sample_ids=None, model_name="a",
                                 deadline_days=30, actor="test")
+    with transaction(engine) as session:  # b runs another of the engine's methods, as an admin may set
+        session.get(Model, "b").unlearn_config = {"method": "ft"}
     version_b = run_batch(engine, settings, claim_batch(engine, settings, "b"))
     status, parts = request_state(engine, request_id)
     assert (status, parts) == (RequestStatus.completed, {"a": RequestStatus.completed, "b": RequestStatus.completed})
@@ -58,6 +69,11 @@ def test_a_subject_is_forgotten_by_every_model_that_learned_it(settings, one_tor
     with transaction(engine) as session:
         for name, version_id in (("a", version_a), ("b", version_b)):
             version = session.get(ModelVersion, version_id)
+            assert version.method == {"a": "qmul", "b": "ft"}[name]
+            # The integer export an edge device runs forgot as much as the model that was evaluated.
+            export = version.metrics["integer_export"]
+            assert export["within_tolerance"] and abs(export["FA"] - export["fake_quantized_FA"]) <= 1.0
+            assert export["fake_quantized_FA"] == version.metrics["FA"]
             # The lineage names exactly what this model forgot: no sample another model forgot.
             assert sorted(version.excluded_sample_ids) == sorted(subject_samples)
             forgotten = session.scalars(select(ForgottenSample.sample_id).where(ForgottenSample.model_name == name))

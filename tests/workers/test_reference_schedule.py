@@ -55,7 +55,7 @@ def deploy_batch(engine, settings, seed, subject: str) -> int:
     claimed = claim_batch(engine, settings, seed.model)
     metrics = {"FA": 10.0, "RA": 99.0, "TA": 95.0, "MIA": 50.0}
     return _record_result(engine, settings, claimed, sorted(seed.samples[subject]), "/nonexistent/v.pt",
-                          "1" * 64, QMulConfig(epochs=1), metrics, history=[])
+                          "1" * 64, ("qmul", QMulConfig(epochs=1)), metrics, history=[])
 
 
 def schedule(engine, every_versions=0, every_days=0.0, now=None) -> list[int]:

@@ -5,6 +5,7 @@ side needs. The engine is covered in tests/engine, the whole path in tests/integ
 """
 
 import threading
+import typing
 from datetime import timedelta
 
 import pytest
@@ -25,12 +26,14 @@ from service.core.models import (
     Sample,
     utcnow,
 )
+from service.core.settings import QMUL_METHODS, UnlearnMethod
 from service.deployments import deploy as deployments
 from service.deployments.retention import prune_artifacts
 from service.requests.intake import file_forget_request
 from workers.batches.claims import claim_batch, record_failure
 from workers.batches.run import _record_result, unlearn_config
-from workers.engine import QMulConfig
+from workers.engine import FTConfig, QMulConfig
+from workers.engine.methods import UNLEARNING_METHODS
 
 
 def in_transaction(engine, action, *args, **kwargs):
@@ -51,7 +54,7 @@ def finish_run(engine, settings, claimed, ta: float) -> int | None:
                                      .where(ForgetRequestPart.batch_id == claimed.batch_id)).all()
     metrics = {"FA": 10.0, "RA": 99.0, "TA": ta, "MIA": 50.0}
     return _record_result(engine, settings, claimed, sorted(forget_ids), "/nonexistent/new.pt", "1" * 64,
-                          QMulConfig(epochs=1), metrics, history=[])
+                          ("qmul", QMulConfig(epochs=1)), metrics, history=[])
 
 
 @pytest.fixture
@@ -184,11 +187,11 @@ def test_a_discarded_batch_returns_its_requests_with_new_settings(engine, settin
         request = session.get(ForgetRequest, request_id)
         assert (request.status, request.parts[0].batch_id) == (RequestStatus.pending, None)
         model = session.get(Model, seed.model)
-        assert unlearn_config(settings, model) == QMulConfig(
-            epochs=3, lr=0.001, grad_norm_batches=settings.unlearn_grad_norm_batches)
+        assert unlearn_config(settings, model) == ("qmul", QMulConfig(
+            epochs=3, lr=0.001, grad_norm_batches=settings.unlearn_grad_norm_batches))
         # 0 asks for the full pass over each set.
         full = settings.model_copy(update={"unlearn_grad_norm_batches": 0})
-        assert unlearn_config(full, model).grad_norm_batches is None
+        assert unlearn_config(full, model)[1].grad_norm_batches is None
     assert claim_batch(engine, settings, seed.model) is not None
 
 
@@ -249,3 +252,25 @@ def test_different_models_run_at_the_same_time(engine, settings, seed):
     with transaction(engine) as session:
         running = session.scalars(select(Batch.model_name).where(Batch.status == BatchStatus.running)).all()
         assert sorted(running) == sorted([seed.model, "digits-cnn-8bit"])
+
+
+def test_a_model_runs_the_method_its_settings_name(settings, engine, seed):
+    with transaction(engine) as session:
+        model = session.get(Model, seed.model)
+        model.unlearn_config = {"method": "ft", "epochs": 2}
+        # The service-wide settings the method has, then the model's own.
+        assert unlearn_config(settings, model) == ("ft", FTConfig(
+            epochs=2, lr=settings.unlearn_lr, momentum=settings.unlearn_momentum,
+            weight_decay=settings.unlearn_weight_decay, batch_size=settings.unlearn_batch_size))
+        model.unlearn_config = None
+        everywhere = settings.model_copy(update={"unlearn_method": "oeu"})
+        assert unlearn_config(everywhere, model)[0] == "oeu"
+        # A setting the method does not have fails the run, saying so.
+        model.unlearn_config = {"method": "ft", "similar_labels": False}
+        with pytest.raises(TypeError, match="similar_labels"):
+            unlearn_config(settings, model)
+
+
+def test_the_service_names_only_methods_the_engine_has():
+    assert set(typing.get_args(UnlearnMethod)) <= set(UNLEARNING_METHODS) - {"retrain"}
+    assert set(QMUL_METHODS) <= set(typing.get_args(UnlearnMethod))

@@ -1,9 +1,10 @@
-"""Running Q-MUL on a claimed batch, and the quality gate that decides whether its version is
-deployed or held. The new version, its evidence and its deployment (or hold) are recorded in one
-transaction, by the lease holder only (docs/design.md, invariants 2 and 7)."""
+"""Running the model's unlearning method (Q-MUL unless set otherwise) on a claimed batch, and the
+quality gate that decides whether its version is deployed or held. The new version, its evidence
+and its deployment (or hold) are recorded in one transaction, by the lease holder only
+(docs/design.md, invariants 2 and 7)."""
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from sqlalchemy import Engine, select
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 
 
 def run_batch(engine: Engine, settings: Settings, claimed: ClaimedBatch, progress: bool = False) -> int | None:
-    """Run Q-MUL for a claimed batch and deploy the result. Returns the new version id."""
+    """Run the model's method for a claimed batch and deploy the result. Returns the new version id."""
     with transaction(engine) as session:
         model = session.get(Model, claimed.model_name)
         parent = session.get(ModelVersion, claimed.parent_version_id)
@@ -45,7 +46,7 @@ def run_batch(engine: Engine, settings: Settings, claimed: ClaimedBatch, progres
         in_batch = set(session.scalars(batch_samples))
         spec = qf.ModelSpec.from_dict(model.spec)
         erased = erased_indices(session, model.dataset)
-        config = unlearn_config(settings, model)
+        method, config = unlearn_config(settings, model)
         parent_path, parent_sha256 = parent.artifact_path, parent.sha256
     forget_rows = [row for row in held if row.id in in_batch]
     forget_ids = [row.id for row in forget_rows]
@@ -66,33 +67,61 @@ def run_batch(engine: Engine, settings: Settings, claimed: ClaimedBatch, progres
                         unreadable, len(data.train))
         network, _ = qf.load_artifact(Path(parent_path), parent_sha256, device=settings.torch_device)
         forget, retain = data.train.subset(forget_indices), data.train.subset(retain_indices)
-        log.info("batch %s: Q-MUL on %d forget / %d retain samples", claimed.batch_id, len(forget), len(retain))
-        result = qf.qmul_unlearn(network, forget, retain, config, device=settings.torch_device, progress=progress)
+        log.info("batch %s: %s on %d forget / %d retain samples", claimed.batch_id, method, len(forget), len(retain))
+        result = qf.unlearn(method, network, forget, retain, config, device=settings.torch_device, progress=progress)
         # Per-request evidence: the batch's samples before (the parent) and after (the new version).
         evidence = BatchEvidence(
             sample_ids=[id_of_index[index] for index in forget_indices],
             before=assess_samples(network, forget, retain, data.test, settings.torch_device),
             after=assess_samples(result.model, forget, retain, data.test, settings.torch_device),
         )
-        metrics = evidence.after.metrics
+        metrics = {**evidence.after.metrics,
+                   "integer_export": integer_export_check(result.model, spec, forget, retain, data.test,
+                                                          settings.torch_device)}
         path, sha256 = qf.save_artifact(result.model, artifact_spec(spec), Path(settings.model_store))
     finally:
         keeper.stop()
     if keeper.lost:
         log.warning("batch %s: lease lost during the run; another worker owns it now", claimed.batch_id)
         return None
-    return _record_result(engine, settings, claimed, forget_ids, path, sha256, config, metrics, result.history,
-                          evidence, unreadable)
+    return _record_result(engine, settings, claimed, forget_ids, path, sha256, (method, config), metrics,
+                          result.history, evidence, unreadable)
+
+
+def integer_export_check(network, spec: qf.ModelSpec, forget: qf.Split, retain: qf.Split, test: qf.Split,
+                         device: str) -> dict:
+    """Whether quantization brings forgetting back: FA and MIA of the version's integer export (what
+    an edge device runs) beside those of the fake-quantized model the evidence evaluates, on the
+    batch's forget set, and how far their predictions and membership calls agree
+    (qf.export_fidelity). An architecture the export cannot rebuild is recorded as such, not a
+    failed erasure."""
+    try:
+        integer = qf.integer_model(qf.export_integer(network), **spec.model_kwargs()).to(device)
+    except (ValueError, TypeError, NotImplementedError, KeyError) as error:
+        log.warning("integer export check skipped: %s", error)
+        return {"error": f"{type(error).__name__}: {error}"}
+    check = qf.export_fidelity(network, integer, forget, retain, test, device)
+    return {"FA": check["integer"]["FA"], "MIA": check["integer"]["MIA"],
+            "fake_quantized_FA": check["fake_quantized"]["FA"], "fake_quantized_MIA": check["fake_quantized"]["MIA"],
+            "prediction_agreement": check["prediction_agreement"],
+            "membership_agreement": check["membership_agreement"], "within_tolerance": check["within_tolerance"]}
 
 
 class UnreadableSamples(RuntimeError):
     """Samples to forget that the data set does not have: the run cannot show they were forgotten."""
 
 
-def unlearn_config(settings: Settings, model: Model) -> qf.QMulConfig:
-    """The model's Q-MUL settings (service-wide, then what an admin set for it) as the engine's config."""
-    values = settings.unlearn_settings(model.unlearn_config)
-    return qf.QMulConfig(**{**values, "grad_norm_batches": values["grad_norm_batches"] or None})  # 0: a full pass
+def unlearn_config(settings: Settings, model: Model) -> tuple[str, object]:
+    """The model's method and its engine config: the service-wide settings the method has, then
+    what an admin set for the model (a key the method does not have fails the run, saying so)."""
+    service_wide = settings.unlearn_settings()
+    overrides = dict(model.unlearn_config or {})
+    method = overrides.pop("method", service_wide.pop("method"))
+    known = {field.name for field in fields(qf.method_config(method))}  # its defaults' fields (an unknown name raises)
+    values = {key: value for key, value in service_wide.items() if key in known} | overrides
+    if "grad_norm_batches" in values:
+        values["grad_norm_batches"] = values["grad_norm_batches"] or None  # 0: a full pass
+    return method, qf.method_config(method, values)
 
 
 @dataclass(frozen=True)
@@ -102,10 +131,11 @@ class BatchEvidence:
     after: SampleAssessment  # the new version
 
 
-def _record_result(engine, settings, claimed, forget_ids, path, sha256, config, metrics, history,
+def _record_result(engine, settings, claimed, forget_ids, path, sha256, run: tuple[str, object], metrics, history,
                    evidence: BatchEvidence | None = None, unreadable: int = 0) -> int | None:
-    """One transaction: the new version and its evidence, then either its deployment or a hold by
-    the quality gate."""
+    """One transaction: the new version (made by `run`, the method and its config) and its evidence,
+    then either its deployment or a hold by the quality gate."""
+    method, config = run
     actor = f"worker:{WORKER_ID}"
     with transaction(engine) as session:
         batch = session.get(Batch, claimed.batch_id, with_for_update=True)
@@ -118,7 +148,7 @@ def _record_result(engine, settings, claimed, forget_ids, path, sha256, config, 
             kind=VersionKind.unlearned,
             parent_id=batch.parent_version_id,
             batch_id=batch.id,
-            method="qmul",
+            method=method,
             config={**vars(config), "history": history},
             metrics=metrics,
             sha256=sha256,
