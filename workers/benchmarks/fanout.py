@@ -12,15 +12,20 @@ size is printed beside what a per-version bitmap of the data set would take.
 """
 
 import argparse
+import secrets
+import shutil
 import statistics
+import tempfile
 import time
 import uuid
+from pathlib import Path
 
 from sqlalchemy import create_engine, insert, make_url, text
 from sqlalchemy.pool import NullPool
 from tqdm import tqdm
 
-from service.core.db import transaction
+from service.core.audit_log import AuditLogConfig
+from service.core.db import make_engine, transaction
 from service.core.migrate import upgrade_database
 from service.core.models import Dataset, ForgottenSample, Model, ModelVersion, Sample, Subject, VersionKind, utcnow
 from service.requests.holdings import held_by
@@ -74,9 +79,12 @@ def run(admin_url: str, samples: int, forgotten: int, repeat: int) -> dict:
     with admin.connect() as connection:
         connection.execute(text(f'CREATE DATABASE "{name}"'))
     url = make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+    # Filing appends to the audit log, which is keyed: a throwaway key, its checkpoints in a scratch folder.
+    scratch = Path(tempfile.mkdtemp(prefix="qforget-fanout-"))
     try:
         upgrade_database(url)
-        engine = create_engine(url, poolclass=NullPool)
+        engine = make_engine(url, "bench", audit=AuditLogConfig(key=secrets.token_bytes(32),
+                                                                checkpoint_file=scratch / "checkpoints.jsonl"))
         _populate(engine, samples, forgotten)
         subject_numbers = iter(range(samples // 10))
 
@@ -118,6 +126,7 @@ def run(admin_url: str, samples: int, forgotten: int, repeat: int) -> dict:
         with admin.connect() as connection:
             connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+        shutil.rmtree(scratch)
 
 
 def main(argv: list[str] | None = None) -> int:
