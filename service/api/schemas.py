@@ -310,12 +310,18 @@ class MetricsPublic(BaseModel):
     FA: float
     RA: float
     TA: float
-    MIA: float
+    MIA: float = Field(description="Mean over the membership attackers' draws (docs/audit.md).")
+    MIA_sd: float | None = Field(default=None, description="The spread (sd) of MIA between the attackers' draws; "
+                                 "None for figures recorded before MIA was averaged.")
 
 
-class GapsPublic(MetricsPublic):
+class GapsPublic(BaseModel):
     """Absolute differences to the retrain reference, and AG, their average."""
 
+    FA: float
+    RA: float
+    TA: float
+    MIA: float
     AG: float
 
 
@@ -474,7 +480,12 @@ class SampleFiguresPublic(BaseModel):
     version_id: int
     correct: bool = Field(description="The version predicts the sample's label.")
     confidence: float = Field(description="The softmax probability of the true label (0 to 1).")
-    member: bool = Field(description="The MIA attacker (fitted on the version's retain vs test) calls it a member.")
+    confidence_logit: float | None = Field(
+        default=None, description="log(p / (1 - p)) of the true label, computed from every class's probability "
+        "(finite where p rounds to 1); what the comparison with the reference uses. None on figures recorded before "
+        "it was kept.")
+    member: bool = Field(description="Most of the MIA attackers (each fitted on the version's retain vs test, on its "
+                         "own class-balanced draw of members) call it a member.")
     computed_at: UtcDatetime
 
 
@@ -498,6 +509,28 @@ class EvidenceSamplePublic(BaseModel):
     before: SampleFiguresPublic | None
     after: SampleFiguresPublic | None
     reference: SampleFiguresPublic | None
+    reference_difference: float | None = Field(
+        default=None, description="after minus reference on the logit-scaled true-label confidence (positive: the "
+        "version is surer of the true label than a model that never saw the sample); None when either lacks it.")
+
+
+class ReferenceComparisonPublic(BaseModel):
+    """The version after against the reference, sample by sample, on the logit-scaled true-label confidence."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    version_id: int
+    reference_id: int
+    sample_count: int = Field(description="The request's samples both versions have the logit-scaled confidence for.")
+    mean_difference: float = Field(description="Mean |after - reference| over them.")
+    max_difference: float = Field(description="Largest |after - reference|.")
+    above_count: int = Field(description="Samples whose |after - reference| exceeds the threshold.")
+    above_share: float = Field(description="Percent of sample_count above the threshold.")
+    threshold: float = Field(description="The |difference| that counts: what two references differing only in their "
+                             "training seed exceed on 5% of their unseen samples.")
+    threshold_source: str = Field(description="Where the threshold was measured.")
+    verdict: str = Field(description="'indistinguishable from the reference on these samples' when no sample is "
+                         "above the threshold, else 'differs from the reference on N of M samples'.")
 
 
 class EvidencePublic(BaseModel):
@@ -524,6 +557,10 @@ class EvidencePublic(BaseModel):
     after: FiguresSummaryPublic | None
     reference: FiguresSummaryPublic | None
     samples: list[EvidenceSamplePublic]
+    reference_comparison: ReferenceComparisonPublic | None = Field(
+        default=None, description="The version after against the reference on each sample's logit-scaled "
+        "confidence; None without a reference, or without that figure on both (figures recorded before it was "
+        "kept).")
     frozen_at: UtcDatetime | None = Field(
         default=None, description="Set once the request's samples were erased: the evidence as it stood then, kept "
         "unchanged (nothing can recompute it without the samples); later audits of the version rely on it.")

@@ -4,6 +4,14 @@ models (its part for that model), against a reference.
 The figures are computed by the workers (the API holds no model) and stored per version and
 sample (service.core.models.SampleScore): when a batch runs, for its parent and its new version;
 when an evaluation runs, for the evaluated version and its reference. This module only reads them.
+
+Beside the population figures (accuracy, the membership attackers' calls) it compares the version
+after with the reference sample by sample: the difference of their logit-scaled true-label
+confidences, log(p / (1 - p)). That is the quantity per-example membership tests (LiRA, U-LiRA) fit
+Gaussians to, and it needs one stored float per version and sample, where a divergence of the
+softmax outputs would need every class's probability stored. The threshold a difference must pass
+to count is what two references trained with different seeds differ by (below): the service trains
+one reference, so it cannot measure that spread itself.
 """
 
 from dataclasses import dataclass, field
@@ -27,6 +35,20 @@ from service.core.models import (
 
 EvidenceStatus = Literal["pending", "figures_missing", "reference_missing", "reference_stale", "complete"]
 
+# |difference of logit-scaled confidences| above which a sample counts as treated differently from
+# the reference. Two references trained from scratch without the same samples, differing only in
+# their training seed, differ on their unseen samples by more than this on 5% of them: measured on
+# the default recipe (THRESHOLD_SOURCE); another recipe's references may spread more or less, which
+# the benchmark's --ulira stage measures.
+DIFFERENCE_THRESHOLD = 4.4
+THRESHOLD_SOURCE = (
+    "95th percentile (4.36, rounded up to 4.4) of |difference of logit-scaled confidences| between two retrain "
+    "references that differ only in their training seed, on their unseen forget samples: default recipe (digits "
+    "CNN, LSQ+ W4A4, 30 epochs), 10% random forgetting (144 samples), 4 references per data seed, seeds 0 and 1, "
+    "1,728 sample pairs; python -m workers.benchmarks.bench --dataset digits --model digits-cnn --forget-ratio 0.1 "
+    "--seeds 0 1 --ulira (docs/audit.md)"
+)
+
 
 @dataclass(frozen=True)
 class FiguresSummary:
@@ -47,6 +69,27 @@ class EvidenceSample:
     after: SampleScore | None
     reference: SampleScore | None
 
+    @property
+    def reference_difference(self) -> float | None:
+        return logit_difference(self)
+
+
+@dataclass(frozen=True)
+class ReferenceComparison:
+    """The version after against the reference, sample by sample, on the logit-scaled true-label
+    confidence: what its differences come to and whether they exceed what two references differ by."""
+
+    version_id: int
+    reference_id: int
+    sample_count: int  # samples both have the logit-scaled confidence for
+    mean_difference: float  # mean |after - reference|
+    max_difference: float
+    above_count: int  # samples whose |difference| exceeds the threshold
+    above_share: float  # percent of sample_count
+    threshold: float
+    threshold_source: str
+    verdict: str
+
 
 @dataclass(frozen=True)
 class Evidence:
@@ -59,6 +102,7 @@ class Evidence:
     after: FiguresSummary | None = None
     reference: FiguresSummary | None = None
     samples: list[EvidenceSample] = field(default_factory=list)  # empty until the request is completed
+    reference_comparison: ReferenceComparison | None = None  # None without a reference or logits on both
 
 
 def request_evidence(session: Session, request: ForgetRequest, part: ForgetRequestPart) -> Evidence:
@@ -92,6 +136,7 @@ def request_evidence(session: Session, request: ForgetRequest, part: ForgetReque
         for sample_id, dataset_index in samples
     ]
     summaries = {role: _summary(list(by_sample.values())) for role, by_sample in scores.items()}
+    comparison = _compare_with_reference(rows) if reference is not None else None
     missing = [f"{role} (version {version_id})" for role, version_id in (("before", before_id), ("after", after.id))
                if len(scores[role]) < len(sample_ids)]
     if missing:
@@ -106,7 +151,8 @@ def request_evidence(session: Session, request: ForgetRequest, part: ForgetReque
     else:
         status = "complete" if matching else "reference_stale"
         message = reference_note
-    return Evidence(request, part.model_name, status, message, len(samples), samples=rows, **summaries)
+    return Evidence(request, part.model_name, status, message, len(samples), samples=rows,
+                    reference_comparison=comparison, **summaries)
 
 
 def _scores(session: Session, version_id: int, sample_ids: list[int]) -> dict[int, SampleScore]:
@@ -126,6 +172,33 @@ def _summary(scores: list[SampleScore]) -> FiguresSummary | None:
         accuracy=100.0 * sum(score.correct for score in scores) / count,
         mean_confidence=sum(score.confidence for score in scores) / count,
         member_share=100.0 * sum(score.member for score in scores) / count,
+    )
+
+
+def logit_difference(sample: EvidenceSample) -> float | None:
+    """after - reference on the logit-scaled true-label confidence (positive: the version is surer of
+    the true label than a model that never saw the sample); None when either lacks it."""
+    if sample.after is None or sample.reference is None:
+        return None
+    if sample.after.confidence_logit is None or sample.reference.confidence_logit is None:
+        return None
+    return sample.after.confidence_logit - sample.reference.confidence_logit
+
+
+def _compare_with_reference(rows: list[EvidenceSample]) -> ReferenceComparison | None:
+    pairs = [(row, logit_difference(row)) for row in rows]
+    pairs = [(row, difference) for row, difference in pairs if difference is not None]
+    if not pairs:
+        return None
+    sizes = [abs(difference) for _, difference in pairs]
+    above = sum(size > DIFFERENCE_THRESHOLD for size in sizes)
+    verdict = ("indistinguishable from the reference on these samples" if above == 0
+               else f"differs from the reference on {above} of {len(sizes)} samples")
+    return ReferenceComparison(
+        version_id=pairs[0][0].after.version_id, reference_id=pairs[0][0].reference.version_id,
+        sample_count=len(sizes), mean_difference=sum(sizes) / len(sizes), max_difference=max(sizes),
+        above_count=above, above_share=100.0 * above / len(sizes), threshold=DIFFERENCE_THRESHOLD,
+        threshold_source=THRESHOLD_SOURCE, verdict=verdict,
     )
 
 

@@ -341,7 +341,11 @@ class SampleScore(Base):
     sample_id: Mapped[int] = mapped_column(ForeignKey("samples.id"), primary_key=True, index=True)
     correct: Mapped[bool] = mapped_column(Boolean)  # the version predicts the sample's label
     confidence: Mapped[float]  # softmax probability of the true label
-    member: Mapped[bool] = mapped_column(Boolean)  # the membership attacker calls it a training member
+    # log(p / (1 - p)) of the true label, computed by the worker from all the classes' probabilities
+    # (from `confidence` alone it is infinite wherever p rounds to 1): what the evidence compares with
+    # the reference's. None on rows written before it was kept.
+    confidence_logit: Mapped[float | None] = mapped_column(nullable=True)
+    member: Mapped[bool] = mapped_column(Boolean)  # most of the MIA attackers call it a training member
     computed_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

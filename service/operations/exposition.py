@@ -114,8 +114,9 @@ def _batch_families(database: DatabaseFigures) -> Iterator[Metric]:
 def _deployment_families(database: DatabaseFigures) -> Iterator[Metric]:
     deployed = GaugeMetricFamily("qforget_deployed_version", "Id of the deployed model version.",
                                  labels=["model"])
-    deployed_metrics = GaugeMetricFamily("qforget_deployed_metric_percent", "FA, RA, TA, MIA (and the membership "
-                                         "AUCs) of the deployed version, newest evaluation.",
+    deployed_metrics = GaugeMetricFamily("qforget_deployed_metric_percent", "FA, RA, TA, MIA, MIA_sd (MIA's spread "
+                                         "between attacker draws; and the membership AUCs) of the deployed version, "
+                                         "newest evaluation.",
                                          labels=["model", "metric"])
     reference_metrics = GaugeMetricFamily("qforget_reference_metric_percent", "The same figures of the "
                                           "retrain reference it was evaluated against.", labels=["model", "metric"])

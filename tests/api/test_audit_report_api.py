@@ -10,6 +10,8 @@ import re
 import pytest
 from sqlalchemy import func, select
 
+from service.api.schemas import EvidencePublic
+from service.audit.evidence import DIFFERENCE_THRESHOLD, request_evidence
 from service.core.db import transaction
 from service.core.models import (
     AuditEntry,
@@ -172,7 +174,8 @@ def test_version_audit_states(client, engine, seed):
     body = client.get(f"/audit/versions/{version}").json()
     assert body["status"] == "current"
     assert (body["evaluation"]["id"], body["evaluation"]["reference_id"]) == (evaluation, matching)
-    assert body["evaluation"]["metrics"] == METRICS and body["evaluation"]["gaps"] == GAPS
+    # Recorded without MIA's spread (as evaluations made before MIA was averaged over draws): MIA_sd null.
+    assert body["evaluation"]["metrics"] == {**METRICS, "MIA_sd": None} and body["evaluation"]["gaps"] == GAPS
     assert (body["evaluation"]["forget_count"], body["evaluation"]["test_count"]) == (6, 360)
 
     reference_audit = client.get(f"/audit/versions/{matching}").json()
@@ -228,10 +231,11 @@ def complete(engine, seed, request_id, version_id) -> None:
             request.status = RequestStatus.batched
 
 
-def add_scores(engine, version_id, sample_ids, correct, confidence, member) -> None:
+def add_scores(engine, version_id, sample_ids, correct, confidence, member, logits=None) -> None:
     with transaction(engine) as session:
         session.add_all(SampleScore(version_id=version_id, sample_id=sample_id, correct=correct[i],
-                                    confidence=confidence[i], member=member[i])
+                                    confidence=confidence[i], member=member[i],
+                                    confidence_logit=None if logits is None else logits[i])
                         for i, sample_id in enumerate(sample_ids))
 
 
@@ -314,6 +318,59 @@ def test_evidence_before_after_and_reference(client, engine, seed):
     body = client.get(f"/forget-requests/{request_id}/evidence").json()
     assert body["status"] == "complete" and body["reference"]["version_id"] == matching
     assert body["reference"]["mean_confidence"] == pytest.approx(0.4)
+
+
+def test_evidence_compares_the_version_with_the_reference_sample_by_sample(client, engine, seed):
+    carol = seed.samples["carol"]
+    request_id = file_request(engine, seed, "carol")
+    version = add_version(engine, seed.model, VersionKind.unlearned, carol, deploy=True)
+    complete(engine, seed, request_id, version)
+    add_scores(engine, seed.version_id, carol, [True] * 3, [0.99] * 3, [True] * 3, [4.6] * 3)
+    threshold = DIFFERENCE_THRESHOLD
+    after_logits = [-1.0, 0.5, 2.0 + threshold + 0.5]  # the third is surer of its label than the reference
+    add_scores(engine, version, carol, [False, True, True], [0.27, 0.62, 0.95], [False, False, True],
+               after_logits)
+    reference = add_version(engine, seed.model, VersionKind.reference, carol)
+    # Without the logit-scaled confidence on the reference (figures recorded before it was kept): no comparison.
+    add_scores(engine, reference, carol, [False, True, True], [0.3, 0.6, 0.88], [False, False, False])
+    body = client.get(f"/forget-requests/{request_id}/evidence").json()
+    assert body["status"] == "complete" and body["reference_comparison"] is None
+    assert [sample["reference_difference"] for sample in body["samples"]] == [None] * 3
+
+    with transaction(engine) as session:
+        for sample_id, logit in zip(carol, [-0.8, 0.5, 2.0]):
+            session.get(SampleScore, (reference, sample_id)).confidence_logit = logit
+    body = client.get(f"/forget-requests/{request_id}/evidence").json()
+    comparison = body["reference_comparison"]
+    differences = [sample["reference_difference"] for sample in body["samples"]]
+    assert differences == pytest.approx([-0.2, 0.0, threshold + 0.5])
+    assert body["samples"][2]["after"]["confidence_logit"] == pytest.approx(after_logits[2])
+    assert (comparison["version_id"], comparison["reference_id"], comparison["sample_count"]) == (
+        version, reference, 3)
+    assert comparison["mean_difference"] == pytest.approx((0.2 + threshold + 0.5) / 3)
+    assert comparison["max_difference"] == pytest.approx(threshold + 0.5)
+    assert (comparison["above_count"], comparison["above_share"]) == (1, pytest.approx(100 / 3))
+    assert comparison["threshold"] == threshold and "seeds" in comparison["threshold_source"]
+    assert comparison["verdict"] == "differs from the reference on 1 of 3 samples"
+
+    # Closer than the threshold everywhere: indistinguishable on these samples.
+    with transaction(engine) as session:
+        session.get(SampleScore, (reference, carol[2])).confidence_logit = after_logits[2] - threshold / 2
+    comparison = client.get(f"/forget-requests/{request_id}/evidence").json()["reference_comparison"]
+    assert (comparison["above_count"], comparison["verdict"]) == (
+        0, "indistinguishable from the reference on these samples")
+
+    # The frozen form is a dump of the same schema: the comparison survives it, and an evidence frozen before
+    # the comparison existed still reads, without one.
+    with transaction(engine) as session:
+        request = session.get(ForgetRequest, request_id)
+        frozen = EvidencePublic.model_validate(request_evidence(session, request, request.parts[0])).model_dump(
+            mode="json", exclude={"frozen_at"})
+    assert EvidencePublic.model_validate(frozen).reference_comparison.verdict == comparison["verdict"]
+    older = {**frozen, "samples": [{key: value for key, value in sample.items() if key != "reference_difference"}
+                                   for sample in frozen["samples"]]}
+    del older["reference_comparison"]
+    assert EvidencePublic.model_validate(older).reference_comparison is None
 
 
 def test_evidence_says_when_the_worker_recorded_no_figures(client, engine, seed):

@@ -276,3 +276,18 @@ def test_0010_adds_the_request_lifecycle_and_keeps_the_requests(unmigrated_url):
             assert connection.scalar(text("SELECT COUNT(*) FROM forget_request_samples")) == 1
     finally:
         engine.dispose()
+
+
+def test_0012_adds_the_logit_scaled_confidence_and_undoes_it(unmigrated_url):
+    alembic.command.upgrade(alembic_config(unmigrated_url), "0011")
+    upgrade_database(unmigrated_url)
+    assert schema_differences(unmigrated_url) == []
+    engine = create_engine(unmigrated_url, poolclass=NullPool)
+    try:
+        [column] = [c for c in inspect(engine).get_columns("sample_scores") if c["name"] == "confidence_logit"]
+        assert column["nullable"]  # rows written before it was kept have none
+        engine.dispose()
+        downgrade_database(unmigrated_url, "0011")
+        assert "confidence_logit" not in {c["name"] for c in inspect(engine).get_columns("sample_scores")}
+    finally:
+        engine.dispose()

@@ -4,6 +4,8 @@ subject's samples with Q-MUL, train the retrain reference, evaluate; then read i
 PostgreSQL only (the database the workers run on in production); about 20 s on one CPU thread.
 """
 
+import math
+
 import pytest
 import torch
 from fastapi.testclient import TestClient
@@ -55,11 +57,29 @@ def test_evidence_before_and_after_a_real_run(settings, one_torch_thread):
     assert body["status"] == "complete", body["message"]
     assert (body["before"]["version_id"], body["after"]["version_id"], body["reference"]["version_id"]) == (
         original, version_id, reference_id)
-    # The request is the whole forget split here: its figures are the evaluation's FA and MIA, per sample.
+    # The request is the whole forget split here: its accuracy is the evaluation's FA, per sample. MIA is the
+    # mean over the attackers' draws, with their spread; a sample's membership call is the draws' majority.
     assert body["after"]["accuracy"] == pytest.approx(version_metrics["FA"])
-    assert body["after"]["member_share"] == pytest.approx(100 - version_metrics["MIA"])
     assert body["reference"]["accuracy"] == pytest.approx(reference_metrics["FA"])
-    assert body["reference"]["member_share"] == pytest.approx(100 - reference_metrics["MIA"])
+    for metrics in (version_metrics, reference_metrics):
+        assert 0 <= metrics["MIA"] <= 100 and metrics["MIA_sd"] >= 0
+    for role in ("after", "reference"):
+        calls = [sample[role]["member"] for sample in body["samples"]]
+        assert body[role]["member_share"] == pytest.approx(100 * sum(calls) / len(calls))
+    # The per-sample comparison with the reference, on the logit-scaled confidence the workers now keep.
+    comparison = body["reference_comparison"]
+    assert (comparison["version_id"], comparison["reference_id"], comparison["sample_count"]) == (
+        version_id, reference_id, 10)
+    differences = [sample["reference_difference"] for sample in body["samples"]]
+    assert comparison["max_difference"] == pytest.approx(max(abs(d) for d in differences))
+    above = sum(abs(d) > comparison["threshold"] for d in differences)
+    assert comparison["above_count"] == above
+    assert comparison["verdict"] == ("indistinguishable from the reference on these samples" if above == 0
+                                     else f"differs from the reference on {above} of 10 samples")
+    for sample in body["samples"]:
+        p = sample["after"]["confidence"]
+        if 1e-3 < p < 1 - 1e-3:  # where the float32 probability is not near saturation, the logit is its log-odds
+            assert sample["after"]["confidence_logit"] == pytest.approx(math.log(p / (1 - p)), abs=1e-3)
     # The original was trained on these samples: it gets them right, and the unlearned version moved.
     assert body["before"]["accuracy"] >= 80
     before = [sample["before"]["confidence"] for sample in body["samples"]]

@@ -4,6 +4,7 @@ verdict."""
 import json
 
 import pytest
+import torch
 
 from workers.benchmarks import bench
 
@@ -34,7 +35,8 @@ def test_bench_writes_the_table_the_json_and_the_plot(tiny_run):
     qmul = results["per_seed"]["0"]["qmul"]
     assert qmul["config"]["schedule"] == "cycled" and qmul["config"]["epochs"] == 1
     assert qmul["time_s"] > 0 and qmul["memory_kind"] == "cpu_rss_peak_sampled"
-    assert set(qmul["metrics"]) == {"FA", "RA", "TA", "MIA", "MIA-AUC", "MIA-AUC-cal"}
+    assert set(qmul["metrics"]) == {"FA", "RA", "TA", "MIA", "MIA_sd", "MIA-AUC", "MIA-AUC-cal"}
+    assert qmul["metrics"]["MIA_sd"] >= 0 and "| MIA sd/draw |" in table
     assert results["config"]["forget_ratio"] == 0.1
 
 
@@ -48,6 +50,48 @@ def test_bench_resumes_from_its_stage_records(tiny_run, monkeypatch):
     assert bench.main(ARGS + ["--out", str(tiny_run)]) == 0
     after = json.loads((tiny_run / "tiny" / "results.json").read_text())
     assert after["table"] == before["table"]
+
+
+def test_the_ulira_stage_keeps_its_models_and_scores_for_an_outside_evaluator(tmp_path):
+    args = ["--dataset", "digits", "--model", "digits-cnn", "--seeds", "0", "--original-epochs", "1",
+            "--unlearn-epochs", "1", "--methods", "ft", "--threads", "1", "--no-progress", "--name", "ulira",
+            "--ulira", "--ulira-models", "3", "--mia-draws", "3", "--out", str(tmp_path)]
+    assert bench.main(args) == 0
+    run_dir = tmp_path / "ulira"
+    manifest = json.loads((run_dir / "ulira.json").read_text())["seeds"]["0"]
+    assert set(manifest["models"]) == {"retrain", "original", "ft"}
+    n_forget = len(manifest["forget_indices"])
+    for name, models in manifest["models"].items():
+        assert len(models) == 3 and len(manifest["scores"][name]) == 3
+        assert all(len(row) == n_forget for row in manifest["scores"][name])
+        assert all((tmp_path / model["path"]).exists() for model in models)
+    # Three training seeds per population, the first the seed's own original and reference.
+    assert [m["spec"]["train"]["seed"] for m in manifest["models"]["retrain"]] == [0, 1000, 2000]
+    assert [m["config"]["seed"] for m in manifest["models"]["ft"]] == [0, 1000, 2000]
+    for name in ("original", "ft"):
+        result = manifest["results"][name]
+        assert 0 <= result["AUC"] <= 100 and 0 <= result["TPR@FPR"] <= 100 and result["models"] == 3
+    assert manifest["reference_pair_difference"]["p95"] >= manifest["reference_pair_difference"]["p50"] >= 0
+
+    # The scores are the saved models' own: an outside evaluator reloading one gets the same values.
+    from workers.engine.data import load_dataset
+    from workers.engine.metrics import logit_confidence
+    from workers.engine.recipes import ModelSpec
+    from workers.engine.training import predict_probs
+
+    model_entry = manifest["models"]["ft"][2]
+    model = ModelSpec.from_dict(model_entry["spec"]).build()
+    model.load_state_dict(torch.load(tmp_path / model_entry["path"], weights_only=True))
+    forget = load_dataset("digits", seed=0).train.subset(manifest["forget_indices"])
+    rescored = logit_confidence(predict_probs(model, forget.x), forget.y)
+    assert rescored == pytest.approx(manifest["scores"]["ft"][2], abs=1e-4)
+
+    table = (run_dir / "table.md").read_text()
+    assert "Per-example test (U-LiRA-style, K = 3" in table and "| FT |" in table.split("Per-example")[1]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert set(results["ulira"]["0"]["results"]) == {"original", "ft"}
+    assert results["config"]["mia_draws"] == 3
+    assert len(results["per_seed"]["0"]["ft"]["metrics"]) == 7
 
 
 def test_presets_and_overrides_build_configs():

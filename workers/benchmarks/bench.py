@@ -19,7 +19,17 @@ Rows: Retrain (the reference: its gaps are 0 by definition), "No unlearning (ori
 each method. Cells: mean +- std over seeds, with the gap to Retrain's mean in parentheses (the
 paper's layout); AG is the mean of the four gaps. "AG/seed" is AG computed per seed (against that
 seed's reference), mean +- std: the spread that says whether two methods differ at all.
-MIA-AUC and MIA-AUC-cal (metrics.py) sit beside MIA and do not enter AG.
+MIA is the mean over --mia-draws membership attackers (20), each on its own class-balanced member
+draw; "MIA sd/draw" beside it is the spread between those draws (mean over seeds): one draw moves
+MIA by that much, the mean of the draws by sd / sqrt(draws). MIA-AUC and MIA-AUC-cal (metrics.py)
+sit beside MIA and do not enter AG.
+
+--ulira adds a per-example test in the spirit of U-LiRA (metrics.ulira): per seed, K retrain
+references (training seeds seed + 1000 k, without the forget set) and, per method, K unlearned
+models (the method run from K originals trained with those seeds, its own seed varied alike); can a
+per-sample likelihood ratio tell an unlearned model from a retrained one (AUC, TPR at 1% FPR)? Its
+models are kept under <out>/cache/models/ and <out>/<name>/ulira.json lists them with the forget
+indices and every model's per-sample scores, so that an outside evaluator can rerun the test.
 
 Time is wall-clock seconds of the method alone (for Retrain: its training). Memory is, on CUDA,
 torch.cuda.max_memory_allocated during the stage (tensors only, not the allocator's cache, and
@@ -38,7 +48,7 @@ import os
 import sys
 import threading
 import time
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -47,9 +57,16 @@ from tqdm import tqdm
 
 from workers.engine.data import Split, classwise_forget_split, load_dataset, random_forget_split
 from workers.engine.methods import UNLEARNING_METHODS, method_config, method_info, unlearn
-from workers.engine.metrics import METRIC_KEYS, evaluate_with_membership
+from workers.engine.metrics import METRIC_KEYS, MIA_DRAWS, evaluate_with_membership, logit_confidence, ulira
 from workers.engine.recipes import ModelSpec
-from workers.engine.training import TrainConfig, accuracy, checkpoint_seconds, save_atomically, train_model
+from workers.engine.training import (
+    TrainConfig,
+    accuracy,
+    checkpoint_seconds,
+    predict_probs,
+    save_atomically,
+    train_model,
+)
 
 EXTRA_KEYS = ("MIA-AUC", "MIA-AUC-cal")
 ALL_METHODS = [name for name in UNLEARNING_METHODS if name != "retrain"]
@@ -102,6 +119,9 @@ class BenchConfig:
     batch_size: int = 64  # original and retrain
     unlearn_batch_size: int | None = None  # None: each method's default
     method_overrides: dict = field(default_factory=dict)  # {method: {config key: value}}
+    mia_draws: int = MIA_DRAWS  # membership attackers MIA is averaged over
+    ulira: bool = False  # run the per-example U-LiRA-style stage
+    ulira_models: int = 4  # K: references and unlearned models per method, per seed
     device: str = "auto"
     threads: int | None = None
     name: str | None = None
@@ -121,6 +141,12 @@ class BenchConfig:
             train=TrainConfig(epochs=epochs, lr=self.lr, batch_size=self.batch_size, seed=seed),
             data_seed=seed, data_options=dict(self.dataset_options),
         )
+
+    def seeded_spec(self, seed: int, epochs: int, train_seed: int) -> ModelSpec:
+        """spec() with another training seed (initial weights, batch order): the same data, split
+        and recipe, another model."""
+        spec = self.spec(seed, epochs)
+        return replace(spec, train=replace(spec.train, seed=train_seed))
 
     def forget_label(self) -> str:
         if self.forget_class is not None:
@@ -220,6 +246,8 @@ class Measure:
 @dataclass
 class SeedContext:
     seed: int
+    train: Split
+    forget_index: list[int]
     forget: Split
     retain: Split
     test: Split
@@ -290,9 +318,10 @@ def prepare_seed(config: BenchConfig, seed: int, cache: Path, device: str,
     reference, reference_record = trained_model(
         cache, reference_key, reference_spec, retain, device, progress, "retrain",
         lambda model: {})
-    return SeedContext(seed, forget, retain, test, original, reference, original_record,
-                       reference_record,
-                       {"original": original_key, "retrain": reference_key, "split": split_part})
+    return SeedContext(seed, train, [int(i) for i in forget_index], forget, retain, test, original, reference,
+                       original_record, reference_record,
+                       {"original": original_key, "retrain": reference_key, "split": split_part,
+                        "data": data_part})
 
 
 def method_overrides(config: BenchConfig, method: str, seed: int) -> dict:
@@ -307,12 +336,12 @@ def method_overrides(config: BenchConfig, method: str, seed: int) -> dict:
 
 
 def evaluate_stage(cache: Path, key: str, model, context: SeedContext, device: str,
-                   extra: dict) -> dict:
+                   extra: dict, draws: int) -> dict:
     record = read_json(cache / "stages" / f"{key}.json")
     if record is None:
         metrics = evaluate_with_membership(model, context.forget, context.retain, context.test,
                                            reference=context.reference, device=device,
-                                           seed=context.seed)
+                                           seed=context.seed, draws=draws)
         record = {"key": key, "metrics": metrics, **extra}
         write_json(cache / "stages" / f"{key}.json", record)
     return record
@@ -321,14 +350,16 @@ def evaluate_stage(cache: Path, key: str, model, context: SeedContext, device: s
 def run_seed(config: BenchConfig, context: SeedContext, cache: Path, device: str,
              progress: bool) -> dict[str, dict]:
     """{row name: record} for Retrain, the original and every method, for one seed."""
-    base = {"original": context.keys["original"], "retrain": context.keys["retrain"]}
+    draws = config.mia_draws
+    base = {"original": context.keys["original"], "retrain": context.keys["retrain"],
+            "mia": {"draws": draws, "class_balanced": True}}
     rows = {
         "retrain": evaluate_stage(
             cache, stage_key("eval-retrain", **base), context.reference, context, device,
             {k: context.reference_record[k] for k in ("time_s", "memory_kind", "peak_mib",
-                                                      "peak_increase_mib")}),
+                                                      "peak_increase_mib")}, draws),
         "original": evaluate_stage(cache, stage_key("eval-original", **base), context.original,
-                                   context, device, {}),
+                                   context, device, {}, draws),
     }
     methods = [m for m in config.methods if m != "retrain"]
     for method in tqdm(methods, desc=f"seed {context.seed}", disable=not progress, leave=False):
@@ -341,9 +372,71 @@ def run_seed(config: BenchConfig, context: SeedContext, cache: Path, device: str
                                  method_cfg, device=device, progress=progress)
             record = evaluate_stage(cache, key, result.model, context, device,
                                     {"method": method, "config": method_cfg, **measured.result,
-                                     "history": result.history})
+                                     "history": result.history}, draws)
         rows[method] = record
     return rows
+
+
+def ulira_seed(config: BenchConfig, context: SeedContext, cache: Path, device: str,
+               progress: bool) -> dict:
+    """The U-LiRA-style stage of one seed: K references and K originals (training seeds seed + 1000 k;
+    k = 0 are the seed's own), each method run from each original (its seed varied alike), every
+    model's logit-scaled confidences on the forget set, and metrics.ulira of each method's models
+    (and of the originals: doing nothing) against the references. The unlearned models are saved
+    beside the trained ones (cache/models/<key>.pt) so that the test can be rerun from the files."""
+    seed, forget = context.seed, context.forget
+    methods = [m for m in config.methods if m != "retrain"]
+    models: dict[str, list[dict]] = {"retrain": [], "original": [], **{m: [] for m in methods}}
+    scores: dict[str, list[list[float]]] = {name: [] for name in models}
+
+    def score(model) -> list[float]:
+        return logit_confidence(predict_probs(model, forget.x, device), forget.y).tolist()
+
+    for k in range(config.ulira_models):
+        train_seed = seed + 1000 * k
+        reference_spec = config.seeded_spec(seed, config.retrain_epochs or config.original_epochs, train_seed)
+        reference_key = stage_key("retrain", split=context.keys["split"], spec=reference_spec.to_dict())
+        reference, _ = trained_model(cache, reference_key, reference_spec, context.retain, device, progress,
+                                     f"U-LiRA retrain {k}", lambda model: {})
+        original_spec = config.seeded_spec(seed, config.original_epochs, train_seed)
+        original_key = stage_key("original", data=context.keys["data"], spec=original_spec.to_dict())
+        original, _ = trained_model(
+            cache, original_key, original_spec, context.train, device, progress, f"U-LiRA original {k}",
+            lambda model: {"train_accuracy": accuracy(model, context.train, device),
+                           "test_accuracy": accuracy(model, context.test, device)})
+        for name, key, spec, model in (("retrain", reference_key, reference_spec, reference),
+                                       ("original", original_key, original_spec, original)):
+            models[name].append({"path": f"cache/models/{key}.pt", "spec": spec.to_dict()})
+            scores[name].append(score(model))
+        for method in methods:
+            overrides = method_overrides(config, method, seed)
+            if "seed" in overrides:
+                overrides["seed"] = train_seed
+            method_cfg = method_config(method, overrides)
+            key = stage_key(f"ulira-{method}", config=method_cfg, original=original_key)
+            path = cache / "models" / f"{key}.pt"
+            model = original_spec.build()
+            if path.exists():
+                model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+                model = model.to(device)
+            else:
+                model = unlearn(method, original, forget, context.retain, method_cfg, device=device,
+                                progress=progress).model
+                save_atomically({n: v.detach().cpu() for n, v in model.state_dict().items()}, path)
+            models[method].append({"path": f"cache/models/{key}.pt", "spec": original_spec.to_dict(),
+                                   "config": method_cfg, "original": f"cache/models/{original_key}.pt"})
+            scores[method].append(score(model))
+    retrained = np.array(scores["retrain"])
+    results = {name: ulira(retrained, np.array(scores[name])) for name in ["original", *methods]}
+    pairs = [np.abs(retrained[i] - retrained[j]) for i in range(len(retrained))
+             for j in range(i + 1, len(retrained))]
+    return {"forget_indices": context.forget_index, "data": context.keys["data"], "models": models,
+            "scores": scores, "results": results,
+            "reference_pair_difference": {
+                "what": "|difference of logit-scaled confidences| between two references (different training "
+                        "seeds) on the forget samples, over every pair: what the service's evidence threshold is",
+                "p50": float(np.percentile(pairs, 50)), "p95": float(np.percentile(pairs, 95)),
+                "p99": float(np.percentile(pairs, 99))}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,6 +466,7 @@ def aggregate(per_seed: dict[int, dict[str, dict]], row_names: list[str]) -> dic
             "gaps_per_seed": {k: mean_std(v) for k, v in seed_gaps.items()},
             "AG": sum(gaps[k] for k in METRIC_KEYS) / len(METRIC_KEYS),
             "AG_per_seed": mean_std(per_seed_ag), "AG_seeds": per_seed_ag,
+            "MIA_sd": mean_std([r["metrics"].get("MIA_sd", float("nan")) for r in records]),
             "time_s": mean_std([r.get("time_s", float("nan")) for r in records]),
             "peak_mib": mean_std([r.get("peak_mib", float("nan")) for r in records]),
             "peak_increase_mib": mean_std([r.get("peak_increase_mib", float("nan"))
@@ -456,9 +550,9 @@ def markdown(config: BenchConfig, table: dict, per_seed: dict, summary: dict, co
         (f"- Retrain reference: FA {fmt(table['retrain']['cells']['FA'])}, TA "
          f"{fmt(table['retrain']['cells']['TA'])}."),
         "",
-        ("| Method | FA | RA | TA | MIA | AG ↓ | AG/seed | MIA-AUC | MIA-AUC-cal | Time (s) "
+        ("| Method | FA | RA | TA | MIA | AG ↓ | AG/seed | MIA sd/draw | MIA-AUC | MIA-AUC-cal | Time (s) "
          f"| Memory (MiB, {memory_kind}) |"),
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row, entry in table.items():
         cells = [f"{fmt(entry['cells'][k])} ({entry['gaps'][k]:.2f})"
@@ -466,7 +560,8 @@ def markdown(config: BenchConfig, table: dict, per_seed: dict, summary: dict, co
         cost = ["-", "-"] if row == "original" else [
             fmt(entry["time_s"]), f"{entry['peak_mib'][0]:.0f}"]
         lines.append(" | ".join(["", method_label(row), *cells[:4], f"{entry['AG']:.2f}",
-                                 fmt(entry["AG_per_seed"]), *cells[4:], *cost, ""]).strip())
+                                 fmt(entry["AG_per_seed"]), f"{entry['MIA_sd'][0]:.2f}", *cells[4:], *cost,
+                                 ""]).strip())
     lines += ["", f"**Verdict.** {summary['text']}", ""]
     if "qmul" in table:
         ratio = table["qmul"]["time_s"][0] / table["retrain"]["time_s"][0]
@@ -474,13 +569,36 @@ def markdown(config: BenchConfig, table: dict, per_seed: dict, summary: dict, co
                      f"{table['retrain']['time_s'][0]:.1f} s = {ratio:.3f}.")
     lines += [
         ("- Cells: mean ± std over seeds (gap to Retrain's mean). AG: mean of the four gaps "
-         "(FA, RA, TA, MIA); AG/seed: AG against each seed's own reference. MIA-AUC(-cal): "
-         "threshold-free membership tests, not in AG (docs/engine.md, Metrics)."),
+         "(FA, RA, TA, MIA); AG/seed: AG against each seed's own reference. MIA: mean over "
+         f"{config.mia_draws} attackers, each on its own class-balanced member draw; MIA sd/draw: the "
+         "spread between those draws (mean over seeds). MIA-AUC(-cal): threshold-free membership "
+         "tests, not in AG (docs/engine.md, Metrics)."),
         (f"- Compute recorded by the stages (originals, references, methods; evaluations not "
          f"included): {stage_seconds(per_seed) / 60:.1f} min. Wall time of this invocation: "
          f"{wall_s / 60:.1f} min (stages found in the cache cost nothing)."),
         f"- Command: `{command}`",
     ]
+    return "\n".join(lines) + "\n"
+
+
+def ulira_markdown(runs: dict) -> str:
+    """The U-LiRA-style stage's table: per row, AUC and TPR at 1% FPR, mean ± std over seeds."""
+    first = next(iter(runs.values()))
+    rows = list(first["results"])
+    k_models, n_samples = first["results"][rows[0]]["models"], first["results"][rows[0]]["samples"]
+    lines = ["", f"### Per-example test (U-LiRA-style, K = {k_models} models per population, "
+             f"{n_samples} forget samples, seeds {sorted(runs)})", "",
+             "| Models | AUC (%) | TPR at 1% FPR (%) |", "|---|---|---|"]
+    for row in rows:
+        auc = mean_std([run_["results"][row]["AUC"] for run_ in runs.values()])
+        tpr = mean_std([run_["results"][row]["TPR@FPR"] for run_ in runs.values()])
+        lines.append(f"| {method_label(row)} | {fmt(auc)} | {fmt(tpr)} |")
+    pair = mean_std([run_["reference_pair_difference"]["p95"] for run_ in runs.values()])
+    lines += ["", ("- Telling each row's models from retrained ones by a per-sample Gaussian likelihood "
+                   "ratio on the logit-scaled confidence, leave one out (docs/engine.md). 50: "
+                   "indistinguishable from retraining."),
+              (f"- Two references (different training seeds) differ on a forget sample's logit-scaled "
+               f"confidence by more than {fmt(pair)} on 5% of the samples (the 95th percentile).")]
     return "\n".join(lines) + "\n"
 
 
@@ -539,12 +657,14 @@ def run(config: BenchConfig, out: Path, progress: bool = True, command: str = ""
     config.name = config.name or config.preset or stage_key("custom", config=config)
     cache, run_dir = out / "cache", out / config.name
     started = time.perf_counter()
-    per_seed = {}
+    per_seed, ulira_runs = {}, {}
     for seed in tqdm(config.seeds, desc="seeds", disable=not progress):
         context = prepare_seed(config, seed, cache, device, progress)
         rows = run_seed(config, context, cache, device, progress)
         per_seed[seed] = {**rows, "original_record": context.original_record,
                           "sizes": (len(context.forget), len(context.retain), len(context.test))}
+        if config.ulira:
+            ulira_runs[seed] = ulira_seed(config, context, cache, device, progress)
         del context
     row_names = ["retrain", "original"] + [m for m in config.methods if m != "retrain"]
     seeds_rows = {s: {r: per_seed[s][r] for r in row_names} for s in per_seed}
@@ -553,11 +673,18 @@ def run(config: BenchConfig, out: Path, progress: bool = True, command: str = ""
     summary["text"] = text
     wall = time.perf_counter() - started
     report = markdown(config, table, per_seed, summary, command, wall, device)
+    if ulira_runs:
+        report += ulira_markdown(ulira_runs)
+        write_json(run_dir / "ulira.json", {"config": config, "device": device, "seeds": ulira_runs})
     plot(table, run_dir / "gaps.png",
          f"{config.name}: |gap to each seed's Retrain|, mean ± std over seeds {config.seeds}")
     results = {
         "config": config, "device": device, "wall_time_s": wall, "verdict": summary,
         "table": table, "command": command,
+        "ulira": {seed: {"results": {name: {k: v for k, v in result.items() if k != "sample_auc"}
+                                     for name, result in seed_run["results"].items()},
+                         "reference_pair_difference": seed_run["reference_pair_difference"]}
+                  for seed, seed_run in ulira_runs.items()},
         "per_seed": {s: {r: {k: v for k, v in rec.items() if k != "history"}
                          for r, rec in per_seed[s].items() if isinstance(rec, dict)}
                      for s in per_seed},
@@ -612,6 +739,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--unlearn-batch-size", type=int)
     parser.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE",
                         help="override one method's config value (JSON or a string); repeatable")
+    parser.add_argument("--mia-draws", type=int,
+                        help=f"membership attackers MIA is averaged over (default {MIA_DRAWS})")
+    parser.add_argument("--ulira", action="store_true",
+                        help="add the per-example U-LiRA-style test (K references and K unlearned models per method)")
+    parser.add_argument("--ulira-models", type=int, help="K for --ulira (default 4, at least 3)")
     parser.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, ...")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--out", default="bench-results", help="output folder")
@@ -631,10 +763,12 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     values["dataset_options"] = options
     simple = ["methods", "dataset", "model", "quantizer", "weight_bits", "act_bits", "seeds",
               "original_epochs", "retrain_epochs", "unlearn_epochs", "lr", "batch_size",
-              "unlearn_batch_size", "device", "threads", "name"]
+              "unlearn_batch_size", "mia_draws", "ulira_models", "device", "threads", "name"]
     for name in simple:
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
+    if args.ulira:
+        values["ulira"] = True
     if args.forget_class is not None:
         values["forget_class"], values["forget_ratio"] = args.forget_class, None
     elif args.forget_ratio is not None:

@@ -1,5 +1,5 @@
-"""Per-sample figures of a version: right or wrong, the true label's confidence, the membership
-attacker's call, and histograms of the membership scores."""
+"""Per-sample figures of a version: right or wrong, the true label's confidence (as a probability and
+logit-scaled), the membership attackers' call, and histograms of the membership scores."""
 
 from dataclasses import dataclass
 
@@ -9,9 +9,10 @@ from sqlalchemy import delete, insert
 from service.core.models import SampleScore, utcnow
 from workers import engine as qf
 from workers.engine.metrics import (
-    membership_attacker,
+    logit_confidence,
     metrics_from_probs,
     per_sample_loss,
+    split_attack,
     split_probs,
     true_class_probs,
 )
@@ -26,6 +27,7 @@ class SampleAssessment:
     metrics: dict[str, float]
     correct: np.ndarray
     confidence: np.ndarray
+    confidence_logit: np.ndarray  # log(p / (1 - p)) of the true label, finite where p rounds to 1
     member: np.ndarray
     forget_loss: np.ndarray
     test_loss: np.ndarray
@@ -33,18 +35,19 @@ class SampleAssessment:
 
 def assess_samples(network, forget: qf.Split, retain: qf.Split, test: qf.Split, device: str,
                    seed: int = 0) -> SampleAssessment:
-    """The metrics (as qf.evaluate) and, per forget sample: predicted right, the true label's
-    softmax probability, and the MIA attacker's call (the classifier behind MIA, fitted on this
-    version's retain vs test)."""
+    """The metrics (as qf.evaluate: MIA the mean over the attackers' draws, with MIA_sd) and, per
+    forget sample: predicted right, the true label's softmax probability and its logit, and the
+    membership call (called a member by most of the attackers behind MIA, fitted on this version's
+    retain vs test)."""
     probs = split_probs(network, forget, retain, test, device)
-    confidence = {key: true_class_probs(probs[key], split.y)
-                  for key, split in (("FA", forget), ("RA", retain), ("TA", test))}
-    attacker = membership_attacker(confidence["RA"], confidence["TA"], seed)
+    attack = split_attack(probs, retain, test, seed)
+    forget_confidence = true_class_probs(probs["FA"], forget.y)
     return SampleAssessment(
-        metrics=metrics_from_probs(probs, forget, retain, test, seed, attacker),  # one fit serves both
+        metrics=metrics_from_probs(probs, forget, retain, test, seed, attack),  # one fit serves both
         correct=(probs["FA"].argmax(dim=1) == forget.y).numpy(),
-        confidence=confidence["FA"][:, 0],
-        member=attacker.predict(confidence["FA"]) == 1,
+        confidence=forget_confidence[:, 0],
+        confidence_logit=logit_confidence(probs["FA"], forget.y),
+        member=attack.members(forget_confidence),
         forget_loss=per_sample_loss(probs["FA"], forget.y),
         test_loss=per_sample_loss(probs["TA"], test.y),
     )
@@ -70,7 +73,8 @@ def record_sample_scores(session, version_id: int, sample_ids: list[int], assess
     if sample_ids:
         session.execute(insert(SampleScore), [
             {"version_id": version_id, "sample_id": sample_id, "correct": bool(assessment.correct[i]),
-             "confidence": float(assessment.confidence[i]), "member": bool(assessment.member[i]),
+             "confidence": float(assessment.confidence[i]),
+             "confidence_logit": float(assessment.confidence_logit[i]), "member": bool(assessment.member[i]),
              "computed_at": now}
             for i, sample_id in enumerate(sample_ids)
         ])
