@@ -62,7 +62,7 @@ def l1_norm(model) -> float:
 def test_registry_names_configs_and_errors(small_model, random_split):
     assert list(UNLEARNING_METHODS) == [
         "retrain", "ft", "ga", "iu", "rl", "l1-sparse", "salun", "qmul", "qmul-no-sl",
-        "qmul-no-agr", "oeu", "quail",
+        "qmul-no-agr", "qmul-public", "oeu", "quail",
     ]
     assert method_config("ga") == GAConfig(epochs=5, lr=1e-4)
     assert method_config("salun").mask_ratio == 0.5 and method_config("salun").lr == 0.013
@@ -85,7 +85,7 @@ ONE_EPOCH = {
     "retrain": {"spec": ModelSpec(train=TrainConfig(epochs=1))},
     "ft": {"epochs": 1}, "ga": {"epochs": 1}, "rl": {"epochs": 1}, "l1-sparse": {"epochs": 1},
     "salun": {"epochs": 1}, "qmul": {"epochs": 1}, "qmul-no-sl": {"epochs": 1},
-    "qmul-no-agr": {"epochs": 1}, "iu": {"fisher_samples": 20}, "oeu": {"epochs": 1},
+    "qmul-no-agr": {"epochs": 1}, "qmul-public": {"epochs": 1}, "iu": {"fisher_samples": 20}, "oeu": {"epochs": 1},
     "quail": {"epochs": 1},
 }
 

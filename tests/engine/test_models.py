@@ -5,8 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from workers.engine import MODELS, ModelSpec, TrainConfig, build_model
-from workers.engine.quantization import FakeQuantizer, QuantConv2d, QuantLinear
+from workers.engine import MODELS, ModelSpec, TrainConfig, build_model, export_integer, integer_model
+from workers.engine.models import LearnableBias, QMulPublicResNet18, ReActBasicBlock
+from workers.engine.quantization import FakeQuantizer, LsqPlusQuantizer, QuantConv2d, QuantLinear
 
 
 def quant_layers(model):
@@ -25,7 +26,11 @@ def spatial_sizes(model, x, layer_type=nn.Conv2d):
     return sizes
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+# Models quantized by quantize_model; those with a quantize_layout of their own are tested below.
+UNIFORM_MODELS = sorted(name for name, build in MODELS.items() if not hasattr(build, "quantize_layout"))
+
+
+@pytest.mark.parametrize("name", UNIFORM_MODELS)
 def test_every_model_quantized_output_shape(name):
     size, channels = (8, 1) if name == "digits-cnn" else (32, 3)
     torch.manual_seed(0)
@@ -94,3 +99,61 @@ def test_model_spec_reads_dicts_stored_before_the_new_fields():
     assert ModelSpec.from_dict(new.to_dict()) == new
     assert new.model_kwargs()["in_channels"] == 3
     assert type(new.build().features[0]) is nn.Conv2d  # first layer left float
+
+
+def test_qmul_public_resnet18_quantizes_only_the_block_convolutions():
+    torch.manual_seed(0)
+    model = QMulPublicResNet18(num_classes=10, in_channels=3, width=4).quantize_layout(4, 4)
+    blocks = [m for m in model.modules() if isinstance(m, ReActBasicBlock)]
+    assert len(blocks) == 8
+    quantized = [m for m in model.modules() if isinstance(m, QuantConv2d)]
+    assert quantized == [conv for block in blocks for conv in (block.conv1, block.conv2)]
+    assert all(conv.kernel_size == (3, 3) for conv in quantized)
+    assert {conv.weight_quantizer.bits for conv in quantized} == {4}
+    assert {conv.input_quantizer.bits for conv in quantized} == {8}  # A8 whatever act_bits says
+    assert all(isinstance(conv.weight_quantizer, LsqPlusQuantizer) for conv in quantized)
+    floats = [m for m in model.modules() if type(m) in (nn.Conv2d, nn.Linear)]
+    shortcuts = [block.shortcut[0] for block in blocks if len(block.shortcut)]
+    assert floats == [model.stem[0], *shortcuts, model.classifier]
+    assert len(shortcuts) == 3 and all(conv.kernel_size == (1, 1) for conv in shortcuts)
+    assert sum(isinstance(m, nn.PReLU) for m in model.modules()) == 3 * 8
+    assert sum(isinstance(m, LearnableBias) for m in model.modules()) == 6 * 8
+    assert not any(isinstance(m, nn.ReLU) for block in blocks for m in block.modules())
+    assert spatial_sizes(model, torch.randn(1, 3, 32, 32), nn.Conv2d)[-1] == 4
+
+
+def test_qmul_public_resnet18_trains_a_step():
+    torch.manual_seed(0)
+    model = QMulPublicResNet18(num_classes=10, in_channels=3, width=4).quantize_layout(4, 4)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(loss)
+    named = dict(model.named_parameters())
+    for name in ["stages.0.0.act2.1.weight", "stages.0.0.act1.0.bias", "stages.3.1.act3.2.bias",
+                 "stages.1.0.conv1.weight_quantizer.scale", "stages.1.0.conv1.input_quantizer.offset",
+                 "stem.0.weight", "classifier.weight"]:
+        assert not torch.equal(named[name], before[name]), name
+
+
+def test_qmul_public_resnet18_by_name_bits_and_integer_export():
+    torch.manual_seed(0)
+    model = build_model("resnet18-qmul-public", 10, 3, weight_bits=4, act_bits=None)
+    assert 11.1e6 < sum(p.numel() for p in model.parameters()) < 11.3e6
+    quantized = quant_layers(model)
+    assert len(quantized) == 16 and all(isinstance(m.input_quantizer, nn.Identity) for m in quantized)
+    model = build_model("resnet18-qmul-public", 10, 3, weight_bits=4, act_bits=4)
+    # Channels-last input, as the model's weights: both run the same kernels. (Other kernels add in
+    # another order and move values on a rounding tie of the 8-bit grids: test_export.py.)
+    x = torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    model(x)  # initialises the quantizers
+    model.eval()
+    with torch.no_grad():
+        expected = model(x)
+    # PReLU and the learnable biases travel as float state; the logits come back unchanged.
+    rebuilt = integer_model(export_integer(model), "resnet18-qmul-public", 10, 3)
+    with torch.no_grad():
+        assert torch.allclose(rebuilt(x), expected, rtol=0, atol=1e-5 * expected.abs().max().item())

@@ -54,6 +54,7 @@ from .recipes import ModelSpec, retrain_reference, train_original
 from .training import TrainConfig, accuracy, predict_probs, train_model
 from .unlearning import (
     QMulConfig,
+    QMulPublicConfig,
     UnlearnResult,
     expected_grad_norm,
     gradient_reweighting,
@@ -63,7 +64,8 @@ from .unlearning import (
 
 __all__ = [
     "DATASETS", "MODELS", "QUANTIZERS",
-    "DatasetSplits", "DigitsCNN", "LsqPlusQuantizer", "ModelSpec", "QMulConfig", "QuantConv2d",
+    "DatasetSplits", "DigitsCNN", "LsqPlusQuantizer", "ModelSpec", "QMulConfig", "QMulPublicConfig",
+    "QuantConv2d",
     "QuantLinear", "Split", "TrainConfig", "UnlearnResult",
     "accuracy", "build_model", "evaluate", "expected_grad_norm", "gaps", "gradient_reweighting",
     "load_artifact", "load_dataset", "mia_efficacy", "predict_probs", "qmul_unlearn",

@@ -28,6 +28,7 @@ weight decay 5e-4 at a constant learning rate, as the reference loop does for 5-
 |               | epoch a pass over the forget set, then one over the retain set                |
 | `qmul-no-sl`  | Q-MUL with random labels instead of similar labels                            |
 | `qmul-no-agr` | Q-MUL with unit loss weights instead of adaptive gradient reweighting         |
+| `qmul-public` | Q-MUL as the authors' public code runs it on CIFAR-10 (QMulPublicConfig)      |
 """
 
 import copy
@@ -44,7 +45,7 @@ from .data import Split
 from .quantization import FakeQuantizer, QuantConv2d, QuantLinear, quantizer_parameter_names
 from .recipes import ModelSpec, retrain_reference
 from .training import predict_logits, shuffled_batches
-from .unlearning import QMulConfig, UnlearnResult, qmul_steps, qmul_unlearn
+from .unlearning import QMulConfig, QMulPublicConfig, UnlearnResult, qmul_steps, qmul_unlearn
 
 
 @dataclass
@@ -767,6 +768,8 @@ UNLEARNING_METHODS: dict[str, UnlearningMethod] = {
                          "Q-MUL with random labels"),
         UnlearningMethod("qmul-no-agr", "Q-MUL w/o AGR", QMulNoAGRConfig, qmul_unlearn,
                          "Q-MUL with unit loss weights"),
+        UnlearningMethod("qmul-public", "Q-MUL (public code)", QMulPublicConfig, qmul_unlearn,
+                         "Q-MUL as the authors' public code runs it on CIFAR-10"),
         UnlearningMethod("oeu", "OEU", OEUConfig, orthogonal_entropy_unlearning,
                          "forget-set entropy, projected orthogonally to the retain gradient"),
         UnlearningMethod("quail", "QUAIL", QuailConfig, quail_unlearn,

@@ -14,12 +14,15 @@ builds one and replaces its Conv2d/Linear layers by fake-quantized ones. All CIF
 - "mobilenetv2": torchvision's MobileNetV2 with CIFAR strides (stem conv and the second stage at
   stride 1, total stride 8 instead of 32) and without dropout (dropout would draw from the global
   RNG, which the seeded recipes do not control); 2.2M parameters, 0.1G multiply-adds.
+- "resnet18-qmul-public": the quantized ResNet-18 of the Q-MUL authors' public code, the model
+  behind the paper's Table 1 (QMulPublicResNet18). It fixes its own quantization layout
+  (`quantize_layout`, which build_model calls instead of quantize_model).
 """
 
 import torch
 from torch import nn
 
-from .quantization import quantize_model
+from .quantization import QuantConv2d, more_precise, quantize_model
 
 
 class DigitsCNN(nn.Module):
@@ -125,11 +128,109 @@ def cifar_mobilenet_v2(num_classes: int = 10, in_channels: int = 3) -> nn.Module
     return model
 
 
+class LearnableBias(nn.Module):
+    """A learned per-channel offset added to the input (zero at first): ReActNet's "move", which
+    shifts a distribution before a PReLU or a quantizer."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(1, channels, 1, 1))
+
+    def forward(self, x):
+        return x + self.bias
+
+
+def react_activation(channels: int) -> nn.Sequential:
+    """Bias, PReLU, bias: the activation of a ReActNet-style block, where the plain ReLU would be."""
+    return nn.Sequential(LearnableBias(channels), nn.PReLU(channels), LearnableBias(channels))
+
+
+class ReActBasicBlock(nn.Module):
+    """ResNet basic block in the ReActNet style: each 3x3 convolution is preceded by bias-PReLU-bias
+    (no ReLU), and the residual sum is followed by another; the shortcut (identity, or a 1x1
+    convolution and BatchNorm where the shape changes) reads the block's input."""
+
+    def __init__(self, in_channels: int, channels: int, stride: int = 1):
+        super().__init__()
+        self.act1 = react_activation(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, channels, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.act2 = react_activation(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_channels != channels:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, channels, 1, stride=stride, bias=False),
+                nn.BatchNorm2d(channels),
+            )
+        self.act3 = react_activation(channels)
+
+    def forward(self, x):
+        out = self.bn1(self.conv1(self.act1(x)))
+        out = self.bn2(self.conv2(self.act2(out)))
+        return self.act3(out + self.shortcut(x))
+
+
+class QMulPublicResNet18(nn.Module):
+    """The quantized ResNet-18 of the Q-MUL authors' public code (its "4-bit" model is W4A8).
+
+    A float 3x3 stride-1 stem conv, BatchNorm and ReLU; four stages of two ReActBasicBlocks at
+    width, 2, 4 and 8 times width (strides 1, 2, 2, 2); global average pooling (the code's 4x4
+    average pool on 32x32 inputs) and a float linear classifier. Only the blocks' 3x3
+    convolutions are quantized (quantize_layout): their weights at weight_bits, their inputs at
+    BLOCK_ACT_BITS, as the code hard-codes 8 for its block activations whatever its bit width. The
+    stem, the 1x1 shortcuts and the classifier stay float.
+
+    The engine's quantizers stand in for the code's LSQ: with "lsq+", weights on the same signed
+    grid with the same gradient scale (initialised from mean +- 3 std instead of 2 mean|w| /
+    sqrt(Qp)), and inputs with LSQ+'s learned offset, which the code's activations do not have.
+    width: 64 is ResNet-18; fewer channels make a model small enough to test on a CPU.
+    """
+
+    BLOCK_ACT_BITS = 8
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: int = 64):
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
+        )
+        stages, previous = [], width
+        for stage, stride in enumerate([1, 2, 2, 2]):
+            channels = width * 2**stage
+            stages.append(nn.Sequential(ReActBasicBlock(previous, channels, stride),
+                                        ReActBasicBlock(channels, channels)))
+            previous = channels
+        self.stages = nn.Sequential(*stages)
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.classifier = nn.Linear(previous, num_classes)
+
+    def forward(self, x):
+        return self.classifier(self.pool(self.stages(self.stem(x))))
+
+    def quantize_layout(self, weight_bits, act_bits, quantizer="lsq+", per_channel=False,
+                        first_last_bits=None) -> "QMulPublicResNet18":
+        """Quantize the blocks' 3x3 convolutions in place: weights at weight_bits, inputs at
+        BLOCK_ACT_BITS or act_bits where that is more precise (None: float). first_last_bits is
+        not used: the layout keeps the stem and the classifier float."""
+        block_act_bits = more_precise(self.BLOCK_ACT_BITS, act_bits)
+        for block in self.modules():
+            if isinstance(block, ReActBasicBlock):
+                for name in ("conv1", "conv2"):
+                    conv = getattr(block, name)
+                    setattr(block, name, QuantConv2d.from_float(
+                        conv, quantizer, weight_bits, block_act_bits, per_channel))
+        return self
+
+
 MODELS = {
     "digits-cnn": DigitsCNN,
     "cifar-cnn": CifarCNN,
     "resnet18": cifar_resnet18,
     "mobilenetv2": cifar_mobilenet_v2,
+    "resnet18-qmul-public": QMulPublicResNet18,
 }
 
 
@@ -144,11 +245,16 @@ def build_model(
     first_last_bits: int | None = 8,
 ) -> nn.Module:
     """A freshly initialised, fake-quantized model. Bits None (or 32) mean full precision; the
-    first and last layers follow first_last_bits (see quantization.quantize_model)."""
+    first and last layers follow first_last_bits (see quantization.quantize_model). An
+    architecture with a quantize_layout method (resnet18-qmul-public) decides itself which layers
+    it quantizes."""
     if architecture not in MODELS:
         raise ValueError(f"unknown architecture {architecture!r}; known: {sorted(MODELS)}")
     model = MODELS[architecture](num_classes=num_classes, in_channels=in_channels)
-    model = quantize_model(model, weight_bits, act_bits, first_last_bits, quantizer, per_channel)
+    if hasattr(model, "quantize_layout"):  # an architecture that fixes which layers are quantized
+        model = model.quantize_layout(weight_bits, act_bits, quantizer, per_channel, first_last_bits)
+    else:
+        model = quantize_model(model, weight_bits, act_bits, first_last_bits, quantizer, per_channel)
     # Channels-last (NHWC) weights: convolutions then run on NHWC activations, 20 to 25% faster per
     # epoch on the CPU's oneDNN kernels (docs/performance.md). Moves, copies and loaded state dicts
     # keep the layout; artifacts are written in the standard layout (artifacts.save_artifact).

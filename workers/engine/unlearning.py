@@ -12,14 +12,10 @@ Q-MUL starts from the deployed quantized model and fine-tunes it with QAT on two
 neither side dominates: w_f = G_r / (G_f + G_r), w_r = G_f / (G_f + G_r), hence
 w_f * G_f == w_r * G_r and w_f + w_r == 1.
 
-What the paper could be checked for: no code is public, and its equations (7, 8, 13-16) did not
-survive in any text readable here; the abstract says AGR "dynamically aligns parameter update
-contributions from forgotten and retained data", and the group's follow-up (OEU, arXiv 2602.00567)
-calls it "scalar gradient reweighting that cannot resolve directional conflicts between
-gradients". Both fit one scalar weight per loss with w_f / w_r = G_r / G_f, which is what
-w_f * G_f == w_r * G_r fixes; the normalisation w_f + w_r == 1 is our choice (w_f = G_r / G_f,
-w_r = 1 has the same ratio and larger steps when G_f < G_r). Treat the formula as a
-reconstruction until the equations are read.
+The weights are the authors' public code's (GitHub Green-Edge-AI-Group/MU-Q-MUL, built on the
+SalUn code), which also fixes what the paper's text leaves open. Where that code departs from the
+paper's text (section 4), the text is the default here and the code's behaviour an option of
+QMulConfig; QMulPublicConfig turns all of them on ("Q-MUL as its authors ran it", below).
 
 Choices the paper leaves open, made here:
 
@@ -40,6 +36,29 @@ Choices the paper leaves open, made here:
   step sizes and offsets included (QAT stays in the loop).
 - Ablations: similar_labels=False draws seeded random labels != y once per run (RL-style);
   gradient_reweighting=False uses w_f = w_r = 1.
+
+Q-MUL as its authors ran it (QMulConfig options, each off by default; QMulPublicConfig, method
+"qmul-public", sets them all with the code's batch 256):
+
+- relabel_every_epoch: similar labels chosen again at the start of every epoch from the current
+  model in train mode (the code relabels inside its epoch function, after the model was put in
+  train mode, so BatchNorm normalises with batch statistics and its running statistics move);
+  forget batches of batch_size in the set's order, un-augmented.
+- label_distance "logit": |z_j - p_y|, the raw logit of class j against the true class's
+  probability, where the text compares probabilities.
+- label_index "unmapped": the argmin is taken over the distance vector with the true class removed
+  and that position is used as the label, so a class above y comes out one lower (and the class
+  just above y comes out as y itself: the forget loss then pulls towards the true class).
+- grad_norm "tensor-sum": G is the mean over every mini-batch of the sum over parameter tensors of
+  each tensor's L2 norm (not the L2 norm of the whole gradient), measured in train mode.
+- lr_schedule "cosine": the learning rate follows a cosine from lr at the first epoch towards 0
+  after the last (stepped once per epoch, as torch's CosineAnnealingLR with T_max = epochs).
+- schedule "union": the code's loop for CIFAR-100 and Tiny-ImageNet (eq. 13): one shuffled pass
+  over forget + retain, each sample's CE weighted by w_f or w_r, loss = sum(w_i * ce_i) / batch
+  size. For CIFAR-10 and SVHN the code runs "sequential", which is what the preset keeps.
+
+What each option does to FA, RA, TA, MIA and AG, measured one at a time on the digits:
+docs/bench/qmul-public-code.md (docs/engine.md summarises it).
 
 The schedule, and why "sequential" (measured with `python -m workers.benchmarks.bench`, the
 cpu-cifar10 preset's data and models with 10 unlearning epochs; AG against the retrain reference,
@@ -80,15 +99,25 @@ from torch import nn
 from tqdm import tqdm
 
 from .data import Split
-from .training import bf16_autocast, compiled_forward, predict_probs, shuffled_batches
+from .training import bf16_autocast, compiled_forward, predict_logits, predict_probs, shuffled_batches
 
 
-def similar_labels(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """For each row, the class j != y whose probability is closest to the true class's."""
+def similar_labels(
+    probs: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor | None = None,
+    map_index: bool = True,
+) -> torch.Tensor:
+    """For each row, the class j != y whose probability is closest to the true class's.
+
+    logits: measure |logit_j - p_y| instead of |p_j - p_y| (the public code's distance).
+    map_index=False: return the position of the minimum in the row with the true class removed,
+    not mapped back to a class (the public code's index): classes above y come out one lower.
+    """
     true_prob = probs.gather(1, labels[:, None])
-    distance = (probs - true_prob).abs()
+    distance = ((probs if logits is None else logits) - true_prob).abs()
     distance.scatter_(1, labels[:, None], math.inf)  # the true class is never a candidate
-    return distance.argmin(dim=1)
+    chosen = distance.argmin(dim=1)
+    # Both readings order the candidates alike, so the first minimum is the same candidate.
+    return chosen if map_index else chosen - (chosen > labels).long()
 
 
 def random_other_labels(labels: torch.Tensor, num_classes: int, seed: int) -> torch.Tensor:
@@ -108,6 +137,12 @@ def gradient_reweighting(forget_grad_norm: float, retain_grad_norm: float) -> tu
     return retain_grad_norm / total, forget_grad_norm / total
 
 
+GRAD_NORMS = ("global", "tensor-sum")
+LABEL_DISTANCES = ("probability", "logit")
+LABEL_INDICES = ("mapped", "unmapped")
+LR_SCHEDULES = ("constant", "cosine")
+
+
 def expected_grad_norm(
     model: nn.Module,
     split: Split,
@@ -117,14 +152,19 @@ def expected_grad_norm(
     max_batches: int | None = None,
     seed: int = 0,
     bf16: bool = False,
+    norm: str = "global",
 ) -> float:
     """Mean over mini-batches of ||grad of CE(model(x), labels)||_2, in eval mode.
 
-    Mini-batches come from a seeded shuffle, so max_batches picks a random subset of them.
-    The model's gradients and train/eval mode are left as they were found.
+    norm "tensor-sum" (the public code's): each batch's value is the sum over parameter tensors
+    of their gradients' L2 norms, measured in train mode (BatchNorm uses batch statistics and its
+    running statistics move). Mini-batches come from a seeded shuffle, so max_batches picks a
+    random subset of them. The model's gradients and train/eval mode are left as they were found.
     """
+    if norm not in GRAD_NORMS:
+        raise ValueError(f"unknown grad norm {norm!r}; known: {GRAD_NORMS}")
     was_training = model.training
-    model.eval()
+    model.train(norm == "tensor-sum")
     params = [p for p in model.parameters() if p.requires_grad]
     generator = torch.Generator().manual_seed(seed)
     batches = shuffled_batches(len(split), batch_size, generator)[:max_batches]
@@ -134,13 +174,14 @@ def expected_grad_norm(
         with bf16_autocast(device, bf16):
             logits = model(x)
         grads = torch.autograd.grad(F.cross_entropy(logits.float(), y), params, allow_unused=True)
-        squares = [g.pow(2).sum() for g in grads if g is not None]
-        norms.append(torch.stack(squares).sum().sqrt().item())
+        squares = torch.stack([g.float().pow(2).sum() for g in grads if g is not None])
+        value = squares.sqrt().sum() if norm == "tensor-sum" else squares.sum().sqrt()
+        norms.append(value.item())
     model.train(was_training)
     return sum(norms) / len(norms)
 
 
-FORGET_SCHEDULES = ("sequential", "interleaved", "proportional", "cycled")
+FORGET_SCHEDULES = ("sequential", "interleaved", "proportional", "cycled", "union")
 
 
 def qmul_steps(
@@ -158,9 +199,18 @@ def qmul_steps(
     - "cycled" (the first version): every retain batch is paired with a full forget batch,
       cycling the forget set (each forget sample is seen about n_retain / n_forget times as often
       as a retain sample).
+    - "union" (the public code's loop for CIFAR-100 and Tiny-ImageNet): one shuffled pass over
+      forget + retain in batches of batch_size, each batch split into its forget and retain part.
     """
     if schedule not in FORGET_SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; known: {FORGET_SCHEDULES}")
+    if schedule == "union":
+        steps = []
+        for index in shuffled_batches(n_forget + n_retain, batch_size, generator):
+            is_forget = index < n_forget
+            forget, retain = index[is_forget], index[~is_forget] - n_forget
+            steps.append((forget if len(forget) else None, retain if len(retain) else None))
+        return steps
     retain = list(shuffled_batches(n_retain, batch_size, generator))
     if schedule == "cycled":
         forget: list[torch.Tensor] = []
@@ -192,6 +242,34 @@ class QMulConfig:
     seed: int = 0
     grad_norm_batches: int | None = None  # None: estimate G_f, G_r over the whole sets
     schedule: str = "sequential"  # how forget and retain batches meet: see qmul_steps
+    # The public code's departures from the paper's text (module docstring), off by default:
+    relabel_every_epoch: bool = False  # similar labels again each epoch, current model, train mode
+    label_distance: str = "probability"  # "logit": |z_j - p_y|
+    label_index: str = "mapped"  # "unmapped": the position in the row without y, not mapped back
+    grad_norm: str = "global"  # "tensor-sum": sum of per-tensor L2 norms, in train mode
+    lr_schedule: str = "constant"  # "cosine": annealed towards 0 over the epochs
+
+    def validate(self) -> None:
+        for value, known in [(self.schedule, FORGET_SCHEDULES), (self.grad_norm, GRAD_NORMS),
+                             (self.label_distance, LABEL_DISTANCES),
+                             (self.label_index, LABEL_INDICES), (self.lr_schedule, LR_SCHEDULES)]:
+            if value not in known:
+                raise ValueError(f"unknown Q-MUL option {value!r}; known: {known}")
+
+
+@dataclass
+class QMulPublicConfig(QMulConfig):
+    """Q-MUL as the authors' public code runs it on CIFAR-10: every departure from the paper's
+    text on, with the code's optimiser (SGD lr 0.01, momentum 0.9, weight decay 5e-4, batch 256,
+    10 epochs) and its CIFAR-10 / SVHN loop ("sequential"; "union" is its CIFAR-100 /
+    Tiny-ImageNet loop)."""
+
+    batch_size: int = 256
+    relabel_every_epoch: bool = True
+    label_distance: str = "logit"
+    label_index: str = "unmapped"
+    grad_norm: str = "tensor-sum"
+    lr_schedule: str = "cosine"
 
 
 @dataclass
@@ -215,26 +293,36 @@ def qmul_unlearn(
     training.bf16_autocast."""
     if len(forget) == 0 or len(retain) == 0:
         raise ValueError("Q-MUL needs a non-empty forget set and a non-empty retain set")
-    if config.schedule not in FORGET_SCHEDULES:
-        raise ValueError(f"unknown schedule {config.schedule!r}; known: {FORGET_SCHEDULES}")
+    config.validate()
     model = copy.deepcopy(model).to(device)
-    original_probs = predict_probs(model, forget.x, device)
     if config.similar_labels:
-        forget_labels = similar_labels(original_probs, forget.y)
+        forget_labels = forget_similar_labels(model, forget, config, device, train_mode=False)
     else:
-        forget_labels = random_other_labels(forget.y, original_probs.shape[1], config.seed)
-    forget_targets = Split(forget.x, forget_labels, forget.augment)
+        num_classes = predict_probs(model, forget.x[:1], device).shape[1]
+        forget_labels = random_other_labels(forget.y, num_classes, config.seed)
+    relabel = config.similar_labels and config.relabel_every_epoch
 
     optimizer = torch.optim.SGD(
         model.parameters(), lr=config.lr, momentum=config.momentum,
         weight_decay=config.weight_decay,
     )
+    scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+                 if config.lr_schedule == "cosine" else None)
     generator = torch.Generator().manual_seed(config.seed)
     forward = compiled_forward(model) if compile_model else model
+    union = config.schedule == "union"
     history = []
     for epoch in tqdm(range(config.epochs), desc="q-mul", disable=not progress, leave=False):
+        labels_changed = None
+        if relabel:  # before the norms, which measure the forget loss on these labels
+            previous = forget_labels
+            forget_labels = forget_similar_labels(model, forget, config, device, train_mode=True)
+            labels_changed = int((forget_labels != previous).sum())
+        forget_targets = Split(forget.x, forget_labels, forget.augment)
+        lr = optimizer.param_groups[0]["lr"]
         norm_args = {"device": device, "batch_size": config.batch_size,
-                     "max_batches": config.grad_norm_batches, "seed": config.seed + epoch, "bf16": bf16}
+                     "max_batches": config.grad_norm_batches, "seed": config.seed + epoch,
+                     "bf16": bf16, "norm": config.grad_norm}
         forget_norm = expected_grad_norm(forward, forget, forget_labels, **norm_args)
         retain_norm = expected_grad_norm(forward, retain, retain.y, **norm_args)
         if config.gradient_reweighting:
@@ -255,14 +343,17 @@ def qmul_unlearn(
             if retain_index is not None:
                 parts.append(("retain_loss", w_r,
                               *retain.training_batch(retain_index, generator, device)))
-            # One forward pass over whatever the step holds: BatchNorm sees the mixed batch,
-            # and each loss is a mean over its own samples.
+            # One forward pass over whatever the step holds: BatchNorm sees the mixed batch.
+            # Each loss is a mean over its own samples; in the union, per-sample weights over the
+            # whole batch: sum(w_i * ce_i) / batch size.
             with bf16_autocast(device, bf16):
                 logits = forward(torch.cat([x for _, _, x, _ in parts])).float()
+            batch = sum(len(x) for _, _, x, _ in parts)
             loss, start = 0.0, 0
             for name, weight, x, y in parts:
-                part_loss = F.cross_entropy(logits[start : start + len(x)], y)
-                loss = loss + weight * part_loss
+                part_sum = F.cross_entropy(logits[start : start + len(x)], y, reduction="sum")
+                part_loss = part_sum / len(x)
+                loss = loss + weight * (part_sum / batch if union else part_loss)
                 start += len(x)
                 sums[name] += part_loss.item()
                 counts[name] += 1
@@ -271,9 +362,37 @@ def qmul_unlearn(
             optimizer.step()
             sums["loss"] += loss.item()
             counts["loss"] += 1
+        if scheduler is not None:
+            scheduler.step()
         history.append({
-            "epoch": epoch, "w_f": w_f, "w_r": w_r, "G_f": forget_norm, "G_r": retain_norm,
-            "steps": len(steps),
+            "epoch": epoch, "lr": lr, "w_f": w_f, "w_r": w_r, "G_f": forget_norm,
+            "G_r": retain_norm, "steps": len(steps),
+            **({"labels_changed": labels_changed} if relabel else {}),
             **{name: sums[name] / max(counts[name], 1) for name in sums},
         })
     return UnlearnResult(model, history)
+
+
+def forget_similar_labels(
+    model: nn.Module, forget: Split, config: QMulConfig, device: str | torch.device,
+    train_mode: bool,
+) -> torch.Tensor:
+    """The forget set's similar labels from model's outputs now, with config's distance and index.
+
+    train_mode: run the model in train mode (the public code's per-epoch labels: batch statistics,
+    and BatchNorm's running statistics move), in batches of config.batch_size in the set's order;
+    otherwise in eval mode. The model's train/eval mode is restored."""
+    with torch.no_grad():
+        if train_mode:
+            was_training = model.training
+            model.train()
+            logits = torch.cat([model(chunk.to(device)).float().cpu()
+                                for chunk in forget.x.split(config.batch_size)])
+            model.train(was_training)
+        else:
+            logits = predict_logits(model, forget.x, device)
+    return similar_labels(
+        F.softmax(logits, dim=1), forget.y.cpu(),
+        logits if config.label_distance == "logit" else None,
+        map_index=config.label_index == "mapped",
+    ).to(forget.y.device)
