@@ -533,6 +533,21 @@ class ReferenceComparisonPublic(BaseModel):
                          "above the threshold, else 'differs from the reference on N of M samples'.")
 
 
+class IntegerExportPublic(BaseModel):
+    FA: float | None = Field(default=None, description="Forget accuracy of the integer export, percent.")
+    MIA: float | None = Field(default=None, description="MIA efficacy of the integer export, percent.")
+    fake_quantized_FA: float | None = None
+    fake_quantized_MIA: float | None = None
+    prediction_agreement: float | None = Field(default=None, description="Percent of the forget samples both models "
+                                               "predict the same class for.")
+    membership_agreement: float | None = Field(default=None, description="Percent of the forget samples both get the "
+                                               "same membership call for.")
+    within_tolerance: bool | None = Field(default=None, description="Both agreements at least 99 percent: FA and "
+                                          "MIA of the two differ by at most one point.")
+    error: str | None = Field(default=None, description="Why the export could not be checked (an architecture it "
+                              "cannot rebuild).")
+
+
 class EvidencePublic(BaseModel):
     """A forget request's samples before (the batch's parent version) and after (the version that
     completed it), against a retrain reference that never saw them."""
@@ -561,6 +576,10 @@ class EvidencePublic(BaseModel):
         default=None, description="The version after against the reference on each sample's logit-scaled "
         "confidence; None without a reference, or without that figure on both (figures recorded before it was "
         "kept).")
+    integer_export: IntegerExportPublic | None = Field(
+        default=None, description="Whether quantization brings forgetting back: the version after's integer export "
+        "(the edge artifact) on the batch's forget set beside the fake-quantized model these figures are of; None for "
+        "versions made before it was checked.")
     frozen_at: UtcDatetime | None = Field(
         default=None, description="Set once the request's samples were erased: the evidence as it stood then, kept "
         "unchanged (nothing can recompute it without the samples); later audits of the version rely on it.")

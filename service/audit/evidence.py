@@ -103,6 +103,9 @@ class Evidence:
     reference: FiguresSummary | None = None
     samples: list[EvidenceSample] = field(default_factory=list)  # empty until the request is completed
     reference_comparison: ReferenceComparison | None = None  # None without a reference or logits on both
+    # The version after's integer export (what an edge device runs) on the batch's forget set, beside
+    # the fake-quantized model evaluated here: workers.batches.run.integer_export_check.
+    integer_export: dict | None = None
 
 
 def request_evidence(session: Session, request: ForgetRequest, part: ForgetRequestPart) -> Evidence:
@@ -152,7 +155,7 @@ def request_evidence(session: Session, request: ForgetRequest, part: ForgetReque
         status = "complete" if matching else "reference_stale"
         message = reference_note
     return Evidence(request, part.model_name, status, message, len(samples), samples=rows,
-                    reference_comparison=comparison, **summaries)
+                    reference_comparison=comparison, integer_export=after.metrics.get("integer_export"), **summaries)
 
 
 def _scores(session: Session, version_id: int, sample_ids: list[int]) -> dict[int, SampleScore]:

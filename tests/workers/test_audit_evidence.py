@@ -66,6 +66,10 @@ def test_evidence_before_and_after_a_real_run(settings, one_torch_thread):
     for role in ("after", "reference"):
         calls = [sample[role]["member"] for sample in body["samples"]]
         assert body[role]["member_share"] == pytest.approx(100 * sum(calls) / len(calls))
+    # The edge artifact, the integer export, forgot what the evaluated fake-quantized model forgot.
+    export = body["integer_export"]
+    assert export["within_tolerance"] and export["fake_quantized_FA"] == pytest.approx(body["after"]["accuracy"])
+    assert abs(export["FA"] - export["fake_quantized_FA"]) <= 1.0
     # The per-sample comparison with the reference, on the logit-scaled confidence the workers now keep.
     comparison = body["reference_comparison"]
     assert (comparison["version_id"], comparison["reference_id"], comparison["sample_count"]) == (
