@@ -60,7 +60,9 @@ done
 api GET "/forget-requests/$REQUEST"
 for model in digits-a digits-b; do
     api GET "/forget-requests/$REQUEST/evidence?model=$model" "" 45
-    echo "    its frozen_at (after the samples): $(field "/forget-requests/$REQUEST/evidence?model=$model" "['frozen_at']")"
+    for key in integer_export frozen_at; do
+        echo "    its $key (after the samples): $(field "/forget-requests/$REQUEST/evidence?model=$model" "['$key']")"
+    done
 done
 api GET /subjects/subject-0001 "" 20
 api GET "/audit/log?object_type=forget_request&object_id=$REQUEST"
