@@ -23,7 +23,10 @@ def erase_due_requests(engine: Engine, settings: Settings) -> list[str]:
     """Erase the copies of every request whose erasure window has passed. Returns their ids."""
     with transaction(engine) as session:
         due = requests_due(session, utcnow(), timedelta(hours=settings.erasure_window_hours))
-    return [request_id for request_id in due if erase_request(engine, settings, request_id)]
+    erased_requests = [request_id for request_id in due if erase_request(engine, settings, request_id)]
+    if erased_requests:
+        drop_deleted_content(engine)  # once for the sweep: on SQLite it rebuilds the whole file
+    return erased_requests
 
 
 def erase_request(engine: Engine, settings: Settings, request_id: str) -> bool:
@@ -43,7 +46,6 @@ def erase_request(engine: Engine, settings: Settings, request_id: str) -> bool:
         if request is None:
             return False
         close_erasure(session, request, tombstoned, files, actor, utcnow())
-    drop_deleted_content(engine)
     log.info("forget request erased: %d samples, %d still held by a model outside its scope",
              tombstoned.count, tombstoned.still_held)
     return True
@@ -74,6 +76,6 @@ def _erase_files(engine: Engine, settings: Settings, tombstoned: Tombstoned) -> 
         for _, spec in models:
             # Loading with the tombstones would blank them too; erasing here says whether a cache held any.
             data = load_data(qf.ModelSpec.from_dict(spec), [])
-            rewritten += data.train.erase([index for index in erased if index < len(data.train)])
+            rewritten += data.train.erase(erased)
     return {"artifacts_deleted": deleted_versions, "cache_files_rewritten": rewritten,
             "checkpoints_deleted": dropped_checkpoints}

@@ -25,13 +25,13 @@ _loaded_data: dict[tuple, qf.DatasetSplits] = {}
 
 def load_data(spec: qf.ModelSpec, erased: list[int]) -> qf.DatasetSplits:
     """The spec's data set (with its seed and options), loaded once per worker process, with the
-    training samples at the `erased` indices (service.requests.erasure.erased_indices) blanked in
+    training samples at the `erased` indices (service.requests.holdings.erased_indices) blanked in
     memory and in the decoded-image cache: a tombstone holds even where a copy was decoded again."""
     key = (spec.dataset, spec.data_seed, json.dumps(spec.data_options, sort_keys=True))
     if key not in _loaded_data:
         _loaded_data[key] = spec.load_data()
     data = _loaded_data[key]
-    data.train.erase([index for index in erased if index < len(data.train)])
+    data.train.erase(erased)
     return data
 
 

@@ -240,8 +240,8 @@ class Settings(BaseSettings):
 
     def unlearn_settings(self, overrides: dict | None = None) -> dict:
         """A model's unlearning method and settings: the service-wide ones, then the admin's overrides."""
-        values = {"method": self.unlearn_method, "epochs": self.unlearn_epochs, "lr": self.unlearn_lr, "momentum": self.unlearn_momentum,
-                  "weight_decay": self.unlearn_weight_decay, "batch_size": self.unlearn_batch_size,
+        values = {"method": self.unlearn_method, "epochs": self.unlearn_epochs, "lr": self.unlearn_lr,
+                  "momentum": self.unlearn_momentum, "weight_decay": self.unlearn_weight_decay, "batch_size": self.unlearn_batch_size,
                   "grad_norm_batches": self.unlearn_grad_norm_batches}
         return values | (overrides or {})
 

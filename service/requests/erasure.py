@@ -48,7 +48,6 @@ def requests_due(session: Session, now: datetime, window: timedelta) -> list[str
 class Tombstoned:
     """What step 1 left for the files: the request's samples no model holds, by data set."""
 
-    request_id: str
     sample_ids: dict[str, list[int]]  # data set -> ids of its samples
     still_held: int  # the request's samples a model outside its scope still holds
 
@@ -79,7 +78,7 @@ def freeze_and_tombstone(session: Session, request: ForgetRequest, now: datetime
     by_dataset: dict[str, list[int]] = {}
     for row in free:
         by_dataset.setdefault(row.dataset, []).append(row.id)
-    return Tombstoned(request.id, by_dataset, still_held=len(held))
+    return Tombstoned(by_dataset, still_held=len(held))
 
 
 def close_erasure(session: Session, request: ForgetRequest, tombstoned: Tombstoned, files: dict, actor: str,

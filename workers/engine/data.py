@@ -74,11 +74,12 @@ class Split:
     def erase(self, indices: Sequence[int]) -> bool:
         """Blank the samples at `indices` in memory, and in the cache file this split was read from
         (rewritten, atomically, when it still holds any of them: a cache decoded again from the
-        source has them back). The source files, the data owner's copy, are not touched. Returns
-        whether the cache file was rewritten."""
-        if not len(indices):
+        source has them back). The source files, the data owner's copy, are not touched. Indices
+        beyond the split (samples registered beyond the data set) are not its samples: ignored.
+        Returns whether the cache file was rewritten."""
+        index = np.asarray([i for i in indices if i < len(self)], dtype=np.int64)
+        if not len(index):
             return False
-        index = np.asarray(indices)
         self.x[torch.as_tensor(index, dtype=torch.long)] = 0.0
         if self.cache_file is None or self.cache_rows is None or not self.cache_file.exists():
             return False
