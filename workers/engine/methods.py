@@ -394,9 +394,7 @@ def l1_sparse(model, forget, retain, config: L1SparseConfig, device="cpu", progr
 def _flat_grad(model: nn.Module, params: list[nn.Parameter], x, y) -> torch.Tensor:
     """Gradient of the summed CE over the batch, flattened over params (zeros where unused)."""
     loss = F.cross_entropy(model(x), y, reduction="sum")
-    grads = torch.autograd.grad(loss, params, allow_unused=True)
-    return torch.cat([(g if g is not None else torch.zeros_like(p)).flatten()
-                      for g, p in zip(grads, params)])
+    return _flat(torch.autograd.grad(loss, params, allow_unused=True), params)
 
 
 def _summed_grad(model, params, split: Split, batch_size: int, device) -> torch.Tensor:
@@ -561,6 +559,7 @@ def project_orthogonal(vector: torch.Tensor, onto: torch.Tensor) -> torch.Tensor
 
 
 def _flat(grads, params) -> torch.Tensor:
+    """Gradients flattened into one vector over params (zeros where a parameter had none)."""
     return torch.cat([(g if g is not None else torch.zeros_like(p)).flatten()
                       for g, p in zip(grads, params)])
 
