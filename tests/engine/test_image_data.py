@@ -113,6 +113,16 @@ def test_per_class_subsets_are_seeded_subsets(tree, cache):
     assert torch.equal(again.train.x, part.train.x)
 
 
+def test_augment_false_trains_on_the_images_as_they_are(tree, cache):
+    plain = load_dataset(f"imagefolder:{tree}", seed=0, augment=False)
+    augmented = load_dataset(f"imagefolder:{tree}", seed=0)
+    assert plain.train.augment is None and isinstance(augmented.train.augment, CropFlip)
+    assert torch.equal(plain.train.x, augmented.train.x)
+    generator = torch.Generator().manual_seed(0)
+    x, _ = plain.train.training_batch(torch.arange(4), generator, "cpu")
+    assert torch.equal(x, plain.train.x[:4])
+
+
 def test_a_val_folder_is_used_as_it_is(tmp_path, cache):
     root = write_tree(tmp_path / "tree", classes=CLASSES[:2])
     (root / "test").rename(root / "val")

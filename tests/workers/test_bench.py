@@ -94,6 +94,39 @@ def test_the_ulira_stage_keeps_its_models_and_scores_for_an_outside_evaluator(tm
     assert len(results["per_seed"]["0"]["ft"]["metrics"]) == 7
 
 
+def test_a_shared_data_seed_makes_the_seeds_models_the_ulira_populations_and_keeps_every_scored_model(tmp_path):
+    args = ["--dataset", "digits", "--model", "digits-cnn", "--seeds", "0", "1", "2", "--data-seed", "7",
+            "--original-epochs", "1", "--unlearn-epochs", "1", "--methods", "ft", "--threads", "1",
+            "--no-progress", "--name", "shared", "--mia-draws", "3", "--out", str(tmp_path)]
+    assert bench.main(args) == 0
+    run_dir = tmp_path / "shared"
+    manifest = json.loads((run_dir / "models.json").read_text())["seeds"]
+    forget_sets = [manifest[seed]["forget_indices"] for seed in ("0", "1", "2")]
+    assert forget_sets[0] == forget_sets[1] == forget_sets[2]
+    assert all(manifest[seed]["data"]["seed"] == 7 for seed in manifest)
+    paths = {manifest[seed]["models"][row]["path"] for seed in manifest for row in ("retrain", "original", "ft")}
+    assert len(paths) == 9, "each seed trains and unlearns its own models"
+
+    # Every scored model is on disk and is the one that was scored.
+    from workers.engine.data import load_dataset
+    from workers.engine.recipes import ModelSpec
+    from workers.engine.training import accuracy
+
+    entry = manifest["1"]
+    model = ModelSpec.from_dict(entry["spec"]).build()
+    model.load_state_dict(torch.load(tmp_path / entry["models"]["ft"]["path"], weights_only=True))
+    forget = load_dataset("digits", seed=7).train.subset(entry["forget_indices"])
+    results = json.loads((run_dir / "results.json").read_text())
+    assert accuracy(model, forget) == pytest.approx(results["per_seed"]["1"]["ft"]["metrics"]["FA"], abs=1e-6)
+    assert entry["models"]["ft"]["config"]["seed"] == 1
+
+    ulira = results["ulira"]["seeds"]["results"]
+    assert set(ulira) == {"original", "ft"} and ulira["ft"]["models"] == 3
+    assert ulira["ft"]["samples"] == len(forget_sets[0])
+    assert "K = 3 models per population: the models of seeds [0, 1, 2], one forget set" in (
+        run_dir / "table.md").read_text()
+
+
 def test_presets_and_overrides_build_configs():
     parser = bench.build_parser()
     config = bench.config_from_args(parser.parse_args(

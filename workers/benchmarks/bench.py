@@ -112,6 +112,9 @@ class BenchConfig:
     forget_ratio: float | None = 0.1
     forget_class: int | None = None
     seeds: list[int] = field(default_factory=lambda: [0])
+    # One data split and forget set for every seed, which then varies the training alone (initial
+    # weights, batch order, the methods' seeds); None: each seed draws its own data and forget set.
+    data_seed: int | None = None
     original_epochs: int = 30
     retrain_epochs: int | None = None  # None: as the original
     unlearn_epochs: int | None = None  # None: each method's default
@@ -132,14 +135,18 @@ class BenchConfig:
             return "cuda" if torch.cuda.is_available() else "cpu"
         return self.device
 
+    def data_seed_of(self, seed: int) -> int:
+        return seed if self.data_seed is None else self.data_seed
+
     def spec(self, seed: int, epochs: int) -> ModelSpec:
         """The recipe of the original (and, with the retrain epochs, of the reference): the seed
-        picks the data subset and split, the initial weights and the batch order."""
+        picks the initial weights and the batch order, and (without data_seed) the data subset
+        and split."""
         return ModelSpec(
             architecture=self.model, dataset=self.dataset, weight_bits=self.weight_bits,
             act_bits=self.act_bits, quantizer=self.quantizer,
             train=TrainConfig(epochs=epochs, lr=self.lr, batch_size=self.batch_size, seed=seed),
-            data_seed=seed, data_options=dict(self.dataset_options),
+            data_seed=self.data_seed_of(seed), data_options=dict(self.dataset_options),
         )
 
     def seeded_spec(self, seed: int, epochs: int, train_seed: int) -> ModelSpec:
@@ -271,10 +278,9 @@ def trained_model(cache: Path, key: str, spec: ModelSpec, data: Split, device: s
     minutes per command)."""
     record_path, model_path = cache / "stages" / f"{key}.json", cache / "models" / f"{key}.pt"
     record = read_json(record_path)
-    model = spec.build()
     if record is not None and model_path.exists():
-        model.load_state_dict(torch.load(model_path, map_location="cpu", weights_only=True))
-        return model.to(device), record
+        return load_model(spec, model_path, device), record
+    model = spec.build()
     partial = cache / "models" / f"{key}.partial.pt"
     seconds_before_cut = checkpoint_seconds(partial)
     with Measure(device) as measured:
@@ -282,7 +288,7 @@ def trained_model(cache: Path, key: str, spec: ModelSpec, data: Split, device: s
     if seconds_before_cut:
         measured.result["time_s"] += seconds_before_cut
         measured.result["resumed_after_s"] = seconds_before_cut
-    save_atomically({k: v.detach().cpu() for k, v in model.state_dict().items()}, model_path)
+    save_model(model, model_path)
     record = {"key": key, "spec": spec.to_dict(), **measured.result, **extra_eval(model)}
     write_json(record_path, record)
     return model, record
@@ -290,15 +296,16 @@ def trained_model(cache: Path, key: str, spec: ModelSpec, data: Split, device: s
 
 def prepare_seed(config: BenchConfig, seed: int, cache: Path, device: str,
                  progress: bool) -> SeedContext:
-    data = load_dataset(config.dataset, seed=seed, **config.dataset_options)
-    data_part = {"dataset": config.dataset, "options": config.dataset_options, "seed": seed}
+    data_seed = config.data_seed_of(seed)
+    data = load_dataset(config.dataset, seed=data_seed, **config.dataset_options)
+    data_part = {"dataset": config.dataset, "options": config.dataset_options, "seed": data_seed}
     if config.forget_class is not None:
         forget_index, retain_index = classwise_forget_split(data.train.y, config.forget_class)
         # As in the reference code: the forgotten class leaves the test set too.
         test = data.test.subset(torch.where(data.test.y != config.forget_class)[0])
     else:
         forget_index, retain_index = random_forget_split(len(data.train), config.forget_ratio,
-                                                         seed)
+                                                         data_seed)
         test = data.test
     train = to_device(data.train, device)
     forget, retain, test = (to_device(s, device) for s in
@@ -335,6 +342,12 @@ def method_overrides(config: BenchConfig, method: str, seed: int) -> dict:
     return overrides
 
 
+def forget_scores(model, forget: Split, device: str) -> list[float]:
+    """The model's logit-scaled true-class confidence on each forget sample: what the U-LiRA-style
+    test compares between populations of models."""
+    return logit_confidence(predict_probs(model, forget.x, device), forget.y).tolist()
+
+
 def evaluate_stage(cache: Path, key: str, model, context: SeedContext, device: str,
                    extra: dict, draws: int) -> dict:
     record = read_json(cache / "stages" / f"{key}.json")
@@ -342,14 +355,26 @@ def evaluate_stage(cache: Path, key: str, model, context: SeedContext, device: s
         metrics = evaluate_with_membership(model, context.forget, context.retain, context.test,
                                            reference=context.reference, device=device,
                                            seed=context.seed, draws=draws)
-        record = {"key": key, "metrics": metrics, **extra}
+        record = {"key": key, "metrics": metrics, "forget_scores": forget_scores(model, context.forget, device),
+                  **extra}
         write_json(cache / "stages" / f"{key}.json", record)
     return record
 
 
+def save_model(model, path: Path) -> None:
+    save_atomically({name: value.detach().cpu() for name, value in model.state_dict().items()}, path)
+
+
+def load_model(spec: ModelSpec, path: Path, device: str) -> torch.nn.Module:
+    model = spec.build()
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return model.to(device)
+
+
 def run_seed(config: BenchConfig, context: SeedContext, cache: Path, device: str,
              progress: bool) -> dict[str, dict]:
-    """{row name: record} for Retrain, the original and every method, for one seed."""
+    """{row name: record} for Retrain, the original and every method, for one seed. Every scored
+    model stays in cache/models/ (the record's "model" path), for outside evaluators."""
     draws = config.mia_draws
     base = {"original": context.keys["original"], "retrain": context.keys["retrain"],
             "mia": {"draws": draws, "class_balanced": True}}
@@ -361,6 +386,8 @@ def run_seed(config: BenchConfig, context: SeedContext, cache: Path, device: str
         "original": evaluate_stage(cache, stage_key("eval-original", **base), context.original,
                                    context, device, {}, draws),
     }
+    for row in rows:
+        rows[row]["model"] = f"cache/models/{context.keys[row]}.pt"
     methods = [m for m in config.methods if m != "retrain"]
     for method in tqdm(methods, desc=f"seed {context.seed}", disable=not progress, leave=False):
         method_cfg = method_config(method, method_overrides(config, method, context.seed))
@@ -370,9 +397,10 @@ def run_seed(config: BenchConfig, context: SeedContext, cache: Path, device: str
             with Measure(device) as measured:
                 result = unlearn(method, context.original, context.forget, context.retain,
                                  method_cfg, device=device, progress=progress)
+            save_model(result.model, cache / "models" / f"{key}.pt")
             record = evaluate_stage(cache, key, result.model, context, device,
                                     {"method": method, "config": method_cfg, **measured.result,
-                                     "history": result.history}, draws)
+                                     "history": result.history, "model": f"cache/models/{key}.pt"}, draws)
         rows[method] = record
     return rows
 
@@ -389,9 +417,6 @@ def ulira_seed(config: BenchConfig, context: SeedContext, cache: Path, device: s
     models: dict[str, list[dict]] = {"retrain": [], "original": [], **{m: [] for m in methods}}
     scores: dict[str, list[list[float]]] = {name: [] for name in models}
 
-    def score(model) -> list[float]:
-        return logit_confidence(predict_probs(model, forget.x, device), forget.y).tolist()
-
     for k in range(config.ulira_models):
         train_seed = seed + 1000 * k
         reference_spec = config.seeded_spec(seed, config.retrain_epochs or config.original_epochs, train_seed)
@@ -407,7 +432,7 @@ def ulira_seed(config: BenchConfig, context: SeedContext, cache: Path, device: s
         for name, key, spec, model in (("retrain", reference_key, reference_spec, reference),
                                        ("original", original_key, original_spec, original)):
             models[name].append({"path": f"cache/models/{key}.pt", "spec": spec.to_dict()})
-            scores[name].append(score(model))
+            scores[name].append(forget_scores(model, forget, device))
         for method in methods:
             overrides = method_overrides(config, method, seed)
             if "seed" in overrides:
@@ -415,23 +440,33 @@ def ulira_seed(config: BenchConfig, context: SeedContext, cache: Path, device: s
             method_cfg = method_config(method, overrides)
             key = stage_key(f"ulira-{method}", config=method_cfg, original=original_key)
             path = cache / "models" / f"{key}.pt"
-            model = original_spec.build()
             if path.exists():
-                model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-                model = model.to(device)
+                model = load_model(original_spec, path, device)
             else:
                 model = unlearn(method, original, forget, context.retain, method_cfg, device=device,
                                 progress=progress).model
-                save_atomically({n: v.detach().cpu() for n, v in model.state_dict().items()}, path)
+                save_model(model, path)
             models[method].append({"path": f"cache/models/{key}.pt", "spec": original_spec.to_dict(),
                                    "config": method_cfg, "original": f"cache/models/{original_key}.pt"})
-            scores[method].append(score(model))
+            scores[method].append(forget_scores(model, forget, device))
+    return {"forget_indices": context.forget_index, "data": context.keys["data"], "models": models,
+            "scores": scores, **ulira_test(scores)}
+
+
+def ulira_across_seeds(per_seed: dict[int, dict], rows: list[str]) -> dict:
+    """The U-LiRA-style test where every seed shares one data split and forget set (data_seed): the
+    seeds' own retrain references and unlearned models are the populations, no extra training."""
+    return ulira_test({row: [per_seed[seed][row]["forget_scores"] for seed in per_seed] for row in rows})
+
+
+def ulira_test(scores: dict[str, list[list[float]]]) -> dict:
+    """metrics.ulira of every population in scores (row -> K x n forget-set scores) against the
+    "retrain" one, and how far two references lie apart per sample."""
     retrained = np.array(scores["retrain"])
-    results = {name: ulira(retrained, np.array(scores[name])) for name in ["original", *methods]}
+    results = {name: ulira(retrained, np.array(values)) for name, values in scores.items() if name != "retrain"}
     pairs = [np.abs(retrained[i] - retrained[j]) for i in range(len(retrained))
              for j in range(i + 1, len(retrained))]
-    return {"forget_indices": context.forget_index, "data": context.keys["data"], "models": models,
-            "scores": scores, "results": results,
+    return {"results": results,
             "reference_pair_difference": {
                 "what": "|difference of logit-scaled confidences| between two references (different training "
                         "seeds) on the forget samples, over every pair: what the service's evidence threshold is",
@@ -581,13 +616,14 @@ def markdown(config: BenchConfig, table: dict, per_seed: dict, summary: dict, co
     return "\n".join(lines) + "\n"
 
 
-def ulira_markdown(runs: dict) -> str:
-    """The U-LiRA-style stage's table: per row, AUC and TPR at 1% FPR, mean ± std over seeds."""
+def ulira_markdown(runs: dict, populations: str) -> str:
+    """The U-LiRA-style stage's table: per row, AUC and TPR at 1% FPR, mean ± std over runs (one per
+    seed, or one over all seeds); populations says where the K models come from."""
     first = next(iter(runs.values()))
     rows = list(first["results"])
     k_models, n_samples = first["results"][rows[0]]["models"], first["results"][rows[0]]["samples"]
-    lines = ["", f"### Per-example test (U-LiRA-style, K = {k_models} models per population, "
-             f"{n_samples} forget samples, seeds {sorted(runs)})", "",
+    lines = ["", f"### Per-example test (U-LiRA-style, K = {k_models} models per population: {populations}; "
+             f"{n_samples} forget samples)", "",
              "| Models | AUC (%) | TPR at 1% FPR (%) |", "|---|---|---|"]
     for row in rows:
         auc = mean_std([run_["results"][row]["AUC"] for run_ in runs.values()])
@@ -657,16 +693,21 @@ def run(config: BenchConfig, out: Path, progress: bool = True, command: str = ""
     config.name = config.name or config.preset or stage_key("custom", config=config)
     cache, run_dir = out / "cache", out / config.name
     started = time.perf_counter()
-    per_seed, ulira_runs = {}, {}
+    per_seed, ulira_runs, scored_models = {}, {}, {}
+    row_names = ["retrain", "original"] + [m for m in config.methods if m != "retrain"]
     for seed in tqdm(config.seeds, desc="seeds", disable=not progress):
         context = prepare_seed(config, seed, cache, device, progress)
         rows = run_seed(config, context, cache, device, progress)
         per_seed[seed] = {**rows, "original_record": context.original_record,
                           "sizes": (len(context.forget), len(context.retain), len(context.test))}
+        scored_models[seed] = {"data": context.keys["data"], "forget_indices": context.forget_index,
+                               "models": {row: {"path": rows[row]["model"], "config": rows[row].get("config")}
+                                          for row in row_names},
+                               "spec": config.spec(seed, config.original_epochs).to_dict()}
         if config.ulira:
             ulira_runs[seed] = ulira_seed(config, context, cache, device, progress)
         del context
-    row_names = ["retrain", "original"] + [m for m in config.methods if m != "retrain"]
+    write_json(run_dir / "models.json", {"config": config, "seeds": scored_models})
     seeds_rows = {s: {r: per_seed[s][r] for r in row_names} for s in per_seed}
     table = aggregate(seeds_rows, row_names)
     text, summary = verdict(table, len(config.seeds))
@@ -674,8 +715,11 @@ def run(config: BenchConfig, out: Path, progress: bool = True, command: str = ""
     wall = time.perf_counter() - started
     report = markdown(config, table, per_seed, summary, command, wall, device)
     if ulira_runs:
-        report += ulira_markdown(ulira_runs)
+        report += ulira_markdown(ulira_runs, f"references and originals trained per seed, seeds {config.seeds}")
         write_json(run_dir / "ulira.json", {"config": config, "device": device, "seeds": ulira_runs})
+    elif config.data_seed is not None and len(config.seeds) >= 3:
+        ulira_runs = {"seeds": ulira_across_seeds(seeds_rows, row_names)}
+        report += ulira_markdown(ulira_runs, f"the models of seeds {config.seeds}, one forget set")
     plot(table, run_dir / "gaps.png",
          f"{config.name}: |gap to each seed's Retrain|, mean ± std over seeds {config.seeds}")
     results = {
@@ -730,6 +774,9 @@ def build_parser() -> argparse.ArgumentParser:
     forget.add_argument("--forget-ratio", type=float, help="random forgetting of this fraction")
     forget.add_argument("--forget-class", type=int, help="class-wise forgetting of this class")
     parser.add_argument("--seeds", nargs="+", type=int)
+    parser.add_argument("--data-seed", type=int,
+                        help="one data split and forget set for every seed (seeds then vary the training only; "
+                             "with 3 or more seeds the U-LiRA-style test runs on the seeds' models)")
     parser.add_argument("--original-epochs", type=int)
     parser.add_argument("--retrain-epochs", type=int)
     parser.add_argument("--unlearn-epochs", type=int,
@@ -761,7 +808,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     if args.test_per_class is not None:
         options["test_per_class"] = args.test_per_class
     values["dataset_options"] = options
-    simple = ["methods", "dataset", "model", "quantizer", "weight_bits", "act_bits", "seeds",
+    simple = ["methods", "dataset", "model", "quantizer", "weight_bits", "act_bits", "seeds", "data_seed",
               "original_epochs", "retrain_epochs", "unlearn_epochs", "lr", "batch_size",
               "unlearn_batch_size", "mia_draws", "ulira_models", "device", "threads", "name"]
     for name in simple:

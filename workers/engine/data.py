@@ -30,7 +30,8 @@ Image data sets share one recipe (the SalUn / l1-sparse reference split, CIFAR R
 - pixels are scaled to [0, 1] and standardised per channel with the train split's mean and std.
 - training batches are randomly cropped from the image padded by 4 pixels of black (as
   torchvision's RandomCrop(32, padding=4) on unnormalised images) and flipped horizontally with
-  probability 1/2 (not for SVHN: a mirrored digit is not the same digit).
+  probability 1/2 (not for SVHN: a mirrored digit is not the same digit); `augment=False` trains
+  on the images as they are (a recipe that memorises its training set, for membership tests).
 """
 
 import hashlib
@@ -265,6 +266,7 @@ def make_image_splits(
     test_per_class: int | None = None,
     flip: bool = True,
     padding: int = 4,
+    augment: bool = True,
 ) -> tuple[Split, Split, Split | None]:
     """The shared image recipe (module docstring): validation split, subsets, normalisation,
     crop-and-flip augmentation. Returns (train, test, val)."""
@@ -285,14 +287,14 @@ def make_image_splits(
         val, _ = subset_per_class(val, val_per_class, [seed, 3])
 
     mean, std = channel_mean_std(train.x)
-    augment = CropFlip(padding, flip, tuple((-mean / std).tolist()))
+    train_augment = CropFlip(padding, flip, tuple((-mean / std).tolist())) if augment else None
 
     def to_split(arrays: ImageArrays, augment=None) -> Split:
         x = torch.from_numpy(arrays.x).float().div_(255)
         x = x.sub_(mean.float().view(1, -1, 1, 1)).div_(std.float().view(1, -1, 1, 1))
         return Split(x, torch.from_numpy(arrays.y).long(), augment)
 
-    train_split = to_split(train, augment)
+    train_split = to_split(train, train_augment)
     train_split.cache_rows = train_rows
     return (
         train_split,
@@ -459,7 +461,7 @@ def read_image_source(source: Path, image_size=None, use_cache=True):
 
 # Loaders ------------------------------------------------------------------------------------------
 
-RECIPE_OPTIONS = ("val_fraction", "train_per_class", "val_per_class", "test_per_class")
+RECIPE_OPTIONS = ("val_fraction", "train_per_class", "val_per_class", "test_per_class", "augment")
 
 
 def check_options(name: str, options: dict, allowed: tuple[str, ...]) -> None:
