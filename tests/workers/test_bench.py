@@ -142,6 +142,10 @@ def test_presets_and_overrides_build_configs():
     cpu = bench.config_from_args(parser.parse_args(["--preset", "cpu-cifar10"]))
     assert cpu.model == "cifar-cnn" and cpu.dataset_options["train_per_class"] == 250
     assert cpu.methods == bench.ALL_METHODS and {"oeu", "quail"} <= set(bench.ALL_METHODS)
+    memorising = bench.config_from_args(parser.parse_args(["--preset", "cpu-cifar10-memorising", "--seeds", "1"]))
+    assert sorted(memorising.methods) == sorted(bench.ALL_METHODS), "every method runs in the memorising preset"
+    assert memorising.dataset_options["augment"] is False and memorising.data_seed == 0
+    assert memorising.spec(1, 24).data_seed == 0 and memorising.spec(1, 24).train.seed == 1
     with pytest.raises(SystemExit):
         bench.parse_sets(["qmul-schedule"])
     with pytest.raises(ValueError, match="unknown unlearning method"):

@@ -86,6 +86,26 @@ PRESETS = {
             "qmul-no-agr": {"grad_norm_batches": 8}, "iu": {"fisher_samples": 200},
         },
     },
+    # The smallest CPU setting found where the original memorises (train accuracy 15+ points above
+    # test, test above 70%), so that forgetting has something to remove and membership tests
+    # something to find: 30k CIFAR-10 training images without augmentation, the 10k test images
+    # subsampled to 5k only to keep the SVM attackers' fits affordable. One forget set for all
+    # seeds (data_seed): the seeds' models are the U-LiRA-style test's populations. Sizing and
+    # budget: docs/bench/cpu-cifar10-memorising.md.
+    "cpu-cifar10-memorising": {
+        "dataset": "cifar10",
+        "dataset_options": {"train_per_class": 3000, "test_per_class": 500, "augment": False},
+        "model": "cifar-cnn", "quantizer": "lsq+", "weight_bits": 4, "act_bits": 4,
+        "forget_ratio": 0.1, "seeds": [0, 1, 2], "data_seed": 0,
+        "methods": ["qmul", "qmul-public", "oeu", "quail", "ft", "rl", "salun", "l1-sparse", "ga", "iu",
+                    "qmul-no-sl", "qmul-no-agr"],
+        "original_epochs": 24, "retrain_epochs": 24, "unlearn_epochs": 5,
+        "lr": 0.05, "batch_size": 128, "threads": 1, "mia_draws": 10,
+        "method_overrides": {
+            "qmul": {"grad_norm_batches": 8}, "qmul-no-sl": {"grad_norm_batches": 8},
+            "qmul-no-agr": {"grad_norm_batches": 8}, "qmul-public": {"grad_norm_batches": 8},
+        },
+    },
     # The SalUn / Q-MUL setting: full CIFAR-10 (45k train after the 5k validation split, 10k
     # test), ResNet-18, LSQ+ W4A4, 10% random forgetting, original 182 epochs and retrain 160 at
     # lr 0.1, unlearning 10 epochs, batch 256.
