@@ -343,6 +343,8 @@ MODELS = {
     "vit-tiny": vit_tiny,
     "digits-vit": digits_vit,
 }
+# The architectures with a CLS token whose attention a method can read (VisionTransformer.cls_attention).
+VISION_TRANSFORMERS = ("vit-tiny", "digits-vit")
 
 
 def build_model(
