@@ -108,7 +108,14 @@ def test_presets_and_overrides_build_configs():
     assert "epochs" not in bench.method_overrides(config, "ga", 5)  # GA keeps its 5 epochs
     cpu = bench.config_from_args(parser.parse_args(["--preset", "cpu-cifar10"]))
     assert cpu.model == "cifar-cnn" and cpu.dataset_options["train_per_class"] == 250
-    assert cpu.methods == bench.ALL_METHODS and {"oeu", "quail"} <= set(bench.ALL_METHODS)
+    assert cpu.methods == [m for m in bench.ALL_METHODS if m != "lethevit"]  # LetheViT needs a ViT
+    assert {"oeu", "quail", "lethevit"} <= set(bench.ALL_METHODS)
+    vit = bench.config_from_args(parser.parse_args(["--model", "digits-vit", "--optimizer", "adamw",
+                                                    "--weight-decay", "0.05"]))
+    assert vit.methods == bench.ALL_METHODS
+    assert (vit.spec(0, 3).train.optimizer, vit.spec(0, 3).train.weight_decay) == ("adamw", 0.05)
+    with pytest.raises(ValueError, match="vision transformer"):
+        bench.config_from_args(parser.parse_args(["--methods", "lethevit", "qmul"]))
     with pytest.raises(SystemExit):
         bench.parse_sets(["qmul-schedule"])
     with pytest.raises(ValueError, match="unknown unlearning method"):

@@ -56,7 +56,7 @@ import torch
 from tqdm import tqdm
 
 from workers.engine.data import Split, classwise_forget_split, load_dataset, random_forget_split
-from workers.engine.methods import UNLEARNING_METHODS, method_config, method_info, unlearn
+from workers.engine.methods import UNLEARNING_METHODS, method_applies, method_config, method_info, unlearn
 from workers.engine.metrics import METRIC_KEYS, MIA_DRAWS, evaluate_with_membership, logit_confidence, ulira
 from workers.engine.recipes import ModelSpec
 from workers.engine.training import (
@@ -70,6 +70,11 @@ from workers.engine.training import (
 
 EXTRA_KEYS = ("MIA-AUC", "MIA-AUC-cal")
 ALL_METHODS = [name for name in UNLEARNING_METHODS if name != "retrain"]
+
+
+def default_methods(architecture: str) -> list[str]:
+    """Every method but Retrain that runs on the architecture (LetheViT only on a ViT)."""
+    return [name for name in ALL_METHODS if method_applies(name, architecture)]
 
 PRESETS = {
     # Sized on the shared two-core CPU this project develops on (see docs/engine.md, Benchmark):
@@ -102,7 +107,7 @@ PRESETS = {
 
 @dataclass
 class BenchConfig:
-    methods: list[str] = field(default_factory=lambda: list(ALL_METHODS))
+    methods: list[str] | None = None  # None: default_methods(model)
     dataset: str = "digits"
     dataset_options: dict = field(default_factory=dict)
     model: str = "digits-cnn"
@@ -117,6 +122,8 @@ class BenchConfig:
     unlearn_epochs: int | None = None  # None: each method's default
     lr: float = 0.05  # original and retrain
     batch_size: int = 64  # original and retrain
+    optimizer: str = "sgd"  # original and retrain: "sgd" or "adamw" (the transformers)
+    weight_decay: float = 5e-4  # original and retrain
     unlearn_batch_size: int | None = None  # None: each method's default
     method_overrides: dict = field(default_factory=dict)  # {method: {config key: value}}
     mia_draws: int = MIA_DRAWS  # membership attackers MIA is averaged over
@@ -126,6 +133,13 @@ class BenchConfig:
     threads: int | None = None
     name: str | None = None
     preset: str | None = None
+
+    def __post_init__(self):
+        if self.methods is None:
+            self.methods = default_methods(self.model)
+        for method in self.methods:
+            if not method_applies(method, self.model):
+                raise ValueError(f"method {method!r} does not run on {self.model!r} (it needs a vision transformer)")
 
     def resolved_device(self) -> str:
         if self.device == "auto":
@@ -138,7 +152,8 @@ class BenchConfig:
         return ModelSpec(
             architecture=self.model, dataset=self.dataset, weight_bits=self.weight_bits,
             act_bits=self.act_bits, quantizer=self.quantizer,
-            train=TrainConfig(epochs=epochs, lr=self.lr, batch_size=self.batch_size, seed=seed),
+            train=TrainConfig(epochs=epochs, lr=self.lr, batch_size=self.batch_size, seed=seed,
+                              optimizer=self.optimizer, weight_decay=self.weight_decay),
             data_seed=seed, data_options=dict(self.dataset_options),
         )
 
@@ -718,7 +733,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS))
     parser.add_argument("--methods", nargs="+", metavar="METHOD",
-                        help=f"default: all of {ALL_METHODS} (Retrain always runs)")
+                        help=f"default: all of {ALL_METHODS} that run on the model (LetheViT needs a ViT; "
+                        "Retrain always runs)")
     parser.add_argument("--dataset")
     parser.add_argument("--train-per-class", type=int, help="subset size per class (train)")
     parser.add_argument("--test-per-class", type=int, help="subset size per class (test)")
@@ -736,6 +752,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="epochs of every iterative method but GA (default: their own)")
     parser.add_argument("--lr", type=float, help="learning rate of original and retrain")
     parser.add_argument("--batch-size", type=int, help="batch size of original and retrain")
+    parser.add_argument("--optimizer", choices=["sgd", "adamw"], help="optimizer of original and retrain (default sgd)")
+    parser.add_argument("--weight-decay", type=float, help="weight decay of original and retrain (default 5e-4)")
     parser.add_argument("--unlearn-batch-size", type=int)
     parser.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE",
                         help="override one method's config value (JSON or a string); repeatable")
@@ -762,8 +780,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         options["test_per_class"] = args.test_per_class
     values["dataset_options"] = options
     simple = ["methods", "dataset", "model", "quantizer", "weight_bits", "act_bits", "seeds",
-              "original_epochs", "retrain_epochs", "unlearn_epochs", "lr", "batch_size",
-              "unlearn_batch_size", "mia_draws", "ulira_models", "device", "threads", "name"]
+              "original_epochs", "retrain_epochs", "unlearn_epochs", "lr", "batch_size", "optimizer",
+              "weight_decay", "unlearn_batch_size", "mia_draws", "ulira_models", "device", "threads", "name"]
     for name in simple:
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
