@@ -19,7 +19,7 @@ builds one and replaces its Conv2d/Linear layers by fake-quantized ones. All CIF
   (`quantize_layout`, which build_model calls instead of quantize_model).
 - "vit-tiny": a vision transformer for 32x32 images with DeiT-Tiny's width and depth (4x4 patches,
   so 64 patch tokens and a CLS token; width 192, 12 blocks of 3 heads, MLP ratio 4); 5.4M
-  parameters, about 0.35G multiply-adds per image.
+  parameters, about 0.37G multiply-adds per image.
 - "digits-vit": the same transformer sized for the 8x8 digits and the tests (2x2 patches, width 64,
   4 blocks of 4 heads, MLP ratio 2); about 0.14M parameters.
 
