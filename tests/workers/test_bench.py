@@ -116,6 +116,9 @@ def test_presets_and_overrides_build_configs():
     assert (vit.spec(0, 3).train.optimizer, vit.spec(0, 3).train.weight_decay) == ("adamw", 0.05)
     with pytest.raises(ValueError, match="vision transformer"):
         bench.config_from_args(parser.parse_args(["--methods", "lethevit", "qmul"]))
+    cpu_vit = bench.config_from_args(parser.parse_args(["--preset", "cpu-cifar10-vit"]))
+    assert cpu_vit.model == "vit-mini" and "lethevit" in cpu_vit.methods
+    assert cpu_vit.spec(0, 20).train.optimizer == "adamw"
     with pytest.raises(SystemExit):
         bench.parse_sets(["qmul-schedule"])
     with pytest.raises(ValueError, match="unknown unlearning method"):

@@ -91,6 +91,24 @@ PRESETS = {
             "qmul-no-agr": {"grad_norm_batches": 8}, "iu": {"fisher_samples": 200},
         },
     },
+    # Every method on a quantized ViT on the CPU, sized like cpu-cifar10 for under 30 minutes: vit-mini
+    # (vit-tiny's one epoch of 5,000 images takes about 6 minutes on one thread), 100 train and 100
+    # test images per class, one seed, AdamW for the original and the retrain (the transformers
+    # barely learn with SGD), unlearning 3 epochs (LetheViT's retain stage too). Defined from timings,
+    # not yet run whole; a model this small on this little data underfits (docs/engine.md, Benchmark).
+    "cpu-cifar10-vit": {
+        "dataset": "cifar10",
+        "dataset_options": {"train_per_class": 100, "test_per_class": 100},
+        "model": "vit-mini", "quantizer": "lsq+", "weight_bits": 4, "act_bits": 4,
+        "forget_ratio": 0.1, "seeds": [0],
+        "original_epochs": 20, "retrain_epochs": 20, "unlearn_epochs": 3,
+        "lr": 1e-3, "optimizer": "adamw", "weight_decay": 0.05, "batch_size": 64, "threads": 1,
+        "method_overrides": {
+            "qmul": {"grad_norm_batches": 8}, "qmul-no-sl": {"grad_norm_batches": 8},
+            "qmul-no-agr": {"grad_norm_batches": 8}, "iu": {"fisher_samples": 200},
+            "lethevit": {"retain_epochs": 3},
+        },
+    },
     # The SalUn / Q-MUL setting: full CIFAR-10 (45k train after the 5k validation split, 10k
     # test), ResNet-18, LSQ+ W4A4, 10% random forgetting, original 182 epochs and retrain 160 at
     # lr 0.1, unlearning 10 epochs, batch 256.

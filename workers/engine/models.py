@@ -20,6 +20,8 @@ builds one and replaces its Conv2d/Linear layers by fake-quantized ones. All CIF
 - "vit-tiny": a vision transformer for 32x32 images with DeiT-Tiny's width and depth (4x4 patches,
   so 64 patch tokens and a CLS token; width 192, 12 blocks of 3 heads, MLP ratio 4); 5.4M
   parameters, about 0.37G multiply-adds per image.
+- "vit-mini": the same transformer narrower and shallower for the CPU benchmark preset (4x4
+  patches, width 96, 6 blocks of 3 heads, MLP ratio 2); 0.46M parameters, about 34M multiply-adds.
 - "digits-vit": the same transformer sized for the 8x8 digits and the tests (2x2 patches, width 64,
   4 blocks of 4 heads, MLP ratio 2); about 0.14M parameters.
 
@@ -328,6 +330,12 @@ def vit_tiny(num_classes: int = 10, in_channels: int = 3) -> VisionTransformer:
                              mlp_ratio=4)
 
 
+def vit_mini(num_classes: int = 10, in_channels: int = 3) -> VisionTransformer:
+    """A ViT for 32x32 images small enough for the CPU benchmark preset (module docstring)."""
+    return VisionTransformer(num_classes, in_channels, image_size=32, patch_size=4, dim=96, depth=6, heads=3,
+                             mlp_ratio=2)
+
+
 def digits_vit(num_classes: int = 10, in_channels: int = 1) -> VisionTransformer:
     """A small ViT for the 8x8 digits (module docstring)."""
     return VisionTransformer(num_classes, in_channels, image_size=8, patch_size=2, dim=64, depth=4, heads=4,
@@ -341,10 +349,11 @@ MODELS = {
     "mobilenetv2": cifar_mobilenet_v2,
     "resnet18-qmul-public": QMulPublicResNet18,
     "vit-tiny": vit_tiny,
+    "vit-mini": vit_mini,
     "digits-vit": digits_vit,
 }
 # The architectures with a CLS token whose attention a method can read (VisionTransformer.cls_attention).
-VISION_TRANSFORMERS = ("vit-tiny", "digits-vit")
+VISION_TRANSFORMERS = ("vit-tiny", "vit-mini", "digits-vit")
 
 
 def build_model(
