@@ -138,9 +138,22 @@ def _register_samples(session, dataset: str, sample_count: int, samples_per_subj
                  object_id=dataset, details={"samples": sample_count, "subjects": len(subjects)})
 
 
-def default_spec(epochs: int | None = None) -> qf.ModelSpec:
-    """The engine's default recipe (digits CNN, LSQ+ 4-bit weights and activations)."""
-    spec = qf.ModelSpec()
+# The architectures a model can be bootstrapped with on the bundled digits, each with its training
+# recipe (LSQ+ 4-bit weights and activations for all). The ViT trains with AdamW: SGD leaves it near
+# 25% train accuracy (TrainConfig.optimizer); 40 epochs at lr 3e-3 reached 92% train and 89% test
+# accuracy on one thread (docs/engine.md, Models).
+BOOTSTRAP_RECIPES = {
+    "digits-cnn": qf.TrainConfig(),
+    "digits-vit": qf.TrainConfig(epochs=40, optimizer="adamw", lr=3e-3, weight_decay=0.05),
+}
+
+
+def default_spec(epochs: int | None = None, architecture: str = "digits-cnn") -> qf.ModelSpec:
+    """The recipe for a model of this architecture on the digits (BOOTSTRAP_RECIPES); by default the
+    engine's digits CNN."""
+    if architecture not in BOOTSTRAP_RECIPES:
+        raise ValueError(f"cannot bootstrap {architecture!r}; known: {sorted(BOOTSTRAP_RECIPES)}")
+    spec = qf.ModelSpec(architecture=architecture, train=BOOTSTRAP_RECIPES[architecture])
     if epochs:
         spec = replace(spec, train=replace(spec.train, epochs=epochs))
     return spec

@@ -90,7 +90,7 @@ def _bootstrap(args) -> int:
 
     settings = get_settings()
     model_name = args.model or settings.default_model
-    version_id = bootstrap(settings, model_name, default_spec(args.epochs),
+    version_id = bootstrap(settings, model_name, default_spec(args.epochs, args.architecture),
                            samples_per_subject=args.samples_per_subject)
     print(f"model {model_name}: version {version_id} deployed; artifacts in {settings.model_store}")
     return 0
@@ -236,6 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     bootstrap = commands.add_parser("bootstrap", help="train, register and deploy the initial model")
     bootstrap.add_argument("--model", default=None, help="model name (default QFORGET_DEFAULT_MODEL)")
+    # Not argparse choices: the list is workers.bootstrap.BOOTSTRAP_RECIPES, which the CLI loads lazily.
+    bootstrap.add_argument("--architecture", default="digits-cnn",
+                           help="the model's architecture on the digits: digits-cnn (default) or digits-vit, a "
+                                "quantized vision transformer")
     bootstrap.add_argument("--epochs", type=int, default=None, help="QAT epochs (default: the recipe's)")
     bootstrap.add_argument("--samples-per-subject", type=int, default=10,
                            help="how many training samples each synthetic subject owns (default 10)")

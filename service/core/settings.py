@@ -23,8 +23,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 # same bounds, and the worker hands those the method's config has to the engine.
 # The engine's methods the service may run for a batch (workers/engine/methods.py; "retrain" is the
 # reference, not an unlearning run). Named here because the API and the scheduler never load the engine.
+# "lethevit" runs on vision transformers only (a model bootstrapped with --architecture digits-vit).
 UnlearnMethod = Literal["qmul", "qmul-no-sl", "qmul-no-agr", "qmul-public", "ft", "ga", "rl", "l1-sparse", "salun",
-                        "iu", "oeu", "quail"]
+                        "iu", "oeu", "quail", "lethevit"]
 QMUL_METHODS = ("qmul", "qmul-no-sl", "qmul-no-agr", "qmul-public")
 UnlearnEpochs = Annotated[int, Field(ge=1, le=1000)]
 LearningRate = Annotated[float, Field(gt=0, le=1)]

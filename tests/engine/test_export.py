@@ -20,7 +20,7 @@ from workers.engine import (
 )
 from workers.engine.export import export_weight_bytes, pack_bits, unpack_bits
 from workers.engine.metrics import EXPORT_AGREEMENT, export_fidelity
-from workers.engine.quantization import QuantConv2d, QuantLinear
+from workers.engine.quantization import QuantConv2d, QuantLinear, QuantMatMul
 
 # Float rounding carried through the network, relative to the largest logit: how far two float
 # kernels (AVX2 or AVX-512, oneDNN or not) may leave a sample's logits apart when no rounding tie
@@ -214,6 +214,40 @@ def test_full_precision_activations_and_float_edge_layers_export(quantizer):
     rebuilt, x = integer_model(exported, **kwargs), torch.randn(SAMPLES, 3, 16, 16)
     assert_layers_match(model, exported, rebuilt, x)
     assert_same_outputs(model, rebuilt, x)
+
+
+@pytest.mark.parametrize("quantizer", ["lsq+", "pact", "dsq"])
+def test_vit_export_rebuilds_its_quantized_products(quantizer):
+    torch.manual_seed(0)
+    kwargs = {"architecture": "digits-vit", "num_classes": 10, "in_channels": 1, "weight_bits": 4,
+              "act_bits": 4, "quantizer": quantizer, "per_channel": False}
+    model = build_model(**kwargs)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(2):
+        loss = F.cross_entropy(model(torch.rand(8, 1, 8, 8)), torch.randint(0, 10, (8,)))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    exported = export_integer(model)
+    products = {name: m for name, m in model.named_modules() if isinstance(m, QuantMatMul)}
+    assert set(exported["matmuls"]) == set(products) and len(products) == 8
+    assert not any("quantizer" in key for key in exported["float_state"])
+    assert "position_embedding" in exported["float_state"] and "cls_token" in exported["float_state"]
+    rebuilt = integer_model(exported, **kwargs)
+    for name, product in products.items():  # each operand's grid, over its whole range and beyond
+        integer = rebuilt.get_submodule(name)
+        for operand in ("a", "b"):
+            sweep = grid_sweep(exported["matmuls"][name][operand])
+            with torch.no_grad():
+                expected = getattr(product, f"{operand}_quantizer")(sweep)
+            assert torch.equal(getattr(integer, f"{operand}_quantizer")(sweep), expected), name
+    x = torch.rand(SAMPLES, 1, 8, 8)
+    assert_layers_match(model, exported, rebuilt, x)
+    assert_same_outputs(model, rebuilt, x)
+    misnamed = {**exported["matmuls"], "norm": exported["matmuls"][name]}  # a LayerNorm, not a product
+    with pytest.raises(ValueError, match="product norm"):
+        integer_model({**exported, "matmuls": misnamed}, **kwargs)
 
 
 def test_resnet18_packs_to_about_bits_over_32():

@@ -23,6 +23,7 @@ from workers.engine.methods import (
     l1_penalised_parameters,
     logit_margin_share,
     logit_quantization_step,
+    method_applies,
     method_config,
     oeu_gradients,
     prediction_entropy,
@@ -62,7 +63,7 @@ def l1_norm(model) -> float:
 def test_registry_names_configs_and_errors(small_model, random_split):
     assert list(UNLEARNING_METHODS) == [
         "retrain", "ft", "ga", "iu", "rl", "l1-sparse", "salun", "qmul", "qmul-no-sl",
-        "qmul-no-agr", "qmul-public", "oeu", "quail",
+        "qmul-no-agr", "qmul-public", "oeu", "quail", "lethevit",
     ]
     assert method_config("ga") == GAConfig(epochs=5, lr=1e-4)
     assert method_config("salun").mask_ratio == 0.5 and method_config("salun").lr == 0.013
@@ -90,7 +91,7 @@ ONE_EPOCH = {
 }
 
 
-@pytest.mark.parametrize("method", list(UNLEARNING_METHODS))
+@pytest.mark.parametrize("method", [m for m in UNLEARNING_METHODS if method_applies(m, "digits-cnn")])
 def test_every_method_returns_a_changed_copy_and_leaves_the_original(method, small_model,
                                                                      random_split):
     forget, retain = random_split

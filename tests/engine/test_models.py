@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from workers.engine import MODELS, ModelSpec, TrainConfig, build_model, export_integer, integer_model
-from workers.engine.models import LearnableBias, QMulPublicResNet18, ReActBasicBlock
-from workers.engine.quantization import FakeQuantizer, LsqPlusQuantizer, QuantConv2d, QuantLinear
+from workers.engine.models import LearnableBias, QMulPublicResNet18, ReActBasicBlock, VisionTransformer
+from workers.engine.quantization import FakeQuantizer, LsqPlusQuantizer, MatMul, QuantConv2d, QuantLinear, QuantMatMul
 
 
 def quant_layers(model):
@@ -32,7 +32,7 @@ UNIFORM_MODELS = sorted(name for name, build in MODELS.items() if not hasattr(bu
 
 @pytest.mark.parametrize("name", UNIFORM_MODELS)
 def test_every_model_quantized_output_shape(name):
-    size, channels = (8, 1) if name == "digits-cnn" else (32, 3)
+    size, channels = (8, 1) if name.startswith("digits-") else (32, 3)
     torch.manual_seed(0)
     model = build_model(name, num_classes=7, in_channels=channels, weight_bits=4, act_bits=4)
     out = model(torch.randn(2, channels, size, size))
@@ -157,3 +157,48 @@ def test_qmul_public_resnet18_by_name_bits_and_integer_export():
     rebuilt = integer_model(export_integer(model), "resnet18-qmul-public", 10, 3)
     with torch.no_grad():
         assert torch.allclose(rebuilt(x), expected, rtol=0, atol=1e-5 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("quantizer", ["lsq+", "pact", "dsq"])
+def test_vit_quantizes_every_linear_and_both_products_of_each_attention(quantizer):
+    model = build_model("digits-vit", 10, 1, weight_bits=3, act_bits=4, quantizer=quantizer)
+    layers = quant_layers(model)
+    # The patch embedding, per block qkv, projection and two MLP layers, and the head.
+    assert len(layers) == 1 + 4 * 4 + 1
+    assert layers[0] is model.patch_embedding and layers[-1] is model.head
+    assert [layers[0].weight_quantizer.bits, layers[-1].weight_quantizer.bits] == [8, 8]
+    assert {(m.weight_quantizer.bits, m.input_quantizer.bits) for m in layers[1:-1]} == {(3, 4)}
+    products = [m for m in model.modules() if isinstance(m, MatMul)]
+    assert len(products) == 2 * 4 and all(isinstance(m, QuantMatMul) for m in products)
+    assert {(m.a_quantizer.bits, m.b_quantizer.bits) for m in products} == {(4, 4)}
+    x = torch.rand(16, 1, 8, 8)
+    out = model(x)
+    assert out.shape == (16, 10) and torch.isfinite(out).all()
+    out.sum().backward()  # gradients reach the products' quantizers
+    assert all(p.grad is not None for m in products for p in m.parameters())
+
+    # Full-precision activations: the products stay float, the weights are still quantized.
+    float_acts = build_model("digits-vit", 10, 1, weight_bits=3, act_bits=None, quantizer=quantizer)
+    assert all(type(m) is MatMul for m in float_acts.modules() if isinstance(m, MatMul))
+    assert all(isinstance(m.input_quantizer, nn.Identity) for m in quant_layers(float_acts)[1:-1])
+
+
+def test_vit_cls_attention_is_a_distribution_over_the_patches():
+    torch.manual_seed(0)
+    model = build_model("digits-vit", 10, 1, 4, 4).eval()
+    x = torch.rand(5, 1, 8, 8)
+    for layer in (0, -1):
+        attention = model.cls_attention(x, layer)
+        assert attention.shape == (5, 4, 4)  # 2x2 patches of an 8x8 image
+        # The CLS row also attends to the CLS token itself: the patches' share is at most 1.
+        assert (attention >= 0).all() and (attention.sum(dim=(1, 2)) <= 1 + 1e-6).all()
+    assert all(block.attention.cls_attention is None for block in model.blocks)  # nothing kept after
+    with pytest.raises(ValueError, match="multiple"):
+        VisionTransformer(image_size=30, patch_size=4)
+
+
+def test_vit_tiny_has_deit_tiny_width_and_depth():
+    model = MODELS["vit-tiny"]()
+    assert len(model.blocks) == 12 and model.head.in_features == 192
+    assert model.blocks[0].attention.heads == 3 and model.position_embedding.shape == (1, 65, 192)
+    assert 5.3e6 < sum(p.numel() for p in model.parameters()) < 5.5e6

@@ -1,10 +1,10 @@
 """A real stack for integration tests: a fresh PostgreSQL database, a Redis database, a data folder
 with a bootstrapped model, and a manager for the worker and scheduler processes.
 
-- `make_stack(models=1, **settings)`: builds a stack whose settings (and its processes' QFORGET_*
-  environment) take the given overrides, with that many models bootstrapped on the digits (the
-  default model, then "second-model"): a request filed without a model goes to each; processes are
-  stopped at the end of the test.
+- `make_stack(models=1, spec=None, **settings)`: builds a stack whose settings (and its processes'
+  QFORGET_* environment) take the given overrides, with that many models bootstrapped on the digits
+  (the default model, then "second-model"; from `spec`, else the digits CNN for five epochs): a
+  request filed without a model goes to each; processes are stopped at the end of the test.
 - `stack`: `make_stack()` with the defaults below.
 """
 
@@ -70,13 +70,13 @@ class Stack:
 def make_stack(empty_postgres_url, tmp_path: Path):
     stacks = []
 
-    def make(models: int = 1, **overrides) -> Stack:
+    def make(models: int = 1, spec=None, **overrides) -> Stack:
         values = {**DEFAULTS, "database_url": empty_postgres_url, "data_dir": tmp_path, **overrides}
         env = {f"QFORGET_{key.upper()}": str(value) for key, value in values.items()}
         settings = Settings(**values)
         redis.Redis.from_url(REDIS_URL).flushdb()
         for name in [settings.default_model, "second-model"][:models]:
-            bootstrap(settings, name, default_spec(epochs=5), progress=False)
+            bootstrap(settings, name, spec or default_spec(epochs=5), progress=False)
         (tmp_path / "logs").mkdir(exist_ok=True)
         stack = Stack(settings, get_engine(settings, "tests"), Processes({**os.environ, **env}, tmp_path / "logs"))
         stacks.append(stack)

@@ -141,9 +141,19 @@ def test_presets_and_overrides_build_configs():
     assert "epochs" not in bench.method_overrides(config, "ga", 5)  # GA keeps its 5 epochs
     cpu = bench.config_from_args(parser.parse_args(["--preset", "cpu-cifar10"]))
     assert cpu.model == "cifar-cnn" and cpu.dataset_options["train_per_class"] == 250
-    assert cpu.methods == bench.ALL_METHODS and {"oeu", "quail"} <= set(bench.ALL_METHODS)
+    assert cpu.methods == [m for m in bench.ALL_METHODS if m != "lethevit"]  # LetheViT needs a ViT
+    assert {"oeu", "quail", "lethevit"} <= set(bench.ALL_METHODS)
+    vit = bench.config_from_args(parser.parse_args(["--model", "digits-vit", "--optimizer", "adamw",
+                                                    "--weight-decay", "0.05"]))
+    assert vit.methods == bench.ALL_METHODS
+    assert (vit.spec(0, 3).train.optimizer, vit.spec(0, 3).train.weight_decay) == ("adamw", 0.05)
+    with pytest.raises(ValueError, match="vision transformer"):
+        bench.config_from_args(parser.parse_args(["--methods", "lethevit", "qmul"]))
+    cpu_vit = bench.config_from_args(parser.parse_args(["--preset", "cpu-cifar10-vit"]))
+    assert cpu_vit.model == "vit-mini" and "lethevit" in cpu_vit.methods
+    assert cpu_vit.spec(0, 20).train.optimizer == "adamw"
     memorising = bench.config_from_args(parser.parse_args(["--preset", "cpu-cifar10-memorising", "--seeds", "1"]))
-    assert sorted(memorising.methods) == sorted(bench.ALL_METHODS), "every method runs in the memorising preset"
+    assert sorted(memorising.methods) == sorted(bench.default_methods("cifar-cnn")), "every method runs in the memorising preset"
     assert memorising.dataset_options["augment"] is False and memorising.data_seed == 0
     assert memorising.spec(1, 24).data_seed == 0 and memorising.spec(1, 24).train.seed == 1
     with pytest.raises(SystemExit):

@@ -56,7 +56,7 @@ import torch
 from tqdm import tqdm
 
 from workers.engine.data import Split, classwise_forget_split, load_dataset, random_forget_split
-from workers.engine.methods import UNLEARNING_METHODS, method_config, method_info, unlearn
+from workers.engine.methods import UNLEARNING_METHODS, method_applies, method_config, method_info, unlearn
 from workers.engine.metrics import METRIC_KEYS, MIA_DRAWS, evaluate_with_membership, logit_confidence, ulira
 from workers.engine.recipes import ModelSpec
 from workers.engine.training import (
@@ -70,6 +70,11 @@ from workers.engine.training import (
 
 EXTRA_KEYS = ("MIA-AUC", "MIA-AUC-cal")
 ALL_METHODS = [name for name in UNLEARNING_METHODS if name != "retrain"]
+
+
+def default_methods(architecture: str) -> list[str]:
+    """Every method but Retrain that runs on the architecture (LetheViT only on a ViT)."""
+    return [name for name in ALL_METHODS if method_applies(name, architecture)]
 
 PRESETS = {
     # Sized on the shared two-core CPU this project develops on (see docs/engine.md, Benchmark):
@@ -106,6 +111,24 @@ PRESETS = {
             "qmul-no-agr": {"grad_norm_batches": 8}, "qmul-public": {"grad_norm_batches": 8},
         },
     },
+    # Every method on a quantized ViT on the CPU, sized like cpu-cifar10 for under 30 minutes: vit-mini
+    # (vit-tiny's one epoch of 5,000 images takes about 6 minutes on one thread), 100 train and 100
+    # test images per class, one seed, AdamW for the original and the retrain (the transformers
+    # barely learn with SGD), unlearning 3 epochs (LetheViT's retain stage too). Defined from timings,
+    # not yet run whole; a model this small on this little data underfits (docs/engine.md, Benchmark).
+    "cpu-cifar10-vit": {
+        "dataset": "cifar10",
+        "dataset_options": {"train_per_class": 100, "test_per_class": 100},
+        "model": "vit-mini", "quantizer": "lsq+", "weight_bits": 4, "act_bits": 4,
+        "forget_ratio": 0.1, "seeds": [0],
+        "original_epochs": 20, "retrain_epochs": 20, "unlearn_epochs": 3,
+        "lr": 1e-3, "optimizer": "adamw", "weight_decay": 0.05, "batch_size": 64, "threads": 1,
+        "method_overrides": {
+            "qmul": {"grad_norm_batches": 8}, "qmul-no-sl": {"grad_norm_batches": 8},
+            "qmul-no-agr": {"grad_norm_batches": 8}, "iu": {"fisher_samples": 200},
+            "lethevit": {"retain_epochs": 3},
+        },
+    },
     # The SalUn / Q-MUL setting: full CIFAR-10 (45k train after the 5k validation split, 10k
     # test), ResNet-18, LSQ+ W4A4, 10% random forgetting, original 182 epochs and retrain 160 at
     # lr 0.1, unlearning 10 epochs, batch 256.
@@ -122,7 +145,7 @@ PRESETS = {
 
 @dataclass
 class BenchConfig:
-    methods: list[str] = field(default_factory=lambda: list(ALL_METHODS))
+    methods: list[str] | None = None  # None: default_methods(model)
     dataset: str = "digits"
     dataset_options: dict = field(default_factory=dict)
     model: str = "digits-cnn"
@@ -140,6 +163,8 @@ class BenchConfig:
     unlearn_epochs: int | None = None  # None: each method's default
     lr: float = 0.05  # original and retrain
     batch_size: int = 64  # original and retrain
+    optimizer: str = "sgd"  # original and retrain: "sgd" or "adamw" (the transformers)
+    weight_decay: float = 5e-4  # original and retrain
     unlearn_batch_size: int | None = None  # None: each method's default
     method_overrides: dict = field(default_factory=dict)  # {method: {config key: value}}
     mia_draws: int = MIA_DRAWS  # membership attackers MIA is averaged over
@@ -149,6 +174,13 @@ class BenchConfig:
     threads: int | None = None
     name: str | None = None
     preset: str | None = None
+
+    def __post_init__(self):
+        if self.methods is None:
+            self.methods = default_methods(self.model)
+        for method in self.methods:
+            if not method_applies(method, self.model):
+                raise ValueError(f"method {method!r} does not run on {self.model!r} (it needs a vision transformer)")
 
     def resolved_device(self) -> str:
         if self.device == "auto":
@@ -165,7 +197,8 @@ class BenchConfig:
         return ModelSpec(
             architecture=self.model, dataset=self.dataset, weight_bits=self.weight_bits,
             act_bits=self.act_bits, quantizer=self.quantizer,
-            train=TrainConfig(epochs=epochs, lr=self.lr, batch_size=self.batch_size, seed=seed),
+            train=TrainConfig(epochs=epochs, lr=self.lr, batch_size=self.batch_size, seed=seed,
+                              optimizer=self.optimizer, weight_decay=self.weight_decay),
             data_seed=self.data_seed_of(seed), data_options=dict(self.dataset_options),
         )
 
@@ -782,7 +815,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS))
     parser.add_argument("--methods", nargs="+", metavar="METHOD",
-                        help=f"default: all of {ALL_METHODS} (Retrain always runs)")
+                        help=f"default: all of {ALL_METHODS} that run on the model (LetheViT needs a ViT; "
+                        "Retrain always runs)")
     parser.add_argument("--dataset")
     parser.add_argument("--train-per-class", type=int, help="subset size per class (train)")
     parser.add_argument("--test-per-class", type=int, help="subset size per class (test)")
@@ -803,6 +837,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="epochs of every iterative method but GA (default: their own)")
     parser.add_argument("--lr", type=float, help="learning rate of original and retrain")
     parser.add_argument("--batch-size", type=int, help="batch size of original and retrain")
+    parser.add_argument("--optimizer", choices=["sgd", "adamw"], help="optimizer of original and retrain (default sgd)")
+    parser.add_argument("--weight-decay", type=float, help="weight decay of original and retrain (default 5e-4)")
     parser.add_argument("--unlearn-batch-size", type=int)
     parser.add_argument("--set", action="append", default=[], metavar="METHOD.KEY=VALUE",
                         help="override one method's config value (JSON or a string); repeatable")
@@ -829,8 +865,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         options["test_per_class"] = args.test_per_class
     values["dataset_options"] = options
     simple = ["methods", "dataset", "model", "quantizer", "weight_bits", "act_bits", "seeds", "data_seed",
-              "original_epochs", "retrain_epochs", "unlearn_epochs", "lr", "batch_size",
-              "unlearn_batch_size", "mia_draws", "ulira_models", "device", "threads", "name"]
+              "original_epochs", "retrain_epochs", "unlearn_epochs", "lr", "batch_size", "optimizer",
+              "weight_decay", "unlearn_batch_size", "mia_draws", "ulira_models", "device", "threads", "name"]
     for name in simple:
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)

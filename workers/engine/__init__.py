@@ -20,6 +20,7 @@ from .methods import (
     GAConfig,
     IUConfig,
     L1SparseConfig,
+    LetheViTConfig,
     OEUConfig,
     QMulNoAGRConfig,
     QMulNoSLConfig,
@@ -38,7 +39,7 @@ from .metrics import (
     membership_auc,
     mia_efficacy,
 )
-from .models import MODELS, CifarCNN, DigitsCNN, build_model
+from .models import MODELS, VISION_TRANSFORMERS, CifarCNN, DigitsCNN, VisionTransformer, build_model
 from .quantization import (
     QUANTIZERS,
     DoReFaWeightQuantizer,
@@ -63,7 +64,7 @@ from .unlearning import (
 )
 
 __all__ = [
-    "DATASETS", "MODELS", "QUANTIZERS",
+    "DATASETS", "MODELS", "QUANTIZERS", "VISION_TRANSFORMERS", "VisionTransformer",
     "DatasetSplits", "DigitsCNN", "LsqPlusQuantizer", "ModelSpec", "QMulConfig", "QMulPublicConfig",
     "QuantConv2d",
     "QuantLinear", "Split", "TrainConfig", "UnlearnResult",
@@ -76,7 +77,7 @@ __all__ = [
     "PactQuantizer", "classwise_forget_split", "export_integer", "integer_model",
     "load_integer_model", "random_forget_split", "save_integer_artifact",
     # unlearning methods and metrics
-    "UNLEARNING_METHODS", "FTConfig", "GAConfig", "IUConfig", "L1SparseConfig", "OEUConfig",
+    "UNLEARNING_METHODS", "FTConfig", "GAConfig", "IUConfig", "L1SparseConfig", "LetheViTConfig", "OEUConfig",
     "QMulNoAGRConfig", "QMulNoSLConfig", "QuailConfig", "RLConfig", "RetrainConfig", "SalUnConfig",
     "evaluate_with_membership", "export_fidelity", "membership_auc", "method_config", "unlearn",
 ]

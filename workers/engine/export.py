@@ -12,9 +12,13 @@ x_int in [q_min, q_max]. `export_integer` stores, for each quantized Conv2d/Line
 - everything else the model holds (biases, BatchNorm parameters and running statistics, layers
   left float) in "float_state", under its state-dict name.
 
+and for each product of two activations (a transformer's QuantMatMul), in "matmuls", the grids of
+its two operands ("a", "b"; None where an operand stays float). Exports of architectures without
+such products have no "matmuls" and read as before.
+
 `integer_model` rebuilds an inference model from that: each quantized layer becomes a plain
 Conv2d/Linear whose weight is codes * scale + offset and whose input passes through a fixed
-affine quantizer. The arithmetic is the same as the fake-quantized forward's, operation for
+affine quantizer; each product's operands pass through fixed affine quantizers likewise. The arithmetic is the same as the fake-quantized forward's, operation for
 operation: weights, codes and quantized inputs are identical, and each layer's output agrees to
 float rounding. Other kernels (another CPU, ATEN_CPU_CAPABILITY) add in another order, so a value
 that sits on a rounding tie of a later quantizer may land on the neighbouring code and move the
@@ -32,7 +36,7 @@ from torch import nn
 
 from .artifacts import read_verified, write_content_addressed
 from .models import MODELS
-from .quantization import FakeQuantizer, QuantConv2d, QuantLinear
+from .quantization import FakeQuantizer, MatMul, QuantConv2d, QuantLinear, QuantMatMul
 
 FORMAT = "qforget-integer/1"
 PACK_CHUNK = 1 << 20  # codes per chunk: bounds the memory of the bit planes
@@ -79,35 +83,46 @@ def export_layer(module: QuantConv2d | QuantLinear) -> dict:
         }
     else:
         entry["weight"] = {"bits": None, "float": weight.cpu().clone()}
-    quantizer = module.input_quantizer
-    if isinstance(quantizer, FakeQuantizer):
-        grid = quantizer.activation_grid()
-        entry["input"] = {
-            "bits": quantizer.bits, "q_min": int(grid["q_min"]), "q_max": int(grid["q_max"]),
-            "scale": grid["scale"].detach().float().cpu().clone(),
-            "offset": grid["offset"].detach().float().cpu().clone(),
-        }
-    else:
-        entry["input"] = None
+    entry["input"] = export_activation(module.input_quantizer)
     return entry
+
+
+def export_activation(quantizer: nn.Module) -> dict | None:
+    """An activation quantizer's grid (bits, q_min, q_max, scale, offset); None when full precision."""
+    if not isinstance(quantizer, FakeQuantizer):
+        return None
+    grid = quantizer.activation_grid()
+    return {
+        "bits": quantizer.bits, "q_min": int(grid["q_min"]), "q_max": int(grid["q_max"]),
+        "scale": grid["scale"].detach().float().cpu().clone(),
+        "offset": grid["offset"].detach().float().cpu().clone(),
+    }
 
 
 @torch.no_grad()
 def export_integer(model: nn.Module) -> dict:
-    """{"format", "layers": {name: layer entry}, "float_state": {state-dict name: tensor}}
-    (module docstring). Every activation quantizer must have run (trained or calibrated)."""
-    layers, covered = {}, set()
+    """{"format", "layers": {name: layer entry}, "float_state": {state-dict name: tensor}}, and
+    "matmuls": {name: {"a", "b"}} where the model has quantized products (module docstring).
+    Every activation quantizer must have run (trained or calibrated)."""
+    layers, matmuls, covered = {}, {}, set()
     for name, module in model.named_modules():
         if isinstance(module, (QuantConv2d, QuantLinear)):
             layers[name] = export_layer(module)
             for key in module.state_dict():
                 if key == "weight" or key.startswith(("weight_quantizer.", "input_quantizer.")):
                     covered.add(f"{name}.{key}")
+        elif isinstance(module, QuantMatMul):
+            matmuls[name] = {"a": export_activation(module.a_quantizer),
+                             "b": export_activation(module.b_quantizer)}
+            covered.update(f"{name}.{key}" for key in module.state_dict())
     if not layers:
         raise ValueError("model has no quantized layer to export")
     float_state = {key: value.detach().cpu().clone()
                    for key, value in model.state_dict().items() if key not in covered}
-    return {"format": FORMAT, "layers": layers, "float_state": float_state}
+    exported = {"format": FORMAT, "layers": layers, "float_state": float_state}
+    if matmuls:
+        exported["matmuls"] = matmuls
+    return exported
 
 
 def export_weight_bytes(exported: dict) -> tuple[int, int]:
@@ -149,6 +164,18 @@ def dequantized_weight(entry: dict) -> torch.Tensor:
     scale = scale.view(view) if scale.numel() > 1 else scale
     offset = offset.view(view) if offset.numel() > 1 else offset
     return codes * scale + offset
+
+
+class IntegerMatMul(MatMul):
+    """Inference product of two activations, each through its fixed (exported) quantizer."""
+
+    def __init__(self, entry: dict):
+        super().__init__()
+        self.a_quantizer = AffineQuantizer(entry["a"]) if entry["a"] else nn.Identity()
+        self.b_quantizer = AffineQuantizer(entry["b"]) if entry["b"] else nn.Identity()
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.a_quantizer(a) @ self.b_quantizer(b)
 
 
 class IntegerConv2d(nn.Conv2d):
@@ -197,8 +224,15 @@ def integer_model(exported: dict, architecture: str, num_classes: int, in_channe
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         setattr(parent, child_name, integer_layer(getattr(parent, child_name), entry, name))
+    for name, entry in exported.get("matmuls", {}).items():
+        parent_name, _, child_name = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        if type(getattr(parent, child_name, None)) is not MatMul:
+            raise ValueError(f"export has a product {name} that {architecture} does not have")
+        setattr(parent, child_name, IntegerMatMul(entry))
+    # The rebuilt layers' weights and fixed quantizers come from the export, not from float_state.
     own = {f"{name}.weight" for name in exported["layers"]} | {
-        key for key in model.state_dict() if "input_quantizer." in key
+        key for key in model.state_dict() if "_quantizer." in key
     }
     result = model.load_state_dict(exported["float_state"], strict=False)
     missing = set(result.missing_keys) - own

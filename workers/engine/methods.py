@@ -24,6 +24,9 @@ weight decay 5e-4 at a constant learning rate, as the reference loop does for 5-
 |               | projected orthogonally to the retain gradient, plus retain CE                 |
 | `quail`       | QUAIL-style: a hinge keeps the forget set's logits half a quantization step   |
 |               | from the original's, plus retain CE (gradient ascent optional)                |
+| `lethevit`    | LetheViT (vision transformers): the forget set's logits pulled towards the    |
+|               | original's on the image with its most-attended patches masked, pushed from    |
+|               | the original's on the whole image; then retain CE                             |
 | `qmul`        | Q-MUL (unlearning.py): similar labels + adaptive gradient reweighting, each   |
 |               | epoch a pass over the forget set, then one over the retain set                |
 | `qmul-no-sl`  | Q-MUL with random labels instead of similar labels                            |
@@ -32,6 +35,7 @@ weight decay 5e-4 at a constant learning rate, as the reference loop does for 5-
 """
 
 import copy
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -42,6 +46,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .data import Split
+from .models import VISION_TRANSFORMERS
 from .quantization import FakeQuantizer, QuantConv2d, QuantLinear, quantizer_parameter_names
 from .recipes import ModelSpec, retrain_reference
 from .training import predict_logits, shuffled_batches
@@ -733,6 +738,116 @@ def quail_unlearn(model, forget, retain, config: QuailConfig, device="cpu", prog
 
 
 # ---------------------------------------------------------------------------------------------
+# LetheViT: attention-guided contrastive unlearning for vision transformers
+
+
+LETHEVIT_LOSSES = ("infonce", "triplet")
+
+
+@dataclass
+class LetheViTConfig(SGDConfig):
+    """LetheViT (Tong, Zhang et al. 2025, "LetheViT: Selective Machine Unlearning for Vision
+    Transformers via Attention-Guided Contrastive Learning", arXiv 2508.01569). Only the abstract
+    could be read. From it: masking a ViT's most-attended regions leaves its recognition of the
+    class but weakens its memory of the sample; LetheViT feeds the masked image to get positive
+    logits and the original image to get negative logits, so that the model forgets the sample's
+    details and keeps the class's outline. Everything else here is a choice of ours:
+
+    - the patches masked are each forget image's ceil(mask_ratio * patches) most attended by the
+      CLS token of block attention_layer (-1: the last), averaged over the heads, on the original
+      model; a masked patch is set to 0 (the data's mean after normalisation). mask_ratio 0.3;
+    - the positive and negative logits are the original model's on the masked and on the unmasked
+      forget image, computed once, in eval mode; the unlearned model's logits z on the unmasked,
+      un-augmented forget image are pulled to the first and pushed from the second. loss
+      "infonce" (default): -log(e^(cos(z, z+) / t) / (e^(cos(z, z+) / t) + e^(cos(z, z-) / t))),
+      temperature t 0.5; "triplet": max(0, ||z - z+|| - ||z - z-|| + margin), margin 1;
+    - the contrastive stage runs `epochs` (5) passes over the forget set, then the retain stage
+      `retain_epochs` (5) passes of cross-entropy over the retain set (augmented), with the other
+      methods' SGD (lr 0.01, momentum 0.9, weight decay 5e-4, batch 64), one optimizer for both."""
+
+    epochs: int = 5
+    retain_epochs: int = 5
+    mask_ratio: float = 0.3
+    attention_layer: int = -1
+    loss: str = "infonce"
+    temperature: float = 0.5
+    margin: float = 1.0
+
+
+@torch.no_grad()
+def most_attended_mask(model: nn.Module, x: torch.Tensor, ratio: float, layer: int = -1,
+                       device: str | torch.device = "cpu", batch_size: int = 256) -> torch.Tensor:
+    """A pixel mask (N x 1 x H x W, 0 or 1) that hides each image's ceil(ratio * patches) patches
+    its CLS token attends to most in block `layer` (heads averaged), in eval mode; on the CPU. The
+    model must be a vision transformer (models.VisionTransformer: cls_attention, patch_size)."""
+    if not hasattr(model, "cls_attention"):
+        raise ValueError("LetheViT needs a vision transformer: this model has no CLS attention")
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError("mask_ratio must be in [0, 1]")
+    was_training = model.training
+    model.eval()
+    try:
+        attention = torch.cat([model.cls_attention(chunk.to(device), layer).cpu() for chunk in x.split(batch_size)])
+    finally:
+        model.train(was_training)
+    count, rows, columns = attention.shape
+    keep = torch.ones(count, rows * columns)
+    masked = math.ceil(ratio * rows * columns)
+    if masked:
+        keep.scatter_(1, attention.flatten(1).topk(masked, dim=1).indices, 0.0)
+    size = model.patch_size
+    return keep.view(count, 1, rows, columns).repeat_interleave(size, 2).repeat_interleave(size, 3)
+
+
+def contrastive_logit_loss(z: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor,
+                           config: LetheViTConfig) -> torch.Tensor:
+    """LetheViTConfig's loss, mean over the batch: z pulled towards positive, pushed from negative."""
+    if config.loss == "infonce":
+        pull = F.cosine_similarity(z, positive, dim=1) / config.temperature
+        push = F.cosine_similarity(z, negative, dim=1) / config.temperature
+        return F.softplus(push - pull).mean()  # = -log(e^pull / (e^pull + e^push))
+    if config.loss == "triplet":
+        distances = (z - positive).norm(dim=1) - (z - negative).norm(dim=1)
+        return F.relu(distances + config.margin).mean()
+    raise ValueError(f"unknown loss {config.loss!r}; known: {LETHEVIT_LOSSES}")
+
+
+def lethevit_unlearn(model, forget, retain, config: LetheViTConfig, device="cpu", progress=True):
+    """LetheViT (LetheViTConfig says what is the paper's and what is ours). History per epoch:
+    the stage, its mean loss, and in the contrastive stage the share of forget samples the model
+    classifies as the original model does on their masked images (eval mode, after the epoch)."""
+    if config.loss not in LETHEVIT_LOSSES:
+        raise ValueError(f"unknown loss {config.loss!r}; known: {LETHEVIT_LOSSES}")
+    _check_sets(forget, retain, needs_forget=True, needs_retain=config.retain_epochs > 0)
+    model = _working_copy(model, device)
+    mask = most_attended_mask(model, forget.x, config.mask_ratio, config.attention_layer, device)
+    masked_x = forget.x * mask.to(forget.x.device)
+    positive = predict_logits(model, masked_x, device).to(device)
+    negative = predict_logits(model, forget.x, device).to(device)
+    optimizer, generator = _sgd(model, config), torch.Generator().manual_seed(config.seed)
+    history = []
+    for epoch in tqdm(range(config.epochs), desc="lethevit", disable=not progress, leave=False):
+        model.train()
+        total, steps = 0.0, 0
+        for index in shuffled_batches(len(forget), config.batch_size, generator):
+            # Un-augmented, so that z sees the image its positive and negative logits were taken on.
+            z = model(forget.x[index].to(device))
+            target = index.to(device)
+            loss = contrastive_logit_loss(z, positive[target], negative[target], config)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total, steps = total + loss.item(), steps + 1
+        agree = (predict_logits(model, forget.x, device).argmax(dim=1) == positive.argmax(dim=1).cpu())
+        history.append({"epoch": epoch, "stage": "contrastive", "contrastive_loss": total / max(steps, 1),
+                        "masked_agreement": agree.float().mean().item()})
+    for epoch in tqdm(range(config.retain_epochs), desc="lethevit retain", disable=not progress, leave=False):
+        loss = _one_pass(model, optimizer, retain, config.batch_size, generator, device, F.cross_entropy)
+        history.append({"epoch": config.epochs + epoch, "stage": "retain", "retain_loss": loss})
+    return UnlearnResult(model, history)
+
+
+# ---------------------------------------------------------------------------------------------
 # The registry
 
 
@@ -743,6 +858,7 @@ class UnlearningMethod:
     config_class: type
     run: Callable[..., UnlearnResult]
     summary: str
+    vision_transformers_only: bool = False  # needs the CLS attention of models.VISION_TRANSFORMERS
 
 
 UNLEARNING_METHODS: dict[str, UnlearningMethod] = {
@@ -773,6 +889,9 @@ UNLEARNING_METHODS: dict[str, UnlearningMethod] = {
                          "forget-set entropy, projected orthogonally to the retain gradient"),
         UnlearningMethod("quail", "QUAIL", QuailConfig, quail_unlearn,
                          "a half-step logit margin on the forget set, plus retain CE"),
+        UnlearningMethod("lethevit", "LetheViT", LetheViTConfig, lethevit_unlearn,
+                         "logits pulled to the masked most-attended image's, pushed from the "
+                         "original's; then retain CE (vision transformers)", vision_transformers_only=True),
     ]
 }
 
@@ -781,6 +900,11 @@ def method_info(method: str) -> UnlearningMethod:
     if method not in UNLEARNING_METHODS:
         raise ValueError(f"unknown unlearning method {method!r}; known: {list(UNLEARNING_METHODS)}")
     return UNLEARNING_METHODS[method]
+
+
+def method_applies(method: str, architecture: str) -> bool:
+    """Whether the method can run on a model of this architecture (LetheViT needs a ViT)."""
+    return not method_info(method).vision_transformers_only or architecture in VISION_TRANSFORMERS
 
 
 def method_config(method: str, overrides: dict[str, Any] | None = None) -> Any:
@@ -819,6 +943,8 @@ __all__ = [
     "GAConfig",
     "IUConfig",
     "L1SparseConfig",
+    "LETHEVIT_LOSSES",
+    "LetheViTConfig",
     "OEUConfig",
     "QMulNoAGRConfig",
     "QMulNoSLConfig",
@@ -835,8 +961,11 @@ __all__ = [
     "influence_unlearning",
     "l1_penalised_parameters",
     "l1_sparse",
+    "lethevit_unlearn",
     "logit_margin_share",
     "logit_quantization_step",
+    "most_attended_mask",
+    "method_applies",
     "method_config",
     "method_info",
     "oeu_gradients",

@@ -17,12 +17,25 @@ builds one and replaces its Conv2d/Linear layers by fake-quantized ones. All CIF
 - "resnet18-qmul-public": the quantized ResNet-18 of the Q-MUL authors' public code, the model
   behind the paper's Table 1 (QMulPublicResNet18). It fixes its own quantization layout
   (`quantize_layout`, which build_model calls instead of quantize_model).
+- "vit-tiny": a vision transformer for 32x32 images with DeiT-Tiny's width and depth (4x4 patches,
+  so 64 patch tokens and a CLS token; width 192, 12 blocks of 3 heads, MLP ratio 4); 5.4M
+  parameters, about 0.37G multiply-adds per image.
+- "vit-mini": the same transformer narrower and shallower for the CPU benchmark preset (4x4
+  patches, width 96, 6 blocks of 3 heads, MLP ratio 2); 0.46M parameters, about 34M multiply-adds.
+- "digits-vit": the same transformer sized for the 8x8 digits and the tests (2x2 patches, width 64,
+  4 blocks of 4 heads, MLP ratio 2); about 0.14M parameters.
+
+The transformers are quantized like the CNNs: every Linear (qkv, projection, MLP, head) and the
+patch embedding (a Conv2d) become QuantLinear/QuantConv2d, the patch embedding and the head being
+the first and last layers; the two products of activations in each attention (q k^T and
+attention times values) are MatMul modules, whose operands quantize_model quantizes at act_bits.
+LayerNorm, GELU, the softmax and the residual sums stay float, as BatchNorm and ReLU do in the CNNs.
 """
 
 import torch
 from torch import nn
 
-from .quantization import QuantConv2d, more_precise, quantize_model
+from .quantization import MatMul, QuantConv2d, more_precise, quantize_model
 
 
 class DigitsCNN(nn.Module):
@@ -225,13 +238,122 @@ class QMulPublicResNet18(nn.Module):
         return self
 
 
+class Attention(nn.Module):
+    """Multi-head self-attention. The CLS row of the attention map can be kept for the caller
+    (keep_attention), which is what LetheViT reads to pick the most-attended patches."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"width {dim} is not divisible by {heads} heads")
+        self.heads, self.scale = heads, (dim // heads) ** -0.5
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.scores = MatMul()  # q k^T
+        self.mix = MatMul()  # attention times values
+        self.proj = nn.Linear(dim, dim)
+        self.keep_attention = False
+        self.cls_attention: torch.Tensor | None = None  # (batch, heads, patches) when kept
+
+    def forward(self, x):
+        batch, tokens, dim = x.shape
+        q, k, v = self.qkv(x).view(batch, tokens, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
+        attention = (self.scores(q, k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
+        if self.keep_attention:
+            self.cls_attention = attention[:, :, 0, 1:].detach()
+        return self.proj(self.mix(attention, v).transpose(1, 2).reshape(batch, tokens, dim))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm transformer block: x + attention(LN(x)), then x + MLP(LN(x)) with a GELU."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attention = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
+
+    def forward(self, x):
+        x = x + self.attention(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class VisionTransformer(nn.Module):
+    """ViT classifier (Dosovitskiy et al. 2020) in DeiT's form, without distillation token: a
+    patch embedding (a Conv2d with kernel and stride patch_size), a learned CLS token and learned
+    position embeddings, pre-norm blocks, a final LayerNorm and a linear head on the CLS token.
+    No dropout or stochastic depth: they would draw from the global RNG, which the seeded recipes
+    do not control (as MobileNetV2's dropout is left out). Takes image_size x image_size inputs."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, image_size: int = 32, patch_size: int = 4,
+                 dim: int = 192, depth: int = 12, heads: int = 3, mlp_ratio: int = 4):
+        super().__init__()
+        if image_size % patch_size:
+            raise ValueError(f"image size {image_size} is not a multiple of the patch size {patch_size}")
+        self.patch_size, self.grid = patch_size, image_size // patch_size
+        self.patch_embedding = nn.Conv2d(in_channels, dim, patch_size, stride=patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.position_embedding = nn.Parameter(torch.zeros(1, 1 + self.grid**2, dim))
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        nn.init.trunc_normal_(self.position_embedding, std=0.02)
+        self.blocks = nn.Sequential(*[TransformerBlock(dim, heads, mlp_ratio) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)  # registered last: quantize_model's last layer
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+
+    def forward(self, x):
+        patches = self.patch_embedding(x).flatten(2).transpose(1, 2)  # (batch, grid^2, dim)
+        tokens = torch.cat([self.cls_token.expand(len(x), -1, -1), patches], dim=1)
+        tokens = self.norm(self.blocks(tokens + self.position_embedding))
+        return self.head(tokens[:, 0])
+
+    def cls_attention(self, x: torch.Tensor, layer: int = -1) -> torch.Tensor:
+        """How much the CLS token attends to each patch in block `layer` (index into the blocks,
+        -1 the last), averaged over the heads: (batch, grid, grid), rows of the image's patches.
+        Runs a forward pass in the model's current mode."""
+        attention = self.blocks[layer].attention
+        attention.keep_attention = True
+        try:
+            self(x)
+            kept = attention.cls_attention
+        finally:
+            attention.keep_attention, attention.cls_attention = False, None
+        return kept.mean(dim=1).view(len(x), self.grid, self.grid)
+
+
+def vit_tiny(num_classes: int = 10, in_channels: int = 3) -> VisionTransformer:
+    """DeiT-Tiny's width and depth on 32x32 images in 4x4 patches (module docstring)."""
+    return VisionTransformer(num_classes, in_channels, image_size=32, patch_size=4, dim=192, depth=12, heads=3,
+                             mlp_ratio=4)
+
+
+def vit_mini(num_classes: int = 10, in_channels: int = 3) -> VisionTransformer:
+    """A ViT for 32x32 images small enough for the CPU benchmark preset (module docstring)."""
+    return VisionTransformer(num_classes, in_channels, image_size=32, patch_size=4, dim=96, depth=6, heads=3,
+                             mlp_ratio=2)
+
+
+def digits_vit(num_classes: int = 10, in_channels: int = 1) -> VisionTransformer:
+    """A small ViT for the 8x8 digits (module docstring)."""
+    return VisionTransformer(num_classes, in_channels, image_size=8, patch_size=2, dim=64, depth=4, heads=4,
+                             mlp_ratio=2)
+
+
 MODELS = {
     "digits-cnn": DigitsCNN,
     "cifar-cnn": CifarCNN,
     "resnet18": cifar_resnet18,
     "mobilenetv2": cifar_mobilenet_v2,
     "resnet18-qmul-public": QMulPublicResNet18,
+    "vit-tiny": vit_tiny,
+    "vit-mini": vit_mini,
+    "digits-vit": digits_vit,
 }
+# The architectures with a CLS token whose attention a method can read (VisionTransformer.cls_attention).
+VISION_TRANSFORMERS = ("vit-tiny", "vit-mini", "digits-vit")
 
 
 def build_model(

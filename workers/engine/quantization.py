@@ -505,6 +505,33 @@ class QuantLinear(nn.Linear):
         return F.linear(*quantized_operands(self, x), self.bias)
 
 
+class MatMul(nn.Module):
+    """a @ b as a module, for the products of two activations (a transformer's q k^T and
+    attention-times-values): as a module it can be found and replaced by QuantMatMul, as
+    quantize_model does for Conv2d and Linear."""
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a @ b
+
+
+class QuantMatMul(MatMul):
+    """a @ b with both operands fake-quantized, each by its own activation quantizer (per tensor),
+    the kind the model's layers use for their inputs."""
+
+    @classmethod
+    def from_float(cls, matmul: MatMul, quantizer, act_bits):
+        layer = cls()
+        layer.a_quantizer = make_quantizer(quantizer, act_bits, "activation")
+        layer.b_quantizer = make_quantizer(quantizer, act_bits, "activation")
+        return layer
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        # In float32 even under autocast, as quantized_operands (the grid needs the precision).
+        with torch.autocast(a.device.type, enabled=False):
+            a, b = self.a_quantizer(a.float()), self.b_quantizer(b.float())
+        return a @ b
+
+
 QUANT_LAYERS = {nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear}
 
 
@@ -523,10 +550,12 @@ def quantize_model(
     quantizer: str = "lsq+",
     per_channel: bool = False,
 ) -> nn.Module:
-    """Replace every Conv2d and Linear of model, in place, by its fake-quantized version.
+    """Replace every Conv2d and Linear of model, in place, by its fake-quantized version, and
+    every MatMul (a product of two activations) by a QuantMatMul at act_bits.
 
-    The first and the last of these layers get first_last_bits, or the body's bits where those
-    are more precise; first_last_bits None (or 32) leaves them float (module docstring).
+    The first and the last Conv2d/Linear layers get first_last_bits, or the body's bits where those
+    are more precise; first_last_bits None (or 32) leaves them float (module docstring). A MatMul
+    is never a first or last layer: its operands are activations inside the body.
     """
     if quantizer not in QUANTIZERS:
         raise ValueError(f"unknown quantizer {quantizer!r}; known: {sorted(QUANTIZERS)}")
@@ -549,4 +578,9 @@ def quantize_model(
             layer, quantizer, *layer_bits, per_channel
         )
         setattr(parent, child_name, quant_layer)
+    if not is_full_precision(act_bits):
+        for name in [name for name, module in model.named_modules() if type(module) is MatMul]:
+            parent_name, _, child_name = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            setattr(parent, child_name, QuantMatMul.from_float(getattr(parent, child_name), quantizer, act_bits))
     return model

@@ -1,0 +1,18 @@
+"""The recipes `qforget bootstrap --architecture` trains a model with."""
+
+import pytest
+
+from workers.bootstrap import BOOTSTRAP_RECIPES, default_spec
+from workers.engine import MODELS
+
+
+def test_each_bootstrap_architecture_has_its_recipe():
+    assert default_spec() == default_spec(architecture="digits-cnn")
+    cnn = default_spec(epochs=5)
+    assert (cnn.architecture, cnn.train.optimizer, cnn.train.epochs) == ("digits-cnn", "sgd", 5)
+    vit = default_spec(architecture="digits-vit")
+    assert (vit.architecture, vit.dataset, vit.train.optimizer) == ("digits-vit", "digits", "adamw")
+    assert default_spec(3, "digits-vit").train.epochs == 3 and vit.train.epochs == 40
+    assert set(BOOTSTRAP_RECIPES) <= set(MODELS)
+    with pytest.raises(ValueError, match="cannot bootstrap 'vit-tiny'"):
+        default_spec(architecture="vit-tiny")
