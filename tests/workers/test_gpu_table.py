@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -140,3 +141,19 @@ def test_the_table_imports_without_the_service_packages():
             f"assert not any(name in sys.modules and sys.modules[name] for name in {blocked!r})\n")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, env=env)
+
+
+def test_attackers_fitted_in_threads_are_the_same_attackers(monkeypatch):
+    from workers.engine.metrics import fit_membership_attack, mia_over_draws
+
+    rng = np.random.default_rng(0)
+    retain_conf, test_conf = rng.beta(8, 1, (300, 1)), rng.beta(3, 1, (100, 1))  # N x 1, as the engine's
+    retain_labels, test_labels = rng.integers(0, 4, 300), rng.integers(0, 4, 100)
+    forget_conf = rng.beta(5, 1, (50, 1))
+    results = []
+    for threads in ("1", "3"):
+        monkeypatch.setenv("QFORGET_MIA_THREADS", threads)
+        attack = fit_membership_attack(retain_conf, retain_labels, test_conf, test_labels, draws=5, seed=7)
+        results.append((mia_over_draws(attack, forget_conf), [a.predict(forget_conf).tolist()
+                                                                for a in attack.attackers]))
+    assert results[0] == results[1]

@@ -259,7 +259,9 @@ _WORKER: dict = {}  # per process: the seed's data, loaded once (on the device)
 
 
 def _init_worker(threads: int) -> None:
+    """Each process gets its share of the cores, for torch and for fitting its attackers."""
     torch.set_num_threads(threads)
+    os.environ.setdefault("QFORGET_MIA_THREADS", str(threads))
 
 
 def _seed_plan(config: BenchConfig, seed: int, device: str):
@@ -517,7 +519,7 @@ def load_data_once(config: BenchConfig) -> float:
 
 
 def run_probe(pool, manager, config: BenchConfig, seed: int, device: str, setup: TableSetup,
-              workers: int) -> dict:
+              workers: int, threads: int) -> dict:
     """The solo epoch time and the aggregate throughput of 2 and of `workers` processes at once."""
     args = (config, seed, device, setup.probe_steps, setup.warmup_steps)
     solo = pool.submit(probe_task, *args).result()
@@ -531,7 +533,7 @@ def run_probe(pool, manager, config: BenchConfig, seed: int, device: str, setup:
     fit_s = attacker_fit_seconds(n_test)
     epoch_s = solo["train_samples"] / throughput[1]
     return {"epoch_s": epoch_s, "samples_per_s": throughput[1], "fit_s": fit_s,
-            "eval_s": config.mia_draws * fit_s + EVAL_UNITS * epoch_s,
+            "eval_s": math.ceil(config.mia_draws / threads) * fit_s + EVAL_UNITS * epoch_s,
             "speedup": {str(k): throughput[k] / throughput[1] for k in sorted(throughput) if k > 1},
             "workers": workers, "device_info": solo["device_info"]}
 
@@ -558,7 +560,7 @@ def run(setup: TableSetup, out: Path, work: Path, budget_s: float, seed: int, de
         probe_path = work / setup.name / f"probe-{device}-{'bf16' if bf16 else 'fp32'}.json"
         probe = read_json(probe_path)
         if probe is None or probe.get("workers") != workers:
-            probe = run_probe(pool, manager, base, seed, device, setup, workers)
+            probe = run_probe(pool, manager, base, seed, device, setup, workers, threads)
             write_json(probe_path, probe)
         report.env.update(probe=probe, device_info=probe["device_info"])
         print(f"device {probe['device_info'].get('gpu', device)}: {probe['epoch_s']:.2f} s/epoch alone, "
