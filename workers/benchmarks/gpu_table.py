@@ -50,6 +50,7 @@ import platform
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -581,42 +582,46 @@ def run(setup: TableSetup, out: Path, work: Path, budget_s: float, seed: int, de
         config = setup.bench_config(plan.epochs, seed, device, bf16)
         scheduler = Scheduler(pool, report, config, seed, device, cache, plan.workers)
 
-        # The original and Retrain side by side.
-        for which in ("original", "retrain"):
-            scheduler.submit("train", which)
-        scheduler.drain()
-        original = report.stages.get("original")
-        if original:
-            print(f"original: train {original['train_accuracy']:.2f} %, test {original['test_accuracy']:.2f} %",
-                  flush=True)
+        skipped: list[str] = []
+        try:
+            # The original and Retrain side by side.
+            for which in ("original", "retrain"):
+                scheduler.submit("train", which)
+            scheduler.drain()
+            original = report.stages.get("original")
+            if original:
+                print(f"original: train {original['train_accuracy']:.2f} %, test {original['test_accuracy']:.2f} %",
+                      flush=True)
 
-        # Q-MUL alone, then everything else as the budget allows.
-        units = {m: method_units(config, m, 0.1) for m in plan.methods}
-        speedup = probe["speedup"][str(plan.workers)]
-        queue = [("eval", "retrain"), ("eval", "original")] + [("method", m) for m in plan.methods]
-        if plan.methods:  # the first of the priority list alone: its time is the uncontended one
-            queue.remove(("method", plan.methods[0]))
-            solo_done = manager.Event()
-            solo = scheduler.submit("method", plan.methods[0], solo_done=solo_done)
-            while scheduler.running and not solo_done.wait(0.5):
-                scheduler.collect(timeout=0)
-            scheduler.freeze(solo)  # its evaluation (CPU) may share; its timed unlearning did not
-        skipped = []
-        while queue:
-            kind, name = queue[0]
-            if scheduler.room():
-                estimate = probe["eval_s"] + (units.get(name, 0.0) * probe["epoch_s"] * plan.workers / speedup
-                                              if kind == "method" else 0.0)
-                left = budget_s - (time.perf_counter() - started)
-                queue.pop(0)
-                if kind == "method" and estimate > left and not scheduler.recorded(kind, name):
-                    skipped.append(name)
-                    print(f"skipped {name}: estimated {estimate:.0f} s, {left:.0f} s left", flush=True)
-                    continue
-                scheduler.submit(kind, name)
-            else:
-                scheduler.collect(timeout=None)
-        scheduler.drain()
+            # The first method alone, then everything else as the budget allows.
+            units = {m: method_units(config, m, 0.1) for m in plan.methods}
+            speedup = probe["speedup"][str(plan.workers)]
+            queue = [("eval", "retrain"), ("eval", "original")] + [("method", m) for m in plan.methods]
+            if plan.methods:  # the first of the priority list alone: its time is the uncontended one
+                queue.remove(("method", plan.methods[0]))
+                solo_done = manager.Event()
+                solo = scheduler.submit("method", plan.methods[0], solo_done=solo_done)
+                while scheduler.running and not solo_done.wait(0.5):
+                    scheduler.collect(timeout=0)
+                scheduler.freeze(solo)  # its evaluation (CPU) may share; its timed unlearning did not
+            while queue:
+                kind, name = queue[0]
+                if scheduler.room():
+                    estimate = probe["eval_s"] + (units.get(name, 0.0) * probe["epoch_s"] * plan.workers / speedup
+                                                  if kind == "method" else 0.0)
+                    left = budget_s - (time.perf_counter() - started)
+                    queue.pop(0)
+                    if kind == "method" and estimate > left and not scheduler.recorded(kind, name):
+                        skipped.append(name)
+                        print(f"skipped {name}: estimated {estimate:.0f} s, {left:.0f} s left", flush=True)
+                        continue
+                    scheduler.submit(kind, name)
+                else:
+                    scheduler.collect(timeout=None)
+            scheduler.drain()
+        except BrokenProcessPool as error:  # a process died outright: keep what finished, say so
+            scheduler.failures.append({"kind": "pool", "name": "-", "error": repr(error)})
+            print(f"FAILED: the process pool broke: {error!r}", flush=True)
         report.env["skipped_at_run"] = skipped
         report.env["failures"] = scheduler.failures
         report.write()
