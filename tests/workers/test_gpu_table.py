@@ -51,6 +51,9 @@ def test_the_smoke_run_writes_three_files_that_parse(smoke):
     assert stages["qmul"]["ran_with"] == 1  # alone while it unlearned: the uncontended time
     assert stages["original"]["ran_with"] == 2 and stages["retrain"]["ran_with"] == 2  # side by side
     assert "train_accuracy" in stages["original"]
+    # bf16 where the engine supports it, as on the device; float32 for the other methods, timed so
+    assert stages["original"]["bf16"] and stages["qmul"]["bf16"] and stages["qmul-public"]["bf16"]
+    assert not stages["ft"]["bf16"] and env["probe"]["epoch_s_fp32"] > 0
     table = (folder / "table.md").read_text()
     for needle in ["| Retrain |", "| No unlearning (original) |", "| Q-MUL |", "| QUAIL |", "### Targets",
                    "Q-MUL / Retrain of the paper's length", "alone"]:

@@ -10,8 +10,9 @@ starting Python and writing the files):
 
 1. env: device, torch, how long the data took to decode (once, into $QFORGET_CACHE_DIR);
    probe: a solo training epoch's time (measured on part of an epoch after warm-up steps, with the
-   engine's own train_model), the throughput of 2 and of --workers processes training at once, and
-   one membership attacker's fit time;
+   engine's own train_model; in float32 too when bf16 is on, for the methods that run float32), the
+   throughput of 2 and of --workers processes training at once, and one membership attacker's fit
+   time;
 2. plan (printed before anything trains): epochs of the original and the Retrain reference, at
    least the configuration's floor (below it the original is not expected to reach the paper's
    regime: said so, never shrunk silently), and which methods fit after them;
@@ -51,7 +52,7 @@ import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -157,15 +158,23 @@ SETUPS = {
         "Table 7 setting)", method_overrides=GPU_OVERRIDES),
     # The test suite's: the digits, every method, the same pool, probes and planner on the CPU.
     "smoke": TableSetup(
-        "smoke", "digits-cnn", 4, 4, PAPER_METHODS, 1, 2, "smoke test: digits CNN, W4A4, CPU",
+        "smoke", "digits-cnn", 4, 4, PAPER_METHODS, 1, 2, "smoke test: digits CNN, W4A4, CPU, bf16 as on the device",
         dataset="digits", lr=0.05, batch_size=64, unlearn_epochs=1, unlearn_batch_size=None,
         method_overrides={"iu": {"fisher_samples": 20}}, mia_draws=3, budget_s=240.0, probe_steps=3,
-        warmup_steps=1, workers=2, device="cpu", bf16=False, paper_reference=False),
+        warmup_steps=1, workers=2, device="cpu", bf16=True, paper_reference=False),
 }
 
 
 # ---------------------------------------------------------------------------------------------
 # The planner
+
+
+def method_seconds(config: BenchConfig, probe: dict, forget_fraction: float = 0.1) -> dict[str, float]:
+    """Each method's estimated time alone: its cost in epochs at the probe's epoch time, the bf16 one
+    where the method runs bf16, the float32 one otherwise."""
+    return {m: method_units(config, m, forget_fraction)
+            * (probe["epoch_s"] if config.precision(m) else probe.get("epoch_s_fp32", probe["epoch_s"]))
+            for m in config.methods if m != "retrain"}
 
 
 def method_units(config: BenchConfig, method: str, forget_fraction: float) -> float:
@@ -197,14 +206,14 @@ class Plan:
         return "\n".join(lines)
 
 
-def phase_b_seconds(units: dict[str, float], epoch_s: float, speedup: float, workers: int,
-                    eval_s: float, solo: str | None) -> float:
-    """Wall time of the methods phase: the solo method alone, then the rest sharing the GPU at the
-    measured speed-up; every stage (and the two reference evaluations) adds its evaluation, which
-    runs on the CPU beside the others."""
-    solo_s = units.get(solo, 0.0) * epoch_s if solo else 0.0
-    shared = sum(u for m, u in units.items() if m != solo) * epoch_s / max(speedup, 1e-9)
-    evaluations = (len(units) + 2) * eval_s / workers
+def phase_b_seconds(seconds: dict[str, float], speedup: float, workers: int, eval_s: float,
+                    solo: str | None) -> float:
+    """Wall time of the methods phase (seconds: each method's time alone): the solo method alone,
+    then the rest sharing the GPU at the measured speed-up; every stage (and the two reference
+    evaluations) adds its evaluation, which runs on the CPU beside the others."""
+    solo_s = seconds.get(solo, 0.0) if solo else 0.0
+    shared = sum(t for m, t in seconds.items() if m != solo) / max(speedup, 1e-9)
+    evaluations = (len(seconds) + 2) * eval_s / workers
     return solo_s + shared + evaluations
 
 
@@ -218,7 +227,7 @@ def make_plan(setup: TableSetup, config: BenchConfig, probe: dict, budget_s: flo
     speedup = probe["speedup"][str(workers)]
     margin = max(10.0, 0.05 * budget_s)
     methods = [m for m in setup.methods if m != "retrain"]
-    units = {m: method_units(config, m, forget) for m in methods}
+    seconds = method_seconds(config, probe, forget)
     solo = methods[0] if methods else None  # the first of the priority list runs alone
     pair_epoch_s = epoch_s * (1 + (1 - forget)) / pair_speedup  # one epoch of both, side by side
 
@@ -227,7 +236,7 @@ def make_plan(setup: TableSetup, config: BenchConfig, probe: dict, budget_s: flo
 
     left = budget_s - spent_s - margin
     notes = []
-    epochs_fit = math.floor((left - phase_b_seconds(units, epoch_s, speedup, workers, eval_s, solo)
+    epochs_fit = math.floor((left - phase_b_seconds(seconds, speedup, workers, eval_s, solo)
                              - EVAL_UNITS * epoch_s) / pair_epoch_s)
     if epochs_fit >= setup.epochs_floor:
         epochs = min(epochs_fit, setup.epochs_cap)
@@ -237,8 +246,8 @@ def make_plan(setup: TableSetup, config: BenchConfig, probe: dict, budget_s: flo
                      f"in {budget_s:.0f} s at {epoch_s:.2f} s/epoch: methods are dropped from the end of the "
                      "priority list, not the epochs")
     kept = list(methods)
-    while kept and phase_a(epochs) + phase_b_seconds({m: units[m] for m in kept}, epoch_s, speedup,
-                                                     workers, eval_s, solo) > left:
+    while kept and phase_a(epochs) + phase_b_seconds({m: seconds[m] for m in kept}, speedup, workers,
+                                                     eval_s, solo) > left:
         kept.pop()
     if not kept and methods:
         kept = methods[:1]
@@ -247,7 +256,7 @@ def make_plan(setup: TableSetup, config: BenchConfig, probe: dict, budget_s: flo
     if phase_a(setup.epochs_floor) > left:
         notes.append(f"the floor's training alone ({phase_a(setup.epochs_floor):.0f} s) exceeds the "
                      f"{left:.0f} s left: this device cannot reach the paper's regime in one command")
-    b = phase_b_seconds({m: units[m] for m in kept}, epoch_s, speedup, workers, eval_s, solo)
+    b = phase_b_seconds({m: seconds[m] for m in kept}, speedup, workers, eval_s, solo)
     estimate = {"spent": spent_s, "original+retrain": phase_a(epochs), "methods": b, "margin": margin}
     estimate["total"] = spent_s + phase_a(epochs) + b
     return Plan(epochs, workers, kept, [m for m in methods if m not in kept], estimate,
@@ -439,7 +448,8 @@ class Report:
         lines = [f"## gpu-table `{setup.name}`: {setup.description}", "",
                  f"- Device: {info.get('gpu', info.get('device', '?'))}, torch {info.get('torch', '?')}, "
                  f"{info.get('cpus', '?')} CPUs; data decode {env.get('decode_s', float('nan')):.1f} s.",
-                 f"- Probe: {probe.get('epoch_s', float('nan')):.2f} s per training epoch alone; speed-up of "
+                 f"- Probe: {probe.get('epoch_s', float('nan')):.2f} s per training epoch alone "
+                 f"({probe.get('epoch_s_fp32', float('nan')):.2f} s in float32); speed-up of "
                  + ", ".join(f"{k} processes {v:.2f}x" for k, v in probe.get("speedup", {}).items())
                  + f"; one attacker fit {probe.get('fit_s', float('nan')):.2f} s.",
                  f"- Plan: original and Retrain {plan.get('epochs', '?')} epochs; methods "
@@ -541,7 +551,11 @@ def run_probe(pool, manager, config: BenchConfig, seed: int, device: str, setup:
     n_test = len(_seed_plan(config, seed, "cpu").test)
     fit_s = attacker_fit_seconds(n_test)
     epoch_s = solo["train_samples"] / throughput[1]
-    return {"epoch_s": epoch_s, "samples_per_s": throughput[1], "fit_s": fit_s,
+    epoch_s_fp32 = epoch_s
+    if config.bf16:  # the methods that run float32 are timed at float32's speed
+        fp32 = pool.submit(probe_task, replace(config, bf16=False), *args[1:]).result()
+        epoch_s_fp32 = fp32["train_samples"] * (fp32["end"] - fp32["start"]) / fp32["samples"]
+    return {"epoch_s": epoch_s, "epoch_s_fp32": epoch_s_fp32, "samples_per_s": throughput[1], "fit_s": fit_s,
             "eval_s": math.ceil(config.mia_draws / threads) * fit_s + EVAL_UNITS * epoch_s,
             "speedup": {str(k): throughput[k] / throughput[1] for k in sorted(throughput) if k > 1},
             "workers": workers, "device_info": solo["device_info"]}
@@ -594,7 +608,7 @@ def run(setup: TableSetup, out: Path, work: Path, budget_s: float, seed: int, de
                       flush=True)
 
             # The first method alone, then everything else as the budget allows.
-            units = {m: method_units(config, m, 0.1) for m in plan.methods}
+            seconds = method_seconds(config, probe)
             speedup = probe["speedup"][str(plan.workers)]
             queue = [("eval", "retrain"), ("eval", "original")] + [("method", m) for m in plan.methods]
             if plan.methods:  # the first of the priority list alone: its time is the uncontended one
@@ -607,7 +621,7 @@ def run(setup: TableSetup, out: Path, work: Path, budget_s: float, seed: int, de
             while queue:
                 kind, name = queue[0]
                 if scheduler.room():
-                    estimate = probe["eval_s"] + (units.get(name, 0.0) * probe["epoch_s"] * plan.workers / speedup
+                    estimate = probe["eval_s"] + (seconds.get(name, 0.0) * plan.workers / speedup
                                                   if kind == "method" else 0.0)
                     left = budget_s - (time.perf_counter() - started)
                     queue.pop(0)
