@@ -274,6 +274,9 @@ def _init_worker(threads: int) -> None:
     """Each process gets its share of the cores, for torch and for fitting its attackers."""
     torch.set_num_threads(threads)
     os.environ.setdefault("QFORGET_MIA_THREADS", str(threads))
+    # The batch shape is fixed within a stage: let cuDNN time its convolution kernels once and keep
+    # the fastest (no effect on the CPU).
+    torch.backends.cudnn.benchmark = True
 
 
 def _seed_plan(config: BenchConfig, seed: int, device: str):
