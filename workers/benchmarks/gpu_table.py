@@ -32,7 +32,7 @@ Why separate processes sharing the GPU, not CUDA streams in threads: a quantized
 32x32 images launches hundreds of small kernels (each fake quantizer's element-wise work,
 BatchNorm, the optimiser), and launching them is Python work under one GIL: threads would queue on
 it, and one process alone leaves the GPU idle between launches. Processes (spawned, one CUDA context
-and one CPU core each of the device's 16) launch independently, and the GPU fills one context's gaps
+and a share of the device's 16 cores each) launch independently, and the GPU fills one context's gaps
 with another's kernels. Each stage keeps its own time and peak memory (torch.cuda's counters are per
 process); a stage that fails (out of memory) fails alone; the membership attackers (scikit-learn,
 CPU) of one stage run while the others use the GPU; and the engine's loops run unchanged. The cost:
