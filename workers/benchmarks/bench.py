@@ -56,7 +56,14 @@ import torch
 from tqdm import tqdm
 
 from workers.engine.data import Split, classwise_forget_split, load_dataset, random_forget_split
-from workers.engine.methods import UNLEARNING_METHODS, method_applies, method_config, method_info, unlearn
+from workers.engine.methods import (
+    UNLEARNING_METHODS,
+    method_applies,
+    method_config,
+    method_info,
+    supports_bf16,
+    unlearn,
+)
 from workers.engine.metrics import METRIC_KEYS, MIA_DRAWS, evaluate_with_membership, logit_confidence, ulira
 from workers.engine.recipes import ModelSpec
 from workers.engine.training import (
@@ -174,6 +181,9 @@ class BenchConfig:
     threads: int | None = None
     name: str | None = None
     preset: str | None = None
+    # bfloat16 autocast for the training stages and the methods whose runner takes it (Q-MUL and its
+    # variants: methods.supports_bf16); the quantizers stay float32. Part of every key it touches.
+    bf16: bool = False
 
     def __post_init__(self):
         if self.methods is None:
@@ -207,6 +217,12 @@ class BenchConfig:
         and recipe, another model."""
         spec = self.spec(seed, epochs)
         return replace(spec, train=replace(spec.train, seed=train_seed))
+
+    def precision(self, method: str | None = None) -> dict:
+        """The stage-key part for bf16 (empty when off, so float32 keys are those of earlier runs);
+        method: a method stage, which runs bf16 only where its runner supports it."""
+        on = self.bf16 and (method is None or supports_bf16(method))
+        return {"bf16": True} if on else {}
 
     def forget_label(self) -> str:
         if self.forget_class is not None:
@@ -324,7 +340,7 @@ def to_device(split: Split, device: str) -> Split:
 
 
 def trained_model(cache: Path, key: str, spec: ModelSpec, data: Split, device: str,
-                  progress: bool, desc: str, extra_eval) -> tuple[torch.nn.Module, dict]:
+                  progress: bool, desc: str, extra_eval, bf16: bool = False) -> tuple[torch.nn.Module, dict]:
     """Train (or load) one model of the recipe; its record holds time, memory and accuracies.
     The training checkpoints itself (<key>.partial.pt): a run cut mid-stage resumes mid-stage, and
     its record's time adds the part before the cut (a long stage on a machine that grants ten
@@ -337,18 +353,32 @@ def trained_model(cache: Path, key: str, spec: ModelSpec, data: Split, device: s
     partial = cache / "models" / f"{key}.partial.pt"
     seconds_before_cut = checkpoint_seconds(partial)
     with Measure(device) as measured:
-        train_model(model, data, spec.train, device, progress, desc=desc, checkpoint=partial)
+        train_model(model, data, spec.train, device, progress, desc=desc, checkpoint=partial, bf16=bf16)
     if seconds_before_cut:
         measured.result["time_s"] += seconds_before_cut
         measured.result["resumed_after_s"] = seconds_before_cut
     save_model(model, model_path)
-    record = {"key": key, "spec": spec.to_dict(), **measured.result, **extra_eval(model)}
+    record = {"key": key, "spec": spec.to_dict(), "bf16": bf16, **measured.result, **extra_eval(model)}
     write_json(record_path, record)
     return model, record
 
 
-def prepare_seed(config: BenchConfig, seed: int, cache: Path, device: str,
-                 progress: bool) -> SeedContext:
+@dataclass
+class SeedPlan:
+    """One seed's data, splits and the two trainings' recipes and keys, before anything is trained."""
+
+    seed: int
+    data: object  # DatasetSplits
+    train: Split
+    forget_index: list[int]
+    forget: Split
+    retain: Split
+    test: Split
+    trainings: dict  # "original" / "retrain" -> (key, spec, the split it trains on)
+    keys: dict
+
+
+def plan_seed(config: BenchConfig, seed: int, device: str) -> SeedPlan:
     data_seed = config.data_seed_of(seed)
     data = load_dataset(config.dataset, seed=data_seed, **config.dataset_options)
     data_part = {"dataset": config.dataset, "options": config.dataset_options, "seed": data_seed}
@@ -366,22 +396,39 @@ def prepare_seed(config: BenchConfig, seed: int, cache: Path, device: str,
                              test))
     split_part = {"data": data_part, "forget_ratio": config.forget_ratio,
                   "forget_class": config.forget_class}
-
     original_spec = config.spec(seed, config.original_epochs)
-    original_key = stage_key("original", data=data_part, spec=original_spec.to_dict())
-    original, original_record = trained_model(
-        cache, original_key, original_spec, train, device, progress, "original",
-        lambda model: {"train_accuracy": accuracy(model, train, device),
-                       "test_accuracy": accuracy(model, data.test, device)})
+    original_key = stage_key("original", data=data_part, spec=original_spec.to_dict(), **config.precision())
     reference_spec = config.spec(seed, config.retrain_epochs or config.original_epochs)
-    reference_key = stage_key("retrain", split=split_part, spec=reference_spec.to_dict())
-    reference, reference_record = trained_model(
-        cache, reference_key, reference_spec, retain, device, progress, "retrain",
-        lambda model: {})
-    return SeedContext(seed, train, [int(i) for i in forget_index], forget, retain, test, original, reference,
-                       original_record, reference_record,
-                       {"original": original_key, "retrain": reference_key, "split": split_part,
-                        "data": data_part})
+    reference_key = stage_key("retrain", split=split_part, spec=reference_spec.to_dict(), **config.precision())
+    return SeedPlan(seed, data, train, [int(i) for i in forget_index], forget, retain, test,
+                    {"original": (original_key, original_spec, train),
+                     "retrain": (reference_key, reference_spec, retain)},
+                    {"original": original_key, "retrain": reference_key, "split": split_part,
+                     "data": data_part})
+
+
+def train_stage(config: BenchConfig, plan: SeedPlan, which: str, cache: Path, device: str,
+                progress: bool) -> tuple[torch.nn.Module, dict]:
+    """The original ("original": on the whole train split, its record with train and test accuracy)
+    or the retrain reference ("retrain": on the retain set), trained or loaded from the cache."""
+    key, spec, data = plan.trainings[which]
+    if which == "original":
+        def extra_eval(model):
+            return {"train_accuracy": accuracy(model, plan.train, device),
+                    "test_accuracy": accuracy(model, plan.data.test, device)}
+    else:
+        def extra_eval(model):
+            return {}
+    return trained_model(cache, key, spec, data, device, progress, which, extra_eval, bf16=config.bf16)
+
+
+def prepare_seed(config: BenchConfig, seed: int, cache: Path, device: str,
+                 progress: bool) -> SeedContext:
+    plan = plan_seed(config, seed, device)
+    original, original_record = train_stage(config, plan, "original", cache, device, progress)
+    reference, reference_record = train_stage(config, plan, "retrain", cache, device, progress)
+    return SeedContext(seed, plan.train, plan.forget_index, plan.forget, plan.retain, plan.test, original,
+                       reference, original_record, reference_record, plan.keys)
 
 
 def method_overrides(config: BenchConfig, method: str, seed: int) -> dict:
@@ -424,37 +471,65 @@ def load_model(spec: ModelSpec, path: Path, device: str) -> torch.nn.Module:
     return model.to(device)
 
 
+def base_key(config: BenchConfig, keys: dict) -> dict:
+    """What every evaluation and method stage of a seed is keyed by besides its own config."""
+    return {"original": keys["original"], "retrain": keys["retrain"],
+            "mia": {"draws": config.mia_draws, "class_balanced": True}}
+
+
+def reference_rows(config: BenchConfig, context: SeedContext, cache: Path, device: str,
+                   which: tuple[str, ...] = ("retrain", "original")) -> dict[str, dict]:
+    """The Retrain and original rows of a seed (or those named in which): each model evaluated (or
+    its record loaded)."""
+    base, draws = base_key(config, context.keys), config.mia_draws
+    models = {"retrain": context.reference, "original": context.original}
+    extras = {"retrain": {k: context.reference_record[k] for k in ("time_s", "memory_kind", "peak_mib",
+                                                                   "peak_increase_mib")},
+              "original": {}}
+    rows = {}
+    for row in which:
+        rows[row] = evaluate_stage(cache, stage_key(f"eval-{row}", **base), models[row], context, device,
+                                   extras[row], draws)
+        rows[row]["model"] = f"cache/models/{context.keys[row]}.pt"
+    return rows
+
+
+def method_stage_key(config: BenchConfig, method: str, seed: int, keys: dict) -> tuple[str, object]:
+    """(stage key, config) of one method's stage for a seed."""
+    method_cfg = method_config(method, method_overrides(config, method, seed))
+    return stage_key(f"method-{method}", config=method_cfg, **base_key(config, keys),
+                     **config.precision(method)), method_cfg
+
+
+def method_row(config: BenchConfig, context: SeedContext, method: str, cache: Path, device: str,
+               progress: bool, after_unlearning=None) -> dict:
+    """One method's record for a seed: run on the original, saved, evaluated; or loaded from the
+    cache. after_unlearning(record so far) is called between the run and its evaluation."""
+    key, method_cfg = method_stage_key(config, method, context.seed, context.keys)
+    record = read_json(cache / "stages" / f"{key}.json")
+    if record is None:
+        bf16 = bool(config.precision(method))
+        with Measure(device) as measured:
+            result = unlearn(method, context.original, context.forget, context.retain,
+                             method_cfg, device=device, progress=progress, bf16=bf16)
+        save_model(result.model, cache / "models" / f"{key}.pt")
+        if after_unlearning is not None:
+            after_unlearning(measured.result)
+        record = evaluate_stage(cache, key, result.model, context, device,
+                                {"method": method, "config": method_cfg, "bf16": bf16, **measured.result,
+                                 "history": result.history, "model": f"cache/models/{key}.pt"},
+                                config.mia_draws)
+    return record
+
+
 def run_seed(config: BenchConfig, context: SeedContext, cache: Path, device: str,
              progress: bool) -> dict[str, dict]:
     """{row name: record} for Retrain, the original and every method, for one seed. Every scored
     model stays in cache/models/ (the record's "model" path), for outside evaluators."""
-    draws = config.mia_draws
-    base = {"original": context.keys["original"], "retrain": context.keys["retrain"],
-            "mia": {"draws": draws, "class_balanced": True}}
-    rows = {
-        "retrain": evaluate_stage(
-            cache, stage_key("eval-retrain", **base), context.reference, context, device,
-            {k: context.reference_record[k] for k in ("time_s", "memory_kind", "peak_mib",
-                                                      "peak_increase_mib")}, draws),
-        "original": evaluate_stage(cache, stage_key("eval-original", **base), context.original,
-                                   context, device, {}, draws),
-    }
-    for row in rows:
-        rows[row]["model"] = f"cache/models/{context.keys[row]}.pt"
+    rows = reference_rows(config, context, cache, device)
     methods = [m for m in config.methods if m != "retrain"]
     for method in tqdm(methods, desc=f"seed {context.seed}", disable=not progress, leave=False):
-        method_cfg = method_config(method, method_overrides(config, method, context.seed))
-        key = stage_key(f"method-{method}", config=method_cfg, **base)
-        record = read_json(cache / "stages" / f"{key}.json")
-        if record is None:
-            with Measure(device) as measured:
-                result = unlearn(method, context.original, context.forget, context.retain,
-                                 method_cfg, device=device, progress=progress)
-            save_model(result.model, cache / "models" / f"{key}.pt")
-            record = evaluate_stage(cache, key, result.model, context, device,
-                                    {"method": method, "config": method_cfg, **measured.result,
-                                     "history": result.history, "model": f"cache/models/{key}.pt"}, draws)
-        rows[method] = record
+        rows[method] = method_row(config, context, method, cache, device, progress)
     return rows
 
 
@@ -847,6 +922,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ulira", action="store_true",
                         help="add the per-example U-LiRA-style test (K references and K unlearned models per method)")
     parser.add_argument("--ulira-models", type=int, help="K for --ulira (default 4, at least 3)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="bfloat16 autocast for training and the methods that support it (quantizers float32)")
     parser.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, ...")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--out", default="bench-results", help="output folder")
@@ -872,6 +949,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
             values[name] = getattr(args, name)
     if args.ulira:
         values["ulira"] = True
+    if args.bf16:
+        values["bf16"] = True
     if args.forget_class is not None:
         values["forget_class"], values["forget_ratio"] = args.forget_class, None
     elif args.forget_ratio is not None:

@@ -35,6 +35,7 @@ weight decay 5e-4 at a constant learning rate, as the reference loop does for 5-
 """
 
 import copy
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -917,6 +918,13 @@ def method_config(method: str, overrides: dict[str, Any] | None = None) -> Any:
     return info.config_class(**(overrides or {}))
 
 
+def supports_bf16(method: str) -> bool:
+    """Whether the method's runner takes bf16 (training.bf16_autocast with float32 quantizers and
+    loss): Q-MUL and its variants. The other methods take their losses on the logits as they come,
+    so they run float32."""
+    return "bf16" in inspect.signature(method_info(method).run).parameters
+
+
 def unlearn(
     method: str,
     model: nn.Module,
@@ -925,16 +933,22 @@ def unlearn(
     config: Any = None,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    bf16: bool = False,
 ) -> UnlearnResult:
     """Run one registered method on a copy of model. config: None (the method's defaults), a
-    dict of overrides, or an instance of the method's config class."""
+    dict of overrides, or an instance of the method's config class. bf16: only for the methods
+    that support it (supports_bf16); others raise ValueError."""
     info = method_info(method)
     if config is None or isinstance(config, dict):
         config = method_config(method, config)
     elif not isinstance(config, info.config_class):
         raise TypeError(f"{method} takes a {info.config_class.__name__}, "
                         f"got {type(config).__name__}")
-    return info.run(model, forget, retain, config, device=device, progress=progress)
+    if not bf16:
+        return info.run(model, forget, retain, config, device=device, progress=progress)
+    if not supports_bf16(method):
+        raise ValueError(f"{method} does not run under bf16 autocast (methods.supports_bf16)")
+    return info.run(model, forget, retain, config, device=device, progress=progress, bf16=True)
 
 
 __all__ = [
@@ -977,6 +991,7 @@ __all__ = [
     "retrain",
     "saliency_mask",
     "salun",
+    "supports_bf16",
     "unlearn",
     "woodfisher_ifvp",
 ]
