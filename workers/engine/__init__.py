@@ -51,6 +51,7 @@ from .quantization import (
     quantize_model,
 )
 from .recipes import ModelSpec, retrain_reference, train_original
+from .spm import SemiParametricClassifier, SPMOptions, build_datastore, train_spm
 from .training import TrainConfig, accuracy, predict_probs, train_model
 from .unlearning import (
     QMulConfig,
@@ -79,4 +80,6 @@ __all__ = [
     "UNLEARNING_METHODS", "FTConfig", "GAConfig", "IUConfig", "L1SparseConfig", "OEUConfig",
     "QMulNoAGRConfig", "QMulNoSLConfig", "QuailConfig", "RLConfig", "RetrainConfig", "SalUnConfig",
     "evaluate_with_membership", "export_fidelity", "membership_auc", "method_config", "unlearn",
+    # semi-parametric models
+    "SPMOptions", "SemiParametricClassifier", "build_datastore", "train_spm",
 ]
