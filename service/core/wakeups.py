@@ -13,6 +13,9 @@ from service.core.tasks import CONTROL_QUEUE, INSTANT_TASK, broker_transport_opt
 log = logging.getLogger(__name__)
 
 SEND_TIMEOUT_SECONDS = 1
+# A wake-up not taken by then (no worker on the control queue) is dropped: the scheduler's own, sent
+# every tick while the work waits, take over, and a long outage leaves no pile of them.
+WAKEUP_EXPIRES_SECONDS = 300
 
 
 class Wakeups:
@@ -40,6 +43,6 @@ class Wakeups:
         for model_name in model_names:
             try:
                 self._celery.send_task(INSTANT_TASK, args=(model_name,), queue=CONTROL_QUEUE, retry=False,
-                                       expires=self.settings.scheduler_interval_seconds * 10)
+                                       expires=WAKEUP_EXPIRES_SECONDS)
             except Exception as error:  # noqa: BLE001 -- the scheduler sends it again
                 log.warning("instant-stage wake-up not sent (the scheduler sends it again): %s", error)
