@@ -554,6 +554,19 @@ class IntegerExportPublic(BaseModel):
                               "cannot rebuild).")
 
 
+class DatastoreDeltaPublic(BaseModel):
+    """What an edge device drops from a semi-parametric model's datastore to match the deployed one."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    model: str
+    from_sha256: str = Field(description="The artifact the device holds.")
+    to_sha256: str = Field(description="The deployed artifact (its ETag) the device has after dropping the rows.")
+    to_version_id: int
+    removed_dataset_indices: list[int] = Field(description="The dataset indices of the datastore rows to drop "
+                                               "(the datastore's store_index); empty when the device is current.")
+
+
 class InstantStagePublic(BaseModel):
     """A semi-parametric model's instant stage: its datastore no longer holds the request's samples."""
 

@@ -25,8 +25,11 @@ SUBJECT = "subject-0003"
 
 
 def datastore_of(response) -> torch.Tensor:
-    payload = torch.load(io.BytesIO(response.content), map_location="cpu", weights_only=True)
-    return payload["state_dict"]["store_index"]
+    return state_of(response)["store_index"]
+
+
+def state_of(response) -> dict:
+    return torch.load(io.BytesIO(response.content), map_location="cpu", weights_only=True)["state_dict"]
 
 
 def test_an_erasure_takes_instant_effect_then_completes(make_stack):
@@ -66,6 +69,17 @@ def test_an_erasure_takes_instant_effect_then_completes(make_stack):
     assert not indices & set(datastore_of(second).tolist())
     assert len(datastore_of(second)) == len(datastore_of(first)) - len(indices)
 
+    # A device holding the first artifact needs only the delta: dropping those rows gives the new datastore.
+    delta = client.get("/models/deployed/datastore-delta",
+                       params={"model": MODEL, "since": first.headers["etag"].strip('"')})
+    assert delta.status_code == 200, delta.text
+    assert delta.json()["removed_dataset_indices"] == sorted(indices)
+    assert f'"{delta.json()["to_sha256"]}"' == second.headers["etag"]
+    old, new = state_of(first), state_of(second)
+    kept = ~torch.isin(old["store_index"], torch.tensor(delta.json()["removed_dataset_indices"]))
+    for buffer in ("store_index", "store_codes", "store_scales", "store_labels"):
+        assert torch.equal(old[buffer][kept], new[buffer])
+
     evidence = client.get(f"/forget-requests/{request_id}/evidence").json()
     assert evidence["status"] == "pending" and evidence["instant"]["version_id"] == part["instant_version_id"]
 
@@ -77,6 +91,9 @@ def test_an_erasure_takes_instant_effect_then_completes(make_stack):
     final = client.get("/models/deployed/artifact", params={"model": MODEL})
     assert final.headers["etag"] not in (first.headers["etag"], second.headers["etag"])
     assert not indices & set(datastore_of(final).tolist())  # the batch's version keeps them out
+    # The encoder changed: every embedding did, no delta leads there.
+    assert client.get("/models/deployed/datastore-delta", params={
+        "model": MODEL, "since": second.headers["etag"].strip('"')}).status_code == 409
 
     evidence = client.get(f"/forget-requests/{request_id}/evidence").json()
     stage = evidence["instant"]
