@@ -11,6 +11,7 @@ from sqlalchemy import func, select
 from service.core.audit_log import verify_chain
 from service.core.db import transaction
 from service.core.models import AuditEntry, ForgetRequest, Model, ModelVersion, RequestStatus, Sample, SampleScore
+from service.deployments.deploy import AdminRefusal, rollback
 from service.requests import lifecycle
 from service.requests.instant import awaiting_instant_stage
 from service.requests.intake import file_forget_request
@@ -124,3 +125,13 @@ def test_a_parametric_model_has_no_instant_stage(settings, engine, one_torch_thr
     with engine.connect() as connection:
         assert awaiting_instant_stage(connection) == []
     assert instant.take_instant_effect(engine, settings, MODEL) is None
+
+
+def test_a_rollback_past_the_instant_stage_is_refused(settings, engine, spm_model):
+    original = deployed(engine)
+    file(engine)
+    version_id = instant.take_instant_effect(engine, settings, MODEL, evidence=False)
+    with transaction(engine) as session:
+        with pytest.raises(AdminRefusal, match="instant stage"):
+            rollback(session, MODEL, original.id, "test")
+        rollback(session, MODEL, version_id, "test")  # itself: no sample comes back

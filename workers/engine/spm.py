@@ -91,7 +91,7 @@ class SemiParametricClassifier(nn.Module):
         self.register_buffer("store_scales", torch.zeros(0))
         self.register_buffer("store_labels", torch.zeros(0, dtype=torch.long))
         self.register_buffer("store_index", torch.zeros(0, dtype=torch.long))
-        self._dequantized: tuple[tuple, torch.Tensor] | None = None
+        self._dequantized: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     # The datastore ------------------------------------------------------------------------------
 
@@ -123,18 +123,22 @@ class SemiParametricClassifier(nn.Module):
 
     def store_embeddings(self) -> torch.Tensor:
         """The datastore's embeddings in float, computed once per datastore."""
+        return self._store()[0]
+
+    def _store(self) -> tuple[torch.Tensor, torch.Tensor]:
+        # The dequantized rows and their squared norms, once per datastore (not per query).
         key = (self.store_codes.data_ptr(), self.store_codes.shape, self.store_codes.device)
         if self._dequantized is None or self._dequantized[0] != key:
-            self._dequantized = (key, self.store_codes.float() * self.store_scales[:, None])
+            store = self.store_codes.float() * self.store_scales[:, None]
+            self._dequantized = (key, (store, (store * store).sum(dim=1)))
         return self._dequantized[1]
 
     @torch.no_grad()
     def nearest(self, q: torch.Tensor, k: int) -> torch.Tensor:
         """Rows of the k nearest datastore embeddings (L2) of each query: B x k."""
-        store = self.store_embeddings()
-        squared = (store * store).sum(dim=1)
+        store, squared = self._store()
         # ||q - s||^2 = ||q||^2 - 2 q.s + ||s||^2; ||q||^2 does not change the ranking.
-        distances = squared[None, :] - 2.0 * q.float() @ store.T
+        distances = torch.addmm(squared[None, :], q.float(), store.T, alpha=-2.0)
         return distances.topk(min(k, len(store)), dim=1, largest=False).indices
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
