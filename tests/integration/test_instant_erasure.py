@@ -6,6 +6,7 @@ the request is completed; the evidence shows both stages."""
 import io
 from dataclasses import replace
 from datetime import datetime
+from pathlib import Path
 
 import pytest
 import redis
@@ -13,8 +14,9 @@ import torch
 from sqlalchemy import select
 
 from service.core.db import transaction
-from service.core.models import Sample
+from service.core.models import ModelVersion, Sample
 from workers.bootstrap import bootstrap, default_spec
+from workers.erasure import erase_request
 
 pytestmark = pytest.mark.integration
 
@@ -103,3 +105,17 @@ def test_an_erasure_takes_instant_effect_then_completes(make_stack):
     log = client.get("/audit/log", params={"object_id": request_id}).json()["data"]
     assert {"request.received", "request.part_instant", "request.part_completed", "request.completed"} <= {
         entry["action"] for entry in log}
+
+    # The erasure of copies (its window passed): no file the model store keeps holds the samples'
+    # embeddings, or an encoder trained with them.
+    stack.services.kill("scheduler")
+    assert erase_request(stack.engine, stack.settings, request_id)
+    with transaction(stack.engine) as session:
+        versions = session.scalars(select(ModelVersion).where(ModelVersion.model_name == MODEL)).all()
+        kept = {Path(v.artifact_path).name: v for v in versions if v.artifact_deleted_at is None}
+        deleted = [v.id for v in versions if v.artifact_deleted_at is not None]
+    assert part["instant_version_id"] in deleted and len(deleted) == 2  # the original and the instant version
+    for path in Path(stack.settings.model_store).glob("*.pt"):
+        assert path.name in kept, f"{path.name} is no version's kept artifact"
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        assert not indices & set(payload["state_dict"]["store_index"].tolist())
