@@ -119,3 +119,23 @@ def test_an_erasure_takes_instant_effect_then_completes(make_stack):
         assert path.name in kept, f"{path.name} is no version's kept artifact"
         payload = torch.load(path, map_location="cpu", weights_only=True)
         assert not indices & set(payload["state_dict"]["store_index"].tolist())
+
+
+def test_a_lost_wake_up_is_sent_again_by_the_scheduler(make_stack):
+    redis.Redis.from_url(BROKER_URL).flushdb()
+    stack = make_stack(models=0, default_model=MODEL, broker_url=BROKER_URL, worker_nice=0,
+                       batch_min_samples=1000, batch_max_wait_seconds=3600)  # no batch: the instant stage alone
+    bootstrap(stack.settings, MODEL, replace(default_spec(epochs=1), spm={"embed_dim": 16, "k": 4}), progress=False)
+    client = stack.client()
+    filed = client.post("/forget-requests", json={"subject_id": SUBJECT})
+    assert filed.status_code == 202 and filed.json()["status"] == "pending"
+    redis.Redis.from_url(BROKER_URL).flushdb()  # the API's wake-up is lost before any worker took it
+    stack.services.start("worker", "worker", "--concurrency", "1")
+    stack.services.start("scheduler", "scheduler")
+
+    def instant():
+        body = client.get(f"/forget-requests/{filed.json()['id']}").json()
+        return body if body["status"] == "instant" else None
+
+    [part] = stack.services.wait_until(instant, "the instant stage", timeout=120)["parts"]
+    assert part["instant_version_id"] is not None and part["batch_id"] is None
