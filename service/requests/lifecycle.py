@@ -256,7 +256,8 @@ def add_months(moment: datetime, months: int) -> datetime:
 
 
 def _release_parts(session: Session, batch: Batch, error: str | None) -> list[str]:
-    """Detach the batch's parts, pending again; returns their requests' ids."""
+    """Detach the batch's parts, pending (instant, after their instant stage) again; returns their
+    requests' ids."""
     request_ids = _request_ids(session, batch)
     values = {"status": _RELEASED_STATUS, "batch_id": None}
     if error is not None:
