@@ -148,9 +148,9 @@ class ForgetRequestPublic(BaseModel):
         validation_alias=AliasPath("request", "status"),
         description="completed when every part is (each model that held the samples deployed a version that "
         "forgot them) and, for a linked request, the earlier requests' parts it relies on are; batched while a part "
-        "is under way; instant when no part is pending and one took instant effect (a semi-parametric model's datastore "
-        "no longer holds the samples; its encoder is unlearned by a later batch); withdrawn by the client before any "
-        "part was batched; else pending.",
+        "is under way; instant when no part is pending and one took instant effect (a semi-parametric model's "
+        "datastore no longer holds the samples; its encoder is unlearned by a later batch); withdrawn by the client "
+        "before any part was batched; else pending.",
     )
     sample_ids: list[int]
     sample_count: int
