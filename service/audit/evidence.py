@@ -133,10 +133,10 @@ def request_evidence(session: Session, request: ForgetRequest, part: ForgetReque
     ).all()
     instant = _instant_stage(session, part, [sample_id for sample_id, _ in samples])
     if part.status != RequestStatus.completed:
-        stage = " (the instant stage took them out of its datastore)" if instant is not None else ""
+        stage = "" if instant is None else " (its instant stage took them out of the datastore: `instant`)"
         return Evidence(request, part.model_name, "pending", f"the request's part for model {part.model_name} is "
-                        f"{part.status.value}: no version has unlearned its samples yet{stage}, so there are no "
-                        "figures of the batch", len(samples), instant=instant)
+                        f"{part.status.value}: no version has forgotten its samples yet, so there are no figures"
+                        f"{stage}", len(samples), instant=instant)
 
     after = session.get(ModelVersion, part.completed_version_id)
     before_id = session.get(Batch, part.batch_id).parent_version_id
