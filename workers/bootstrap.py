@@ -74,11 +74,14 @@ def bootstrap(
     configure_torch(settings)
     data = load_data(spec, tombstoned)
     left_out = {index for _, index in erased}
+    kept = [i for i in range(len(data.train)) if i not in left_out]
     if left_out:
-        kept = [i for i in range(len(data.train)) if i not in left_out]
         log.info("bootstrap %s: %d samples whose erasure was asked are left out", model_name, len(left_out))
         data = replace(data, train=data.train.subset(kept))
-    network = qf.train_original(spec, data, device=settings.torch_device, progress=progress)
+    if spec.spm is not None:  # its datastore records each sample's dataset index
+        network = qf.train_spm(spec.build(), data.train, kept, spec.train, settings.torch_device, progress)
+    else:
+        network = qf.train_original(spec, data, device=settings.torch_device, progress=progress)
     metrics = {
         "train_accuracy": qf.accuracy(network, data.train, settings.torch_device),
         "TA": qf.accuracy(network, data.test, settings.torch_device),
@@ -93,7 +96,7 @@ def bootstrap(
         )
         if not already_registered:
             _register_samples(session, spec.dataset, train_size, samples_per_subject)
-        model = Model(name=model_name, dataset=spec.dataset, spec=spec.to_dict())
+        model = Model(name=model_name, dataset=spec.dataset, spec=spec.to_dict(), semi_parametric=spec.spm is not None)
         session.add(model)
         session.flush()
         version = ModelVersion(

@@ -11,10 +11,19 @@ from service.core.db import drop_deleted_content, get_engine, transaction
 from service.core.logging_setup import bind_log_context
 from service.core.models import utcnow
 from service.core.settings import get_settings
-from service.core.tasks import DISPATCH_TASK, ERASE_TASK, REFERENCE_TASK, UNLEARN_TASK, WEBHOOK_TASK, redelivery_seconds
+from service.core.tasks import (
+    DISPATCH_TASK,
+    ERASE_TASK,
+    INSTANT_TASK,
+    REFERENCE_TASK,
+    UNLEARN_TASK,
+    WEBHOOK_TASK,
+    redelivery_seconds,
+)
 from service.references.schedule import claim_requests_to_send, schedule_references
 from service.requests import idempotency
 from service.requests.erasure import requests_due
+from service.requests.instant import awaiting_instant_stage
 from service.webhooks import outbox
 from service.webhooks.delivery import deliver_due
 from service.webhooks.queries import has_due
@@ -38,6 +47,10 @@ def dispatch() -> list[str]:
                          timedelta(seconds=settings.failed_batch_cooldown_seconds))
     for model_name in due:
         run_unlearning.delay(model_name)
+    with get_engine(settings, "scheduler").connect() as connection:
+        # The API's wake-up after filing may have been lost (a crash, the broker down): sent again.
+        for model_name in awaiting_instant_stage(connection):
+            take_instant_effect.apply_async((model_name,), expires=settings.scheduler_interval_seconds)
     dispatch_references()
     now = utcnow()
     with transaction(get_engine(settings, "scheduler")) as session:
@@ -74,6 +87,18 @@ def dispatch_references() -> list[int]:
 def deliver_webhooks() -> int:
     """POST the webhook deliveries that are due (service/webhooks/delivery.py); returns how many were tried."""
     return len(deliver_due(get_engine(get_settings(), "worker")))
+
+
+@app.task(name=INSTANT_TASK)
+def take_instant_effect(model_name: str) -> int | None:
+    """Remove the samples of a semi-parametric model's new forget requests from its datastore and
+    deploy that version (workers/instant.py); returns its id, None when nothing waited."""
+    from workers.instant import take_instant_effect as take_effect
+    from workers.runtime import configure_torch
+
+    settings = get_settings()
+    configure_torch(settings)
+    return take_effect(get_engine(settings, "worker"), settings, model_name)
 
 
 @app.task(name=UNLEARN_TASK)

@@ -32,6 +32,7 @@ from service.api.security_headers import SecurityHeaders, with_security_headers
 from service.core.db import get_engine, session_factory
 from service.core.readiness import make_probe_engine
 from service.core.settings import Settings, get_settings
+from service.core.wakeups import Wakeups
 from service.requests.problems import RequestValidationProblem
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     reads = engine.execution_options(isolation_level="AUTOCOMMIT") if engine.dialect.name == "postgresql" else engine
     app.state.reads = read_queue(session_factory(reads))
     app.state.api_keys = ApiKeyCache(settings.api_key_cache_seconds)
+    app.state.wakeups = Wakeups(settings)
     app.state.probe_engine = probe_engine
     # Innermost of these: it stands in for two routes, behind the size limit and the request log.
     app.add_middleware(HotPath)

@@ -125,6 +125,10 @@ class RequestPartPublic(BaseModel):
     batch_id: int | None
     completed_version_id: int | None = Field(description="The deployed version of the model that forgot them.")
     completed_at: UtcDatetime | None
+    instant_version_id: int | None = Field(
+        default=None, description="A semi-parametric model only: the deployed version whose datastore no longer "
+        "holds the samples (the instant stage), before the batch that unlearns its encoder.")
+    instant_at: UtcDatetime | None = Field(default=None, description="When that version was deployed.")
     error: str | None = Field(description="The last failed attempt's error, while the part waits to run again.")
 
 
@@ -144,7 +148,9 @@ class ForgetRequestPublic(BaseModel):
         validation_alias=AliasPath("request", "status"),
         description="completed when every part is (each model that held the samples deployed a version that "
         "forgot them) and, for a linked request, the earlier requests' parts it relies on are; batched while a part "
-        "is under way; withdrawn by the client before any part was batched; else pending.",
+        "is under way; instant when no part is pending and one took instant effect (a semi-parametric model's "
+        "datastore no longer holds the samples; its encoder is unlearned by a later batch); withdrawn by the client "
+        "before any part was batched; else pending.",
     )
     sample_ids: list[int]
     sample_count: int
@@ -548,6 +554,31 @@ class IntegerExportPublic(BaseModel):
                               "cannot rebuild).")
 
 
+class DatastoreDeltaPublic(BaseModel):
+    """What an edge device drops from a semi-parametric model's datastore to match the deployed one."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    model: str
+    from_sha256: str = Field(description="The artifact the device holds.")
+    to_sha256: str = Field(description="The deployed artifact (its ETag) the device has after dropping the rows.")
+    to_version_id: int
+    removed_dataset_indices: list[int] = Field(description="The dataset indices of the datastore rows to drop "
+                                               "(the datastore's store_index); empty when the device is current.")
+
+
+class InstantStagePublic(BaseModel):
+    """A semi-parametric model's instant stage: its datastore no longer holds the request's samples."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    version_id: int = Field(description="The version deployed without the samples in its datastore.")
+    at: UtcDatetime = Field(description="When it was deployed.")
+    before: FiguresSummaryPublic | None = Field(description="The version deployed before it, on the samples.")
+    after: FiguresSummaryPublic | None = Field(description="That version on the samples; None until the worker "
+                                               "recorded its figures (seconds after the deployment).")
+
+
 class EvidencePublic(BaseModel):
     """A forget request's samples before (the batch's parent version) and after (the version that
     completed it), against a retrain reference that never saw them."""
@@ -580,6 +611,10 @@ class EvidencePublic(BaseModel):
         default=None, description="Whether quantization brings forgetting back: the version after's integer export "
         "(the edge artifact) on the batch's forget set beside the fake-quantized model these figures are of; None for "
         "versions made before it was checked.")
+    instant: InstantStagePublic | None = Field(
+        default=None, description="A semi-parametric model only: its instant stage, the version whose datastore "
+        "no longer holds the samples (deployed before the batch that unlearns the encoder), and the samples' figures "
+        "in it and in the version before.")
     frozen_at: UtcDatetime | None = Field(
         default=None, description="Set once the request's samples were erased: the evidence as it stood then, kept "
         "unchanged (nothing can recompute it without the samples); later audits of the version rely on it.")

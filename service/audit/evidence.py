@@ -92,6 +92,17 @@ class ReferenceComparison:
 
 
 @dataclass(frozen=True)
+class InstantStage:
+    """A semi-parametric model's instant stage on the request's samples: the version deployed before
+    (the parent) and the one whose datastore no longer holds them, with when it was deployed."""
+
+    version_id: int
+    at: object  # datetime
+    before: FiguresSummary | None
+    after: FiguresSummary | None
+
+
+@dataclass(frozen=True)
 class Evidence:
     request: ForgetRequest
     model: str  # the part's model
@@ -106,6 +117,7 @@ class Evidence:
     # The version after's integer export (what an edge device runs) on the batch's forget set, beside
     # the fake-quantized model evaluated here: workers.batches.run.integer_export_check.
     integer_export: dict | None = None
+    instant: InstantStage | None = None  # a semi-parametric model's first stage, once it ran
 
 
 def request_evidence(session: Session, request: ForgetRequest, part: ForgetRequestPart) -> Evidence:
@@ -119,10 +131,12 @@ def request_evidence(session: Session, request: ForgetRequest, part: ForgetReque
         .where(ForgetRequestSample.request_id == request.id, Sample.dataset == dataset)
         .order_by(Sample.id)
     ).all()
+    instant = _instant_stage(session, part, [sample_id for sample_id, _ in samples])
     if part.status != RequestStatus.completed:
+        stage = "" if instant is None else " (its instant stage took them out of the datastore: `instant`)"
         return Evidence(request, part.model_name, "pending", f"the request's part for model {part.model_name} is "
-                        f"{part.status.value}: no version has forgotten its samples yet, so there are no figures",
-                        len(samples))
+                        f"{part.status.value}: no version has forgotten its samples yet, so there are no figures"
+                        f"{stage}", len(samples), instant=instant)
 
     after = session.get(ModelVersion, part.completed_version_id)
     before_id = session.get(Batch, part.batch_id).parent_version_id
@@ -155,7 +169,17 @@ def request_evidence(session: Session, request: ForgetRequest, part: ForgetReque
         status = "complete" if matching else "reference_stale"
         message = reference_note
     return Evidence(request, part.model_name, status, message, len(samples), samples=rows,
-                    reference_comparison=comparison, integer_export=after.metrics.get("integer_export"), **summaries)
+                    reference_comparison=comparison, integer_export=after.metrics.get("integer_export"),
+                    instant=instant, **summaries)
+
+
+def _instant_stage(session: Session, part: ForgetRequestPart, sample_ids: list[int]) -> InstantStage | None:
+    if part.instant_version_id is None:
+        return None
+    version = session.get(ModelVersion, part.instant_version_id)
+    return InstantStage(version.id, part.instant_at,
+                        before=_summary(list(_scores(session, version.parent_id, sample_ids).values())),
+                        after=_summary(list(_scores(session, version.id, sample_ids).values())))
 
 
 def _scores(session: Session, version_id: int, sample_ids: list[int]) -> dict[int, SampleScore]:

@@ -60,6 +60,10 @@ def _enum(cls: type[enum.Enum]) -> Enum:
 
 class RequestStatus(str, enum.Enum):
     pending = "pending"
+    # A part of a semi-parametric model whose samples its datastore no longer holds (a deployed
+    # version without them), waiting for the batch that unlearns the encoder; a request whose
+    # parts are all instant or further, with one instant.
+    instant = "instant"
     batched = "batched"
     completed = "completed"
     withdrawn = "withdrawn"  # withdrawn by the client before any of its parts was batched
@@ -168,6 +172,9 @@ class Model(Base):
     # None: the service-wide settings.
     unlearn_config: Mapped[dict | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # A semi-parametric model (its spec has "spm"): its forget requests take effect first by removing
+    # their samples from its datastore (workers/instant.py), before the batch.
+    semi_parametric: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
 
 
 class ModelVersion(Base):
@@ -288,6 +295,10 @@ class ForgetRequestPart(Base):
     batch_id: Mapped[int | None] = mapped_column(ForeignKey("batches.id"), index=True)
     completed_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
     completed_at: Mapped[datetime | None]
+    # The instant stage (semi-parametric models): the deployed version whose datastore no longer
+    # holds the part's samples, and when it was deployed.
+    instant_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id"))
+    instant_at: Mapped[datetime | None]
     error: Mapped[str | None] = mapped_column(Text)
     # The part's evidence (GET /forget-requests/{id}/evidence) as it stood just before the samples
     # were erased: afterwards nothing can recompute it, so it is kept as it was.

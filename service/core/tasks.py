@@ -19,6 +19,11 @@ UNLEARN_TASK = "qforget.run_unlearning"
 REFERENCE_TASK = "qforget.train_reference"
 
 
+# Control queue: a semi-parametric model's forget requests leave its datastore (workers/instant.py);
+# sent by the API once a request is filed, and by the scheduler while one waits.
+INSTANT_TASK = "qforget.take_instant_effect"
+
+
 ERASE_TASK = "qforget.erase_copies"  # control queue: a worker with the model store and the data caches
 
 

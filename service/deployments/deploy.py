@@ -6,11 +6,21 @@ Database work only, no model code, inside the caller's transaction: the worker d
 roll back, through the rest.
 """
 
-from sqlalchemy import insert
+from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session
 
 from service.core.audit_log import append_audit, audit_key
-from service.core.models import Batch, BatchStatus, ForgottenSample, Model, ModelVersion, VersionKind, utcnow
+from service.core.models import (
+    Batch,
+    BatchStatus,
+    ForgetRequestPart,
+    ForgottenSample,
+    Model,
+    ModelVersion,
+    RequestStatus,
+    VersionKind,
+    utcnow,
+)
 from service.core.pseudonyms import pseudonym
 from service.requests import lifecycle
 from service.requests.holdings import forgotten_by
@@ -100,6 +110,14 @@ def rollback(session: Session, model_name: str, version_id: int, actor: str) -> 
     if remembered:
         raise AdminRefusal(f"version {version_id} was made before {len(remembered)} forgotten samples "
                            f"were forgotten (e.g. sample {remembered[0]}): deploying it would bring them back")
+    # A semi-parametric model's datastore lost samples at their instant stage, before the batch that
+    # forgets them: every version made after that stage's is without them (workers/instant.py keeps the
+    # batch's version so), every version before it still holds them.
+    newest_instant = session.scalar(select(func.max(ForgetRequestPart.instant_version_id)).where(
+        ForgetRequestPart.model_name == model_name, ForgetRequestPart.status != RequestStatus.completed))
+    if newest_instant is not None and version.id < newest_instant:
+        raise AdminRefusal(f"version {version_id}'s datastore still holds samples that version {newest_instant} "
+                           "removed at their instant stage: deploying it would bring them back")
     previous = model.deployed_version_id
     model.deployed_version_id = version.id
     append_audit(session, actor=actor, action="model.rolled_back", object_type="model_version",

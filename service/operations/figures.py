@@ -23,7 +23,6 @@ from service.core.models import (
     ForgottenSample,
     Model,
     ModelVersion,
-    RequestStatus,
     Sample,
     as_utc,
     utcnow,
@@ -236,7 +235,7 @@ def _pending_samples(session: Session) -> list[PendingSamples]:
             .join(Sample, Sample.id == ForgetRequestSample.sample_id)
             .join(Model, Model.name == ForgetRequestPart.model_name)
             # The model's own samples of the request that it still holds: what its next run forgets.
-            .where(ForgetRequestPart.status == RequestStatus.pending, Sample.dataset == Model.dataset,
+            .where(ForgetRequestPart.status.in_(lifecycle.CLAIMABLE_STATUSES), Sample.dataset == Model.dataset,
                    ~exists().where(ForgottenSample.model_name == ForgetRequestPart.model_name,
                                    ForgottenSample.sample_id == Sample.id))
             .group_by(ForgetRequestPart.model_name).order_by(ForgetRequestPart.model_name)

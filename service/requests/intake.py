@@ -274,7 +274,7 @@ def _insert_ignoring_duplicates(session: Session, entity):
 # database takes to run it (expanding IN parameters keep one compiled form for any list length).
 # Every model is read: a request without a model goes to all that hold its samples (a handful).
 _MODELS = (
-    select(Model.name, Model.dataset, Model.deployed_version_id, Dataset.train_size)
+    select(Model.name, Model.dataset, Model.deployed_version_id, Model.semi_parametric, Dataset.train_size)
     .outerjoin(Dataset, Dataset.name == Model.dataset)
 )
 
@@ -321,7 +321,7 @@ class _BatchCheck:
     and the samples the batch has claimed so far."""
 
     def __init__(self, session: Session, submissions: list[Submission]):
-        self.models: dict[str, Row] = {}  # name -> (name, dataset, deployed_version_id, train_size)
+        self.models: dict[str, Row] = {}  # name -> (name, dataset, deployed_version_id, semi_parametric, train_size)
         self.subjects: set[str] = set()
         self.samples: dict[int, Row] = {}
         self.forgotten: set[tuple[str, int]] = set()  # (model, sample) the model no longer holds
@@ -389,7 +389,8 @@ class _BatchCheck:
         for model_name, free in parts.items():
             self.open_parts.update({(model_name, sample_id): (received_at, request.id) for sample_id in free})
         return FiledRequest(
-            request, held, [ForgetRequestPart(model_name=name, status=lifecycle.FILED) for name in sorted(parts)]
+            request, held, [ForgetRequestPart(model_name=name, status=lifecycle.FILED) for name in sorted(parts)],
+            instant_models=[name for name in sorted(parts) if self.models[name].semi_parametric],
         )
 
     def _holds(self, model: Row, sample_id: int) -> bool:

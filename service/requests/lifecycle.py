@@ -2,12 +2,14 @@
 change is here.
 
     part      pending --claim--> batched --complete--> completed
-                 ^                  |
-                 +--- hold, discard, give up
+                 |   ^                 |
+                 |   +--- hold, discard, give up (back to instant when it had its instant stage)
+                 +--take effect--> instant --claim--> batched
               pending --withdraw--> withdrawn
 
     request   the sum of its parts: completed when every part is, batched while any part is
-              batched or some are completed, else pending; withdrawn with its parts
+              batched or some are completed, instant when no part is pending and one is instant,
+              else pending; withdrawn with its parts
     linked    a request some of whose samples an earlier request's open part covered (see below):
               completed only when its own parts are and no earlier request it shares a sample with
               has a part under way (of a model it goes to); batched while any of these is under
@@ -31,6 +33,11 @@ whose open part covers one (`linked_request_id`). The request then waits for eve
 it shares a sample with, not only the one it names: it is never reported completed while a part
 it relies on is still running, whichever request covers which sample. A request with no part of
 its own is thus completed when the requests covering it are.
+
+The instant stage (semi-parametric models only, workers/instant.py): `take_effect` records that
+the model's deployed version no longer holds a part's samples in its datastore. A pending part
+becomes `instant`; a part already batched (claimed before the stage ran) keeps its status and gets
+the version too. Either way the batch still unlearns the encoder, and only that completes it.
 
 Two transitions belong to the client: `withdraw` (before any part is in a batch) and `extend`
 (the deadline, once, by one or two calendar months: GDPR Art. 12(3)).
@@ -60,7 +67,9 @@ from service.webhooks import events as webhook_events
 
 FILED = RequestStatus.pending
 # A sample in a part of one of these is already on its way to being forgotten by the part's model.
-OPEN_STATUSES = (RequestStatus.pending, RequestStatus.batched)
+OPEN_STATUSES = (RequestStatus.pending, RequestStatus.instant, RequestStatus.batched)
+# Parts a batch claims: not yet in a batch.
+CLAIMABLE_STATUSES = (RequestStatus.pending, RequestStatus.instant)
 # The longest reason a withdrawal or an extension may give.
 MAX_REASON_LENGTH = 500
 # GDPR Art. 12(3): the deadline "may be extended by two further months where necessary".
@@ -80,8 +89,8 @@ def _require(batch: Batch, *expected: BatchStatus) -> None:
 def claim(session: Session, parts: list[ForgetRequestPart], model_name: str, parent_version_id: int,
           lease_owner: str, lease_until: datetime, actor: str) -> Batch:
     """A new running batch of the given pending parts of one model (the caller locked them)."""
-    if any(part.status != RequestStatus.pending or part.model_name != model_name for part in parts):
-        raise TransitionRefused(f"only pending parts of model {model_name} can be claimed")
+    if any(part.status not in CLAIMABLE_STATUSES or part.model_name != model_name for part in parts):
+        raise TransitionRefused(f"only pending or instant parts of model {model_name} can be claimed")
     batch = Batch(model_name=model_name, status=BatchStatus.running, parent_version_id=parent_version_id,
                   lease_owner=lease_owner, lease_expires_at=lease_until)
     session.add(batch)
@@ -103,7 +112,7 @@ def hold(session: Session, batch: Batch, version: ModelVersion, reason: str, act
     batch.status = BatchStatus.held
     batch.hold_reason = reason
     session.execute(update(ForgetRequestPart).where(ForgetRequestPart.batch_id == batch.id)
-                    .values(status=RequestStatus.pending))
+                    .values(status=_RELEASED_STATUS))
     _settle_requests(session, _request_ids(session, batch), now=None)
     append_audit(session, actor=actor, action="batch.held", object_type="batch", object_id=str(batch.id),
                  details={"version_id": version.id, "reason": reason})
@@ -157,6 +166,28 @@ def give_up(session: Session, batch: Batch, error: str, actor: str) -> None:
                  details={"error": error})
 
 
+def take_effect(session: Session, parts: list[ForgetRequestPart], version: ModelVersion, actor: str,
+                now: datetime) -> None:
+    """The instant stage of these parts (of one semi-parametric model, the caller locked them): the
+    deployed `version`'s datastore no longer holds their samples, since `now`. Pending parts become
+    instant; batched ones keep their status. Each request's audit entry names the version."""
+    if any(part.status not in (RequestStatus.pending, RequestStatus.batched) or part.instant_version_id is not None
+           or part.model_name != version.model_name for part in parts):
+        raise TransitionRefused(f"only pending or batched parts of model {version.model_name} without an "
+                                "instant stage can take instant effect")
+    for part in parts:
+        if part.status == RequestStatus.pending:
+            part.status = RequestStatus.instant
+        part.instant_version_id = version.id
+        part.instant_at = now
+    session.flush()
+    request_ids = sorted({part.request_id for part in parts})
+    _settle_requests(session, request_ids, now=None)
+    for request_id in request_ids:
+        append_audit(session, actor=actor, action="request.part_instant", object_type="forget_request",
+                     object_id=request_id, details={"model": version.model_name, "version_id": version.id})
+
+
 def withdraw(session: Session, request: ForgetRequest, reason: str, actor: str, now: datetime) -> None:
     """The client withdrew the request at `now`, before any work on it began: it and its parts are
     withdrawn, and no batch claims them.
@@ -174,7 +205,8 @@ def withdraw(session: Session, request: ForgetRequest, reason: str, actor: str, 
     started = [part.model_name for part in parts if part.status != RequestStatus.pending or part.batch_id is not None]
     if started:
         raise _refused("request_batched", f"request {request.id} can no longer be withdrawn: its parts for "
-                                          f"{', '.join(started)} are in a batch or done")
+                                          f"{', '.join(started)} are in a batch, done, or removed from the "
+                                          "model's datastore already")
     followers = _open_followers(session, request)
     if followers:
         raise _refused("linked_requests_open", f"requests filed later rely on the parts of request {request.id} "
@@ -224,9 +256,10 @@ def add_months(moment: datetime, months: int) -> datetime:
 
 
 def _release_parts(session: Session, batch: Batch, error: str | None) -> list[str]:
-    """Detach the batch's parts, pending again; returns their requests' ids."""
+    """Detach the batch's parts, pending (instant, after their instant stage) again; returns their
+    requests' ids."""
     request_ids = _request_ids(session, batch)
-    values = {"status": RequestStatus.pending, "batch_id": None}
+    values = {"status": _RELEASED_STATUS, "batch_id": None}
     if error is not None:
         values["error"] = error
     session.execute(update(ForgetRequestPart).where(ForgetRequestPart.batch_id == batch.id).values(**values))
@@ -334,8 +367,12 @@ _EARLIER_UNDER_WAY = _relied_on_parts(
 _STATUS = case(
     (~_own_parts(*OPEN_STATUSES) & ~_WAITING, RequestStatus.completed.value),
     (_own_parts(RequestStatus.batched, RequestStatus.completed) | _EARLIER_UNDER_WAY, RequestStatus.batched.value),
+    (_own_parts(RequestStatus.instant) & ~_own_parts(RequestStatus.pending), RequestStatus.instant.value),
     else_=RequestStatus.pending.value,
 )
+# Where a part released from a batch goes back to: instant if its samples already left the datastore.
+_RELEASED_STATUS = case((ForgetRequestPart.instant_version_id.is_not(None), RequestStatus.instant.value),
+                       else_=RequestStatus.pending.value)
 
 
 def _settle_requests(session: Session, request_ids: list[str], now: datetime | None) -> list[str]:

@@ -28,6 +28,8 @@ class FiledRequest:
     request: ForgetRequest | Row  # a row, with the same attributes, where it was only read
     sample_ids: list[int]  # the samples it asks to forget, ascending
     parts: list[ForgetRequestPart | Row] = field(default_factory=list)  # by model name
+    # The semi-parametric models among the parts' (filed only): the API wakes their instant stage.
+    instant_models: list[str] = field(default_factory=list)
 
     @property
     def sample_count(self) -> int:

@@ -58,7 +58,8 @@ def test_create_then_read(client, seed, engine, api_key):
     assert created["sample_count"] == 2
     assert created["completed_at"] is None
     assert created["parts"] == [{"model": seed.model, "status": "pending", "batch_id": None,
-                                 "completed_version_id": None, "completed_at": None, "error": None}]
+                                 "completed_version_id": None, "completed_at": None, "instant_version_id": None,
+                                 "instant_at": None, "error": None}]
     assert not {"batch_id", "completed_version_id", "error"} & set(created)
     received_at = datetime.fromisoformat(created["received_at"])
     assert received_at.utcoffset() == timedelta(0)

@@ -172,3 +172,17 @@ def test_no_such_model_or_no_deployment_is_404(client, seed, engine):
         session.add(Model(name="undeployed", dataset="digits", spec={}))
     response = client.get("/models/deployed/artifact", params={"model": "undeployed"})
     assert (response.status_code, response.json()) == (404, {"detail": "model 'undeployed' has no deployed version"})
+
+
+def test_the_datastore_delta_refuses_what_it_cannot_answer(client, seed, bearer):
+    """The route's checks (its answers for a semi-parametric model: tests/integration/test_instant_erasure.py)."""
+    url = "/models/deployed/datastore-delta"
+    since = "a" * 64
+    malformed = client.get(url, params={"model": seed.model, "since": "not-a-sha256"})
+    assert malformed.status_code == 422 and "since" in malformed.json()["detail"][0]["loc"]
+    assert client.get(url, params={"model": seed.model}).status_code == 422  # since is required
+    assert client.get(url, params={"model": "nope", "since": since}).status_code == 404
+    parametric = client.get(url, params={"model": seed.model, "since": since})
+    assert parametric.status_code == 409 and "not semi-parametric" in parametric.json()["detail"]
+    assert client.get(url, params={"model": seed.model, "since": since},
+                      headers=bearer("submitter")).status_code == 403

@@ -239,7 +239,7 @@ def test_who_may_withdraw_or_extend(client, anonymous, engine, seed, bearer):
     assert extend(anonymous, mine["id"], headers=limited).status_code == 200
     assert withdraw(anonymous, mine["id"], headers=limited).json()["parts"] == [
         {"model": seed.model, "status": "withdrawn", "batch_id": None, "completed_version_id": None,
-         "completed_at": None, "error": None}]
+         "completed_at": None, "instant_version_id": None, "instant_at": None, "error": None}]
     assert withdraw(anonymous, both["id"], headers=submitter).status_code == 200
 
 

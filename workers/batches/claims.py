@@ -16,16 +16,7 @@ from sqlalchemy import Engine, select, update
 
 from service.core.audit_log import append_audit
 from service.core.db import transaction
-from service.core.models import (
-    Batch,
-    BatchStatus,
-    ForgetRequest,
-    ForgetRequestPart,
-    Model,
-    RequestStatus,
-    as_utc,
-    utcnow,
-)
+from service.core.models import Batch, BatchStatus, ForgetRequest, ForgetRequestPart, Model, as_utc, utcnow
 from service.core.settings import Settings
 from service.requests import lifecycle
 from workers.runtime import WORKER_ID
@@ -64,7 +55,8 @@ def claim_batch(engine: Engine, settings: Settings, model_name: str) -> ClaimedB
         pending = session.scalars(
             select(ForgetRequestPart)
             .join(ForgetRequest, ForgetRequest.id == ForgetRequestPart.request_id)
-            .where(ForgetRequestPart.model_name == model_name, ForgetRequestPart.status == RequestStatus.pending)
+            .where(ForgetRequestPart.model_name == model_name,
+                   ForgetRequestPart.status.in_(lifecycle.CLAIMABLE_STATUSES))
             .order_by(ForgetRequest.received_at)
             .with_for_update(of=ForgetRequestPart, skip_locked=True)
         ).all()

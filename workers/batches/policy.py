@@ -18,17 +18,8 @@ from pydantic import BaseModel
 from sqlalchemy import Connection, func, select
 from sqlalchemy.orm import aliased
 
-from service.core.models import (
-    Batch,
-    BatchStatus,
-    ForgetRequest,
-    ForgetRequestPart,
-    ForgetRequestSample,
-    Model,
-    RequestStatus,
-    as_utc,
-)
-from service.requests.lifecycle import OPEN_STATUSES
+from service.core.models import Batch, BatchStatus, ForgetRequest, ForgetRequestPart, ForgetRequestSample, Model, as_utc
+from service.requests.lifecycle import CLAIMABLE_STATUSES, OPEN_STATUSES
 
 
 class BatchPolicy(BaseModel):
@@ -65,7 +56,7 @@ def pending_stats(connection: Connection) -> list[PendingStats]:
         )
         .join(ForgetRequest, ForgetRequest.id == ForgetRequestPart.request_id)
         .join(ForgetRequestSample, ForgetRequestSample.request_id == ForgetRequest.id)
-        .where(ForgetRequestPart.status == RequestStatus.pending)
+        .where(ForgetRequestPart.status.in_(CLAIMABLE_STATUSES))
         .group_by(ForgetRequestPart.model_name)
     ).all()
     lent = _due_dates_of_linked_requests(connection)
@@ -83,7 +74,7 @@ def _due_dates_of_linked_requests(connection: Connection) -> dict[str, datetime]
         .join(theirs, theirs.request_id == ForgetRequest.id)
         .join(mine, mine.sample_id == theirs.sample_id)
         .join(follower, follower.id == mine.request_id)
-        .where(ForgetRequestPart.status == RequestStatus.pending, follower.linked_request_id.is_not(None),
+        .where(ForgetRequestPart.status.in_(CLAIMABLE_STATUSES), follower.linked_request_id.is_not(None),
                follower.status.in_(OPEN_STATUSES), follower.id != ForgetRequest.id,
                follower.received_at >= ForgetRequest.received_at,
                follower.model_name.is_(None) | (follower.model_name == ForgetRequestPart.model_name))

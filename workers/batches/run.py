@@ -27,6 +27,7 @@ from service.requests.holdings import erased_indices, held_by
 from workers import engine as qf
 from workers.batches.claims import ClaimedBatch, LeaseKeeper
 from workers.evaluation.samples import SampleAssessment, assess_samples, record_sample_scores
+from workers.instant import datastore_removals
 from workers.runtime import WORKER_ID, artifact_spec, load_data, readable_indices
 
 log = logging.getLogger(__name__)
@@ -69,15 +70,20 @@ def run_batch(engine: Engine, settings: Settings, claimed: ClaimedBatch, progres
         forget, retain = data.train.subset(forget_indices), data.train.subset(retain_indices)
         log.info("batch %s: %s on %d forget / %d retain samples", claimed.batch_id, method, len(forget), len(retain))
         result = qf.unlearn(method, network, forget, retain, config, device=settings.torch_device, progress=progress)
+        if spec.spm is not None:
+            # The datastore's embeddings came from the encoder before; the unlearned one embeds the
+            # retained samples again (the forgotten ones are not among them).
+            qf.build_datastore(result.model, retain, retain_indices, settings.torch_device)
         # Per-request evidence: the batch's samples before (the parent) and after (the new version).
         evidence = BatchEvidence(
             sample_ids=[id_of_index[index] for index in forget_indices],
             before=assess_samples(network, forget, retain, data.test, settings.torch_device),
             after=assess_samples(result.model, forget, retain, data.test, settings.torch_device),
         )
-        metrics = {**evidence.after.metrics,
-                   "integer_export": integer_export_check(result.model, spec, forget, retain, data.test,
-                                                          settings.torch_device)}
+        metrics = dict(evidence.after.metrics)
+        if spec.spm is None:  # the integer export rebuilds plain classifiers, not an SPM's datastore
+            metrics["integer_export"] = integer_export_check(result.model, spec, forget, retain, data.test,
+                                                             settings.torch_device)
         path, sha256 = qf.save_artifact(result.model, artifact_spec(spec), Path(settings.model_store))
     finally:
         keeper.stop()
@@ -105,6 +111,19 @@ def integer_export_check(network, spec: qf.ModelSpec, forget: qf.Split, retain: 
             "fake_quantized_FA": check["fake_quantized"]["FA"], "fake_quantized_MIA": check["fake_quantized"]["MIA"],
             "prediction_agreement": check["prediction_agreement"],
             "membership_agreement": check["membership_agreement"], "within_tolerance": check["within_tolerance"]}
+
+
+def without_removed_rows(session, model: Model, path: Path, sha256: str, settings: Settings) -> tuple[Path, str]:
+    """The artifact of an SPM's new version without the datastore rows of samples whose instant stage
+    ran while the batch did (their removal deployed after this run's parent): the version to deploy
+    must not bring them back. Called under the model's row lock, which the instant stage takes too."""
+    removals = datastore_removals(session, model)
+    network, spec = qf.load_artifact(path, sha256)
+    if not network.remove_samples(removals):
+        return path, sha256
+    log.info("model %s: %d datastore rows removed meanwhile also left the batch's version", model.name,
+             len(removals))
+    return qf.save_artifact(network, spec, Path(settings.model_store))
 
 
 class UnreadableSamples(RuntimeError):
@@ -143,6 +162,8 @@ def _record_result(engine, settings, claimed, forget_ids, path, sha256, run: tup
             return None  # already deployed by this batch's run, or taken over: deploy nothing
         model = session.get(Model, claimed.model_name, with_for_update=True)
         parent = session.get(ModelVersion, batch.parent_version_id)
+        if model.semi_parametric:
+            path, sha256 = without_removed_rows(session, model, path, sha256, settings)
         version = ModelVersion(
             model_name=model.name,
             kind=VersionKind.unlearned,

@@ -52,6 +52,7 @@ from .quantization import (
     quantize_model,
 )
 from .recipes import ModelSpec, retrain_reference, train_original
+from .spm import SemiParametricClassifier, SPMOptions, build_datastore, train_spm
 from .training import TrainConfig, accuracy, predict_probs, train_model
 from .unlearning import (
     QMulConfig,
@@ -80,4 +81,6 @@ __all__ = [
     "UNLEARNING_METHODS", "FTConfig", "GAConfig", "IUConfig", "L1SparseConfig", "LetheViTConfig", "OEUConfig",
     "QMulNoAGRConfig", "QMulNoSLConfig", "QuailConfig", "RLConfig", "RetrainConfig", "SalUnConfig",
     "evaluate_with_membership", "export_fidelity", "membership_auc", "method_config", "unlearn",
+    # semi-parametric models
+    "SPMOptions", "SemiParametricClassifier", "build_datastore", "train_spm",
 ]

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from .quantization import MatMul, QuantConv2d, more_precise, quantize_model
+from .spm import SemiParametricClassifier, SPMOptions
 
 
 class DigitsCNN(nn.Module):
@@ -365,13 +366,21 @@ def build_model(
     quantizer: str = "lsq+",
     per_channel: bool = False,
     first_last_bits: int | None = 8,
+    spm: dict | None = None,
 ) -> nn.Module:
     """A freshly initialised, fake-quantized model. Bits None (or 32) mean full precision; the
     first and last layers follow first_last_bits (see quantization.quantize_model). An
     architecture with a quantize_layout method (resnet18-qmul-public) decides itself which layers
-    it quantizes."""
+    it quantizes. spm (SPMOptions as a dict): a semi-parametric model whose encoder is the
+    architecture emitting an embedding of spm["embed_dim"] values instead of class scores, with an
+    empty datastore (spm.py)."""
     if architecture not in MODELS:
         raise ValueError(f"unknown architecture {architecture!r}; known: {sorted(MODELS)}")
+    if spm is not None:
+        options = SPMOptions(**spm)
+        encoder = build_model(architecture, options.embed_dim, in_channels, weight_bits, act_bits, quantizer,
+                              per_channel, first_last_bits)
+        return SemiParametricClassifier(encoder, num_classes, options)
     model = MODELS[architecture](num_classes=num_classes, in_channels=in_channels)
     if hasattr(model, "quantize_layout"):  # an architecture that fixes which layers are quantized
         model = model.quantize_layout(weight_bits, act_bits, quantizer, per_channel, first_last_bits)

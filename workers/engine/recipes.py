@@ -13,6 +13,7 @@ from torch import nn
 
 from .data import DatasetSplits, Split, dataset_info, load_dataset
 from .models import build_model
+from .spm import train_spm
 from .training import TrainConfig, train_model
 
 
@@ -34,6 +35,9 @@ class ModelSpec:
     first_last_bits: int | None = 8  # None: first and last layer stay float
     data_seed: int = 0  # seed of the validation split and per-class subsets
     data_options: dict = field(default_factory=dict)  # load_dataset options (root, subsets...)
+    # A semi-parametric model (spm.SPMOptions as a dict): the architecture is its encoder; None: a
+    # plain classifier.
+    spm: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -45,7 +49,9 @@ class ModelSpec:
     def model_kwargs(self) -> dict:
         """The build_model arguments (an artifact's spec["model"])."""
         info = dataset_info(self.dataset)
-        return {
+        # Only an SPM names it: artifacts of plain models keep the arguments they always had.
+        spm = {"spm": self.spm} if self.spm is not None else {}
+        return {**spm,
             "architecture": self.architecture,
             "num_classes": info.num_classes,
             "in_channels": info.in_channels,
@@ -70,15 +76,23 @@ class ModelSpec:
 def train_original(
     spec: ModelSpec, data: DatasetSplits, device: str | torch.device = "cpu", progress: bool = True
 ) -> nn.Module:
-    """QAT from scratch on the whole train split."""
+    """QAT from scratch on the whole train split (an SPM: its episodes, and its datastore of
+    every training sample)."""
+    if spec.spm is not None:
+        return train_spm(spec.build(), data.train, range(len(data.train)), spec.train, device, progress)
     return train_model(spec.build(), data.train, spec.train, device, progress, desc="original")
 
 
 def retrain_reference(
     spec: ModelSpec, retain: Split, device: str | torch.device = "cpu", progress: bool = True,
-    checkpoint: Path | None = None, checkpoint_every_s: float = 60.0,
+    checkpoint: Path | None = None, checkpoint_every_s: float = 60.0, indices=None,
 ) -> nn.Module:
     """The same recipe from scratch on the retain set only: the gold standard of unlearning.
-    checkpoint: as train_model's (a cut run resumes from it)."""
+    checkpoint: as train_model's (a cut run resumes from it). indices: the retain samples' dataset
+    indices, which an SPM's datastore records (an SPM run is not checkpointed)."""
+    if spec.spm is not None:
+        if indices is None:
+            raise ValueError("an SPM's retrain reference needs the retain samples' dataset indices")
+        return train_spm(spec.build(), retain, indices, spec.train, device, progress, desc="retrain")
     return train_model(spec.build(), retain, spec.train, device, progress, desc="retrain",
                        checkpoint=checkpoint, checkpoint_every_s=checkpoint_every_s)

@@ -47,7 +47,8 @@ def train_reference(engine: Engine, settings: Settings, model_name: str, referen
     checkpoint = None if reference_request_id is None else reference_checkpoint(
         settings, reference_request_id, spec, active_indices)
     reference = qf.retrain_reference(spec, retain, device=settings.torch_device, progress=progress,
-                                     checkpoint=checkpoint, checkpoint_every_s=settings.checkpoint_every_seconds)
+                                     checkpoint=checkpoint, checkpoint_every_s=settings.checkpoint_every_seconds,
+                                     indices=active_indices)
     path, sha256 = qf.save_artifact(reference, artifact_spec(spec), Path(settings.model_store))
     with transaction(engine) as session:
         if set(erased_indices(session, spec.dataset)) & set(active_indices):

@@ -4,6 +4,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, FastAPI, Header, HTTPException, Path, Query, Request, status
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from service.api.deps import ReaderDep, SessionDep, SubmitterDep
 from service.api.schemas import (
@@ -109,6 +110,10 @@ async def file_request(
         return JSONResponse(
             status_code=outcome.status_code, content=outcome.body, headers={"Idempotent-Replayed": "true"}
         )
+    if outcome.instant_models:
+        # After the commit, so the task finds the request; a semi-parametric model's datastore drops
+        # the samples within seconds, before any batch (workers/instant.py).
+        await run_in_threadpool(app.state.wakeups.instant_stage, outcome.instant_models)
     # The same serialisation as a replay's, so that a retry's body equals the first, byte for byte.
     return JSONResponse(status_code=status.HTTP_202_ACCEPTED, content=response_body(outcome))
 

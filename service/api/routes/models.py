@@ -12,6 +12,7 @@ from service.api.schemas import (
     AUTH_ERRORS,
     DATABASE_UNAVAILABLE,
     NO_NUL,
+    DatastoreDeltaPublic,
     DigitsOnly,
     ErrorPublic,
     ModelVersionPublic,
@@ -22,6 +23,7 @@ from service.api.schemas import (
 from service.core.models import ReferenceRequest, VersionKind
 from service.core.tasks import GPU_QUEUE
 from service.deployments import artifacts
+from service.deployments.delta import NoDelta, datastore_delta
 from service.deployments.queries import deployed_version, find_model, find_version_with_lineage, versions_page
 from service.references.schedule import ask_for_reference
 
@@ -105,6 +107,37 @@ def download_deployed_artifact(
         "Content-Disposition": f'attachment; filename="{sha256}.pt"',
     }
     return StreamingResponse(artifacts.read_chunks(file), media_type="application/octet-stream", headers=headers)
+
+
+@router.get(
+    "/deployed/datastore-delta",
+    response_model=DatastoreDeltaPublic,
+    responses={
+        404: {"model": ErrorPublic, "description": "No model has this name, or it has no deployed version."},
+        409: {"model": ErrorPublic, "description": "No delta leads from that artifact to the deployed one (not a "
+              "semi-parametric model, not an ancestor, or the encoder changed since): fetch the whole artifact."},
+        422: {"model": ProblemPublic, "description": "The model name or the sha256 is malformed."},
+    },
+)
+def read_datastore_delta(
+    session: SessionDep,
+    settings: SettingsDep,
+    caller: AuditorDep,
+    since: Annotated[str, Query(pattern="^[0-9a-f]{64}$", description="The sha256 (ETag) of the artifact the "
+                                "device holds.")],
+    model: ModelName = None,
+) -> DatastoreDeltaPublic:
+    """What an edge device holding an earlier artifact of a semi-parametric model drops from its datastore to
+    match the deployed one (its ETag), instead of downloading it again."""
+    name = model or settings.default_model
+    db_model = find_model(session, name)
+    if db_model is None or db_model.deployed_version_id is None:
+        raise HTTPException(status_code=404, detail=f"model {name!r} not found or not deployed")
+    try:
+        delta = datastore_delta(session, db_model, since)
+    except NoDelta as exc:
+        raise HTTPException(status_code=409, detail=str(exc)) from None
+    return DatastoreDeltaPublic.model_validate(delta)
 
 
 def _etag_matches(if_none_match: str, etag: str) -> bool:
