@@ -6,7 +6,7 @@ them: its original version excludes them, and the record says it never learned t
 """
 
 import logging
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -151,12 +151,15 @@ BOOTSTRAP_RECIPES = {
 }
 
 
-def default_spec(epochs: int | None = None, architecture: str = "digits-cnn") -> qf.ModelSpec:
+def default_spec(epochs: int | None = None, architecture: str = "digits-cnn",
+                 semi_parametric: bool = False) -> qf.ModelSpec:
     """The recipe for a model of this architecture on the digits (BOOTSTRAP_RECIPES); by default the
-    engine's digits CNN."""
+    engine's digits CNN. semi_parametric: an SPM whose encoder is that architecture, with the
+    engine's default SPM options (its erasures take effect at once: workers/instant.py)."""
     if architecture not in BOOTSTRAP_RECIPES:
         raise ValueError(f"cannot bootstrap {architecture!r}; known: {sorted(BOOTSTRAP_RECIPES)}")
-    spec = qf.ModelSpec(architecture=architecture, train=BOOTSTRAP_RECIPES[architecture])
+    spec = qf.ModelSpec(architecture=architecture, train=BOOTSTRAP_RECIPES[architecture],
+                        spm=asdict(qf.SPMOptions()) if semi_parametric else None)
     if epochs:
         spec = replace(spec, train=replace(spec.train, epochs=epochs))
     return spec

@@ -90,7 +90,7 @@ def _bootstrap(args) -> int:
 
     settings = get_settings()
     model_name = args.model or settings.default_model
-    version_id = bootstrap(settings, model_name, default_spec(args.epochs, args.architecture),
+    version_id = bootstrap(settings, model_name, default_spec(args.epochs, args.architecture, args.semi_parametric),
                            samples_per_subject=args.samples_per_subject)
     print(f"model {model_name}: version {version_id} deployed; artifacts in {settings.model_store}")
     return 0
@@ -240,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     bootstrap.add_argument("--architecture", default="digits-cnn",
                            help="the model's architecture on the digits: digits-cnn (default) or digits-vit, a "
                                 "quantized vision transformer")
+    bootstrap.add_argument("--semi-parametric", action="store_true",
+                           help="a semi-parametric model (SPM): the architecture is its encoder, and its datastore of "
+                                "the training samples loses a forget request's samples within seconds")
     bootstrap.add_argument("--epochs", type=int, default=None, help="QAT epochs (default: the recipe's)")
     bootstrap.add_argument("--samples-per-subject", type=int, default=10,
                            help="how many training samples each synthetic subject owns (default 10)")

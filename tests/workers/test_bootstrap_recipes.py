@@ -16,3 +16,10 @@ def test_each_bootstrap_architecture_has_its_recipe():
     assert set(BOOTSTRAP_RECIPES) <= set(MODELS)
     with pytest.raises(ValueError, match="cannot bootstrap 'vit-tiny'"):
         default_spec(architecture="vit-tiny")
+
+
+def test_a_semi_parametric_bootstrap_makes_an_spm_around_the_architecture():
+    spm = default_spec(3, "digits-cnn", semi_parametric=True)
+    assert spm.spm is not None and spm.spm["embed_dim"] > 0 and spm.architecture == "digits-cnn"
+    assert default_spec().spm is None
+    assert hasattr(spm.build(), "remove_samples")

@@ -756,7 +756,8 @@ def ulira_markdown(runs: dict, populations: str) -> str:
     for row in rows:
         auc = mean_std([run_["results"][row]["AUC"] for run_ in runs.values()])
         tpr = mean_std([run_["results"][row]["TPR@FPR"] for run_ in runs.values()])
-        lines.append(f"| {method_label(row)} | {fmt(auc)} | {fmt(tpr)} |")
+        show = fmt if len(runs) > 1 else (lambda cell: f"{cell[0]:.2f}")  # one run: no spread to show
+        lines.append(f"| {method_label(row)} | {show(auc)} | {show(tpr)} |")
     pair = mean_std([run_["reference_pair_difference"]["p95"] for run_ in runs.values()])
     lines += ["", ("- Telling each row's models from retrained ones by a per-sample Gaussian likelihood "
                    "ratio on the logit-scaled confidence, leave one out (docs/engine.md). 50: "
