@@ -30,7 +30,7 @@ from tqdm import tqdm
 from workers.engine.coresets import SELECTORS, select_coreset
 from workers.engine.methods import method_config, unlearn
 from workers.engine.metrics import METRIC_KEYS
-from workers.engine.training import train_model
+from workers.engine.training import accuracy, train_model
 
 from . import bench
 
@@ -77,12 +77,48 @@ def approximate_reference_row(config: bench.BenchConfig, context: bench.SeedCont
     return record
 
 
+def bootstrap_rows(config: bench.BenchConfig, context: bench.SeedContext, cache: Path, device: str,
+                   sizes, selectors, progress: bool) -> dict[str, dict]:
+    """QuaRC's own use: QAT of the quantized model started from a float model's weights, on a coreset
+    of the whole train split, with and without Cascaded Layer Correction against that float model,
+    and on the whole split; the original (QAT from scratch on the whole split) is what they
+    replace. The float model is trained once with the original's recipe; its time is not counted
+    (a deployment that bootstraps has it already)."""
+    spec = config.spec(context.seed, config.original_epochs)
+    fp_spec = replace(spec, weight_bits=None, act_bits=None, first_last_bits=None)
+    fp_key = bench.stage_key("fp-original", data=context.keys["data"], spec=fp_spec.to_dict())
+    fp, _ = bench.trained_model(cache, fp_key, fp_spec, context.train, device, progress, "fp original",
+                                lambda model: {})
+    rows = {}
+    variants = [(1.0, "random", False)] + [(f, s, clc) for f in sizes for s in selectors for clc in (False, True)]
+    for fraction, selector, clc in variants:
+        name = "bootstrap full" if fraction == 1.0 else coreset_row("bootstrap", fraction, selector) + (
+            " +CLC" if clc else "")
+        key = bench.stage_key("bootstrap", fp=fp_key, fraction=fraction, selector=selector, clc=clc,
+                              spec=spec.to_dict())
+        record = bench.read_json(cache / "stages" / f"{key}.json")
+        if record is None:
+            with bench.Measure(device) as measured:
+                model = spec.build().to(device)
+                # The float weights and BatchNorm statistics; the quantizers start from them.
+                model.load_state_dict(fp.state_dict(), strict=False)
+                index = (torch.arange(len(context.train)) if fraction == 1.0 else
+                         select_coreset(model, context.train, fraction, selector, context.seed, device, float_model=fp))
+                train_model(model, context.train.subset(index), spec.train, device, progress, desc=name,
+                            teacher=fp if clc else None)
+            record = {"key": key, **measured.result, "samples": len(index),
+                      "test_accuracy": accuracy(model, context.test, device)}
+            bench.write_json(cache / "stages" / f"{key}.json", record)
+        rows[name] = record
+    return rows
+
+
 def ag_between(a: dict, b: dict) -> float:
     return sum(abs(a["metrics"][k] - b["metrics"][k]) for k in METRIC_KEYS) / len(METRIC_KEYS)
 
 
-def run(config: bench.BenchConfig, out: Path, sizes, selectors, approximate: bool, progress: bool = True,
-        command: str = "") -> dict:
+def run(config: bench.BenchConfig, out: Path, sizes, selectors, approximate: bool, bootstrap: bool = False,
+        progress: bool = True, command: str = "") -> dict:
     device = config.resolved_device()
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -91,7 +127,7 @@ def run(config: bench.BenchConfig, out: Path, sizes, selectors, approximate: boo
     started = time.perf_counter()
     qmul_rows = ["qmul"] + [coreset_row("qmul", f, s) for f in sizes for s in selectors]
     approx_rows = [coreset_row("approx", f, s) for f in sizes for s in selectors] if approximate else []
-    per_seed, audit_error = {}, {}
+    per_seed, audit_error, bootstrap_seed = {}, {}, {}
     for seed in tqdm(config.seeds, desc="seeds", disable=not progress):
         context = bench.prepare_seed(config, seed, cache, device, progress)
         rows = bench.run_seed(replace_methods(config), context, cache, device, progress)  # retrain, original
@@ -110,6 +146,9 @@ def run(config: bench.BenchConfig, out: Path, sizes, selectors, approximate: boo
         audit_error[seed] = {row: ag_between(rows["qmul"], rows[row]) - ag_between(rows["qmul"], rows["retrain"])
                              for row in approx_rows}
         per_seed[seed] = rows
+        if bootstrap:
+            bootstrap_seed[seed] = {"original": context.original_record,
+                                    **bootstrap_rows(config, context, cache, device, sizes, selectors, progress)}
         del context
     names = ["retrain", "original"] + qmul_rows + approx_rows
     table = bench.aggregate({s: {r: per_seed[s][r] for r in names} for s in per_seed}, names)
@@ -118,10 +157,12 @@ def run(config: bench.BenchConfig, out: Path, sizes, selectors, approximate: boo
         table[row]["retain_samples"] = first[row]["history"][0].get("retain_samples", "")
     wall = time.perf_counter() - started
     report = markdown(config, table, qmul_rows, approx_rows, audit_error, command, wall, device)
+    if bootstrap:
+        report += bootstrap_markdown(bootstrap_seed)
     plot(table, sizes, selectors, run_dir / "coresets.png",
          f"{config.name}: Q-MUL's retain pass over a coreset, seeds {config.seeds}")
     results = {"config": config, "device": device, "wall_time_s": wall, "command": command, "table": table,
-               "audit_error": audit_error,
+               "audit_error": audit_error, "bootstrap": bootstrap_seed,
                "per_seed": {s: {r: {k: v for k, v in rec.items() if k not in ("history", "forget_scores")}
                                 for r, rec in per_seed[s].items()} for s in per_seed}}
     bench.write_json(run_dir / "coresets.json", results)
@@ -173,6 +214,22 @@ def markdown(config, table, qmul_rows, approx_rows, audit_error, command, wall, 
     return "\n".join(lines) + "\n"
 
 
+def bootstrap_markdown(per_seed: dict) -> str:
+    rows = list(next(iter(per_seed.values())))
+    original_time = bench.mean_std([per_seed[s]["original"]["time_s"] for s in per_seed])[0]
+    original_acc = bench.mean_std([per_seed[s]["original"]["test_accuracy"] for s in per_seed])[0]
+    lines = ["", "Bootstrap QAT from a float model (mean ± std over seeds; \"original\": QAT from scratch on the "
+             "whole train split; the float model's own training not counted):", "",
+             "| row | samples | time (s) | time / original | test accuracy | Δ to original |", "|---|---|---|---|---|---|"]
+    for row in rows:
+        time_s = bench.mean_std([per_seed[s][row]["time_s"] for s in per_seed])
+        acc = bench.mean_std([per_seed[s][row]["test_accuracy"] for s in per_seed])
+        samples = per_seed[next(iter(per_seed))][row].get("samples", "")
+        lines.append(f"| {row} | {samples} | {cell(time_s)} | {time_s[0] / original_time:.2f} | {cell(acc)} | "
+                     f"{acc[0] - original_acc:+.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(table: dict, sizes, selectors, path: Path, title: str) -> None:
     import matplotlib
 
@@ -208,10 +265,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--selectors", nargs="+", choices=SELECTORS, default=list(SELECTORS))
     parser.add_argument("--approximate-reference", action="store_true",
                         help="also train the approximate reference on each coreset")
+    parser.add_argument("--bootstrap", action="store_true",
+                        help="also bootstrap QAT from a float model on each coreset, with and without CLC")
     args = parser.parse_args(argv)
     config = bench.config_from_args(args)
     command = "python -m workers.benchmarks.coresets " + " ".join(argv)
-    run(config, Path(args.out), args.sizes, args.selectors, args.approximate_reference,
+    run(config, Path(args.out), args.sizes, args.selectors, args.approximate_reference, args.bootstrap,
         progress=not args.no_progress, command=command)
     run_dir = Path(args.out) / config.name
     print((run_dir / "coresets.md").read_text())
