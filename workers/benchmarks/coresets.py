@@ -176,7 +176,7 @@ def replace_methods(config: bench.BenchConfig) -> bench.BenchConfig:
 
 
 def cell(pair: tuple[float, float]) -> str:
-    return f"{pair[0]:.2f} ± {pair[1]:.2f}"
+    return "" if pair[0] != pair[0] else f"{pair[0]:.2f} ± {pair[1]:.2f}"  # NaN: not measured (the original's evaluation)
 
 
 def markdown(config, table, qmul_rows, approx_rows, audit_error, command, wall, device) -> str:
