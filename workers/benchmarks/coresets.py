@@ -243,7 +243,8 @@ def plot(table: dict, sizes, selectors, path: Path, title: str) -> None:
     for selector in selectors:
         cells = [table[coreset_row("qmul", f, selector)] for f in sizes]
         ax.errorbar([c["time_s"][0] for c in cells], [c["AG_per_seed"][0] for c in cells],
-                    yerr=[c["AG_per_seed"][1] for c in cells], marker="o", capsize=3, label=selector)
+                    yerr=[[min(c["AG_per_seed"]) for c in cells], [c["AG_per_seed"][1] for c in cells]],
+                    marker="o", capsize=3, label=selector)  # AG >= 0: the lower whisker stops at zero
         for fraction, c in zip(sizes, cells):
             ax.annotate(f"{fraction:g}", (c["time_s"][0], c["AG_per_seed"][0]), fontsize=7,
                         xytext=(3, 3), textcoords="offset points")
