@@ -33,13 +33,17 @@ Momentum = Annotated[float, Field(ge=0, lt=1)]
 WeightDecay = Annotated[float, Field(ge=0, le=1)]
 BatchSize = Annotated[int, Field(ge=1, le=4096)]
 GradNormBatches = Annotated[int, Field(ge=0, le=100_000)]  # 0: a full pass over each set
+CoresetFraction = Annotated[float, Field(gt=0, le=1)]
+CoresetSelector = Literal["random", "res", "jscds"]  # workers/engine/coresets.py
+QMUL_ONLY = ("similar_labels", "gradient_reweighting", "grad_norm_batches", "retain_coreset", "coreset_selector")
 
 
 class UnlearnSettings(BaseModel):
     """Unlearning settings for a model's next runs, overriding the service-wide ones; omitted:
     unchanged. `method` picks another of the engine's methods (the one its benchmark found best, say);
-    `similar_labels`, `gradient_reweighting` and `grad_norm_batches` are Q-MUL's (the first two turn
-    its components off: ablations)."""
+    `similar_labels`, `gradient_reweighting`, `grad_norm_batches`, `retain_coreset` and
+    `coreset_selector` are Q-MUL's (the first two turn its components off: ablations; the last two run
+    its retain pass over a coreset of the retain set, off unless set: docs/engine.md, Coresets)."""
 
     model_config = ConfigDict(extra="forbid")
     method: UnlearnMethod | None = None
@@ -51,12 +55,13 @@ class UnlearnSettings(BaseModel):
     similar_labels: bool | None = None
     gradient_reweighting: bool | None = None
     grad_norm_batches: GradNormBatches | None = None
+    retain_coreset: CoresetFraction | None = None
+    coreset_selector: CoresetSelector | None = None
 
     @model_validator(mode="after")
     def _qmul_fields_for_qmul(self) -> "UnlearnSettings":
         if self.method is not None and self.method not in QMUL_METHODS:
-            given = [name for name in ("similar_labels", "gradient_reweighting", "grad_norm_batches")
-                     if getattr(self, name) is not None]
+            given = [name for name in QMUL_ONLY if getattr(self, name) is not None]
             if given:
                 raise ValueError(f"{', '.join(given)} are Q-MUL's settings; method {self.method!r} has none")
         return self

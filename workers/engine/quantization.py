@@ -72,6 +72,7 @@ part of the state dict: a loaded model keeps its learned parameters.
 """
 
 import math
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -466,12 +467,32 @@ def quantized_operands(layer: "QuantConv2d | QuantLinear", x: torch.Tensor) -> t
     rounding onto a grid needs float32's precision (bfloat16 keeps 8 significant bits, an 8-bit
     grid needs all of them for the codes alone). The convolution or product that follows them is
     what autocast may run in bfloat16."""
+    if not layer.quantize:
+        return x, layer.weight
     with torch.autocast(x.device.type, enabled=False):
         return layer.input_quantizer(x.float()), layer.weight_quantizer(layer.weight)
 
 
+@contextmanager
+def quantization_off(model: nn.Module):
+    """Within the block, every quantized layer of model computes with its latent float weight and
+    its unquantized input: the full-precision view of a quantized model (its "FP model" where no
+    float checkpoint exists). BatchNorm keeps the statistics it learned under quantization, so
+    this view is close to, not the same as, a float model trained alike."""
+    layers = [m for m in model.modules() if isinstance(m, (QuantConv2d, QuantLinear))]
+    for layer in layers:
+        layer.quantize = False
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            del layer.quantize  # back to the class attribute
+
+
 class QuantConv2d(nn.Conv2d):
     """Conv2d that fake-quantizes its weight and its input activation (bias stays float)."""
+
+    quantize = True  # quantization_off turns it off for one block
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, quantizer, weight_bits, act_bits, per_channel):
@@ -491,6 +512,8 @@ class QuantConv2d(nn.Conv2d):
 
 class QuantLinear(nn.Linear):
     """Linear layer that fake-quantizes its weight and its input activation (bias stays float)."""
+
+    quantize = True  # quantization_off turns it off for one block
 
     @classmethod
     def from_float(cls, linear: nn.Linear, quantizer, weight_bits, act_bits, per_channel):

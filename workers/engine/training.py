@@ -13,6 +13,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .data import Split
+from .quantization import QuantConv2d, QuantLinear
 
 
 @dataclass
@@ -86,6 +87,8 @@ def train_model(
     bf16: bool = False,
     checkpoint: Path | None = None,
     checkpoint_every_s: float = 60.0,
+    teacher: nn.Module | None = None,
+    clc_weight: float = 1.0,
 ) -> nn.Module:
     """SGD with momentum (or AdamW: config.optimizer), cosine learning-rate decay and gradient clipping on cross-entropy, with
     the split's train-time augmentation; returns model. compile_model: through compiled_forward;
@@ -94,8 +97,15 @@ def train_model(
     checkpoint: a file the run saves its whole state to after an epoch, at most every
     checkpoint_every_s seconds, and resumes from when it exists: a run cut short (a machine that
     gives each command ten minutes, a worker that dies) continues to the same result as an uncut
-    one. Removed once the run is done; checkpoint_seconds() tells how long the saved part took."""
+    one. Removed once the run is done; checkpoint_seconds() tells how long the saved part took.
+
+    teacher: a full-precision model of the same architecture (a float checkpoint, or a quantized
+    model run under quantization.quantization_off by the caller): the loss adds
+    clc_weight * LayerCorrection's loss against it (Cascaded Layer Correction). None: off."""
     model.to(device).train()
+    correction = None
+    if teacher is not None and clc_weight > 0:
+        correction = LayerCorrection(model, teacher.to(device).eval())
     forward = compiled_forward(model) if compile_model else model
     generator = torch.Generator().manual_seed(config.seed)
     optimizer = make_optimizer(model, config)
@@ -120,6 +130,8 @@ def train_model(
             with bf16_autocast(device, bf16):
                 logits = forward(x)
             loss = F.cross_entropy(logits.float(), y)
+            if correction is not None:
+                loss = loss + clc_weight * correction.loss(x)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.grad_clip is not None:
@@ -136,7 +148,55 @@ def train_model(
             last_saved = now
     if checkpoint is not None:
         Path(checkpoint).unlink(missing_ok=True)
+    if correction is not None:
+        correction.remove()
     return model
+
+
+class LayerCorrection:
+    """Cascaded Layer Correction (after QuaRC, arXiv 2507.17768; the loss is ours, its exact form
+    was not available): the outputs of the student's quantized layers (QuantConv2d, QuantLinear,
+    in module order) are captured during its forward pass; loss(x) runs the teacher on the same
+    batch and returns
+
+        mean over layers l of  ||o_l^student - o_l^teacher||^2 / ||o_l^teacher||^2
+
+    Cascaded: each student output is taken on the student's own path through the earlier layers,
+    so the term at layer l corrects the error accumulated up to l, not that layer's alone. The
+    normalisation makes layers of any scale weigh alike. The teacher's layers are found by the
+    same module names (a float model's Conv2d/Linear where the student has Quant* layers)."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module):
+        self.names = [n for n, m in student.named_modules() if isinstance(m, (QuantConv2d, QuantLinear))]
+        if not self.names:
+            raise ValueError("the student has no quantized layer to correct")
+        self.teacher = teacher
+        self.student_out: dict[str, torch.Tensor] = {}
+        self.teacher_out: dict[str, torch.Tensor] = {}
+        self.handles = []
+        for name in self.names:
+            self.handles.append(student.get_submodule(name).register_forward_hook(self._keep(self.student_out, name)))
+            self.handles.append(teacher.get_submodule(name).register_forward_hook(self._keep(self.teacher_out, name)))
+
+    @staticmethod
+    def _keep(store: dict, name: str):
+        def hook(module, inputs, output):
+            store[name] = output
+        return hook
+
+    def loss(self, x: torch.Tensor) -> torch.Tensor:
+        """The correction loss of the batch the student has just run forward on."""
+        with torch.no_grad():
+            self.teacher(x)
+        terms = [(self.student_out[n].float() - self.teacher_out[n].float()).pow(2).sum()
+                 / self.teacher_out[n].float().pow(2).sum().clamp_min(1e-12) for n in self.names]
+        self.student_out.clear()
+        self.teacher_out.clear()
+        return torch.stack(terms).mean()
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
 
 
 def checkpoint_seconds(checkpoint: Path) -> float:

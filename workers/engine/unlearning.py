@@ -98,6 +98,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from .coresets import SELECTORS, select_coreset
 from .data import Split
 from .training import bf16_autocast, compiled_forward, predict_logits, predict_probs, shuffled_batches
 
@@ -248,6 +249,11 @@ class QMulConfig:
     label_index: str = "mapped"  # "unmapped": the position in the row without y, not mapped back
     grad_norm: str = "global"  # "tensor-sum": sum of per-tensor L2 norms, in train mode
     lr_schedule: str = "constant"  # "cosine": annealed towards 0 over the epochs
+    # The retain pass over a coreset of the retain set (coresets.select_coreset, chosen once from
+    # the model before unlearning): its fraction, None for the whole set, and its selector. Off:
+    # measured not to keep AG at a third of the time (docs/bench/coresets.md).
+    retain_coreset: float | None = None
+    coreset_selector: str = "random"
 
     def validate(self) -> None:
         for value, known in [(self.schedule, FORGET_SCHEDULES), (self.grad_norm, GRAD_NORMS),
@@ -255,6 +261,8 @@ class QMulConfig:
                              (self.label_index, LABEL_INDICES), (self.lr_schedule, LR_SCHEDULES)]:
             if value not in known:
                 raise ValueError(f"unknown Q-MUL option {value!r}; known: {known}")
+        if self.coreset_selector not in SELECTORS:
+            raise ValueError(f"unknown coreset selector {self.coreset_selector!r}; known: {SELECTORS}")
 
 
 @dataclass
@@ -295,6 +303,9 @@ def qmul_unlearn(
         raise ValueError("Q-MUL needs a non-empty forget set and a non-empty retain set")
     config.validate()
     model = copy.deepcopy(model).to(device)
+    if config.retain_coreset is not None:
+        retain = retain.subset(select_coreset(model, retain, config.retain_coreset,
+                                              config.coreset_selector, config.seed, device))
     if config.similar_labels:
         forget_labels = forget_similar_labels(model, forget, config, device, train_mode=False)
     else:
@@ -366,7 +377,7 @@ def qmul_unlearn(
             scheduler.step()
         history.append({
             "epoch": epoch, "lr": lr, "w_f": w_f, "w_r": w_r, "G_f": forget_norm,
-            "G_r": retain_norm, "steps": len(steps),
+            "G_r": retain_norm, "steps": len(steps), "retain_samples": len(retain),
             **({"labels_changed": labels_changed} if relabel else {}),
             **{name: sums[name] / max(counts[name], 1) for name in sums},
         })
