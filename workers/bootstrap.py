@@ -5,13 +5,16 @@ them: its original version excludes them, and the record says it never learned t
 (service.requests.holdings).
 """
 
+import hashlib
 import logging
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
+import torch
 from sqlalchemy import func, insert, select
 
+from service.audit.lineage import quantization_lineage
 from service.core.audit_log import append_audit
 from service.core.db import get_engine, transaction
 from service.core.migrate import upgrade_database
@@ -52,8 +55,16 @@ def bootstrap(
     spec: qf.ModelSpec,
     samples_per_subject: int = 10,
     progress: bool = True,
+    float_checkpoint: Path | None = None,
 ) -> int:
-    """Make `model_name` exist with a deployed original version. Returns the deployed version id."""
+    """Make `model_name` exist with a deployed original version. Returns the deployed version id.
+
+    float_checkpoint: a state dict of spec's full-precision twin (spec.full_precision()), already
+    trained: spec.ptq quantizes it instead of a full-precision model trained here. Its training is
+    outside the service's record, so samples asked to be erased cannot be left out of it: refused then.
+    """
+    if float_checkpoint is not None and spec.ptq is None:
+        raise ValueError("a full-precision checkpoint needs a post-training quantization recipe (spec.ptq)")
     upgrade_database(settings.database_url)
     engine = get_engine(settings, "cli")
     with transaction(engine) as session:
@@ -75,11 +86,18 @@ def bootstrap(
     data = load_data(spec, tombstoned)
     left_out = {index for _, index in erased}
     kept = [i for i in range(len(data.train)) if i not in left_out]
+    if left_out and float_checkpoint is not None:
+        raise ValueError(f"{len(left_out)} samples of {spec.dataset} were asked to be erased: a checkpoint trained "
+                         "outside the service may hold them; bootstrap without --float-checkpoint")
     if left_out:
         log.info("bootstrap %s: %d samples whose erasure was asked are left out", model_name, len(left_out))
         data = replace(data, train=data.train.subset(kept))
     if spec.spm is not None:  # its datastore records each sample's dataset index
         network = qf.train_spm(spec.build(), data.train, kept, spec.train, settings.torch_device, progress)
+    elif float_checkpoint is not None:
+        float_model = spec.full_precision().build()
+        float_model.load_state_dict(torch.load(float_checkpoint, map_location="cpu", weights_only=True))
+        network = qf.quantize_trained(spec, float_model, data.train, settings.torch_device, progress)
     else:
         network = qf.train_original(spec, data, device=settings.torch_device, progress=progress)
     metrics = {
@@ -88,6 +106,9 @@ def bootstrap(
     }
     path, sha256 = qf.save_artifact(network, artifact_spec(spec), Path(settings.model_store))
 
+    lineage = quantization_lineage(spec.to_dict())
+    if float_checkpoint is not None:
+        lineage["float_checkpoint_sha256"] = hashlib.sha256(Path(float_checkpoint).read_bytes()).hexdigest()
     train_size = len(data.train) + len(left_out)
     with transaction(engine) as session:
         _record_dataset(session, spec.dataset, train_size)
@@ -100,7 +121,8 @@ def bootstrap(
         session.add(model)
         session.flush()
         version = ModelVersion(
-            model_name=model_name, kind=VersionKind.original, method="qat", config=spec.to_dict(),
+            model_name=model_name, kind=VersionKind.original,
+            method="qat" if spec.ptq is None else f"ptq-{spec.ptq['method']}", config=spec.to_dict(),
             metrics=metrics, sha256=sha256, artifact_path=str(path),
             excluded_sample_ids=[sample_id for sample_id, _ in erased],
         )
@@ -114,7 +136,8 @@ def bootstrap(
         model.deployed_version_id = version.id
         append_audit(session, actor="cli:bootstrap", action="model.deployed", object_type="model_version",
                      object_id=str(version.id),
-                     details={"model": model_name, "kind": "original", "sha256": sha256, "metrics": metrics})
+                     details={"model": model_name, "kind": "original", "sha256": sha256, "metrics": metrics,
+                              "quantization": lineage})
         return version.id
 
 
@@ -152,14 +175,15 @@ BOOTSTRAP_RECIPES = {
 
 
 def default_spec(epochs: int | None = None, architecture: str = "digits-cnn",
-                 semi_parametric: bool = False) -> qf.ModelSpec:
+                 semi_parametric: bool = False, ptq: dict | None = None) -> qf.ModelSpec:
     """The recipe for a model of this architecture on the digits (BOOTSTRAP_RECIPES); by default the
     engine's digits CNN. semi_parametric: an SPM whose encoder is that architecture, with the
-    engine's default SPM options (its erasures take effect at once: workers/instant.py)."""
+    engine's default SPM options (its erasures take effect at once: workers/instant.py). ptq
+    (engine.PTQRecipe as a dict): trained in full precision, then quantized after training."""
     if architecture not in BOOTSTRAP_RECIPES:
         raise ValueError(f"cannot bootstrap {architecture!r}; known: {sorted(BOOTSTRAP_RECIPES)}")
     spec = qf.ModelSpec(architecture=architecture, train=BOOTSTRAP_RECIPES[architecture],
-                        spm=asdict(qf.SPMOptions()) if semi_parametric else None)
+                        spm=asdict(qf.SPMOptions()) if semi_parametric else None, ptq=ptq)
     if epochs:
         spec = replace(spec, train=replace(spec.train, epochs=epochs))
     return spec

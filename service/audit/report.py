@@ -27,6 +27,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.audit.comparison import references_newest_first
+from service.audit.lineage import describe_quantization
 from service.audit.standing import DeploymentAudit
 from service.core.models import (
     Evaluation,
@@ -88,6 +89,7 @@ def build_report(session: Session, model: Model, audit: DeploymentAudit, deadlin
     mia_evaluation = _mia_evaluation(audit, evaluations)
     return _templates.get_template("report.html").render(
         model=model,
+        quantization=describe_quantization(model.spec),
         audit=audit,
         generated_at=now,
         reference_status=reference_status,

@@ -2,6 +2,7 @@
 
 import argparse
 import sys
+from pathlib import Path
 
 from service.core.logging_setup import configure_logging, logging_config
 
@@ -90,8 +91,16 @@ def _bootstrap(args) -> int:
 
     settings = get_settings()
     model_name = args.model or settings.default_model
-    version_id = bootstrap(settings, model_name, default_spec(args.epochs, args.architecture, args.semi_parametric),
-                           samples_per_subject=args.samples_per_subject)
+    ptq = None
+    if args.ptq:
+        ptq = {"method": args.ptq, "calibration": args.calibration, "samples": args.calibration_samples}
+        if args.synthesizer:
+            ptq["synthesizer"] = args.synthesizer
+    elif args.float_checkpoint or args.synthesizer:
+        raise SystemExit("--float-checkpoint and --synthesizer go with --ptq")
+    spec = default_spec(args.epochs, args.architecture, args.semi_parametric, ptq)
+    version_id = bootstrap(settings, model_name, spec, samples_per_subject=args.samples_per_subject,
+                           float_checkpoint=args.float_checkpoint)
     print(f"model {model_name}: version {version_id} deployed; artifacts in {settings.model_store}")
     return 0
 
@@ -243,7 +252,19 @@ def build_parser() -> argparse.ArgumentParser:
     bootstrap.add_argument("--semi-parametric", action="store_true",
                            help="a semi-parametric model (SPM): the architecture is its encoder, and its datastore of "
                                 "the training samples loses a forget request's samples within seconds")
-    bootstrap.add_argument("--epochs", type=int, default=None, help="QAT epochs (default: the recipe's)")
+    bootstrap.add_argument("--epochs", type=int, default=None, help="training epochs (default: the recipe's)")
+    bootstrap.add_argument("--ptq", default=None, metavar="METHOD",
+                           help="train in full precision, then quantize after training by this post-training "
+                                "method: minmax, percentile, tsptq or mptq (default: quantization-aware training)")
+    bootstrap.add_argument("--calibration", choices=["real", "synthetic"], default="real",
+                           help="with --ptq, what the quantizer grids are fitted on: training samples (real), or "
+                                "inputs made from the full-precision model alone, reading no sample (synthetic)")
+    bootstrap.add_argument("--synthesizer", default=None,
+                           help="with --calibration synthetic: noise, zeroq, qimera (CNNs) or dfq-vit (ViTs)")
+    bootstrap.add_argument("--calibration-samples", type=int, default=256, help="with --ptq: how many (default 256)")
+    bootstrap.add_argument("--float-checkpoint", type=Path, default=None,
+                           help="with --ptq: a trained full-precision state dict of the architecture to quantize, "
+                                "instead of training one")
     bootstrap.add_argument("--samples-per-subject", type=int, default=10,
                            help="how many training samples each synthetic subject owns (default 10)")
     bootstrap.set_defaults(handler=_bootstrap)

@@ -51,7 +51,7 @@ from .quantization import (
     QuantLinear,
     quantize_model,
 )
-from .recipes import ModelSpec, retrain_reference, train_original
+from .recipes import ModelSpec, PTQRecipe, quantize_trained, retrain_reference, train_original
 from .spm import SemiParametricClassifier, SPMOptions, build_datastore, train_spm
 from .training import TrainConfig, accuracy, predict_probs, train_model
 from .unlearning import (
@@ -72,7 +72,7 @@ __all__ = [
     "accuracy", "build_model", "evaluate", "expected_grad_norm", "gaps", "gradient_reweighting",
     "load_artifact", "load_dataset", "mia_efficacy", "predict_probs", "qmul_unlearn",
     "quantize_model", "retrain_reference", "save_artifact", "similar_labels", "train_model",
-    "train_original",
+    "train_original", "PTQRecipe", "quantize_trained",
     # quantizers, models, data and export
     "CifarCNN", "CropFlip", "DoReFaWeightQuantizer", "DsqQuantizer", "FakeQuantizer",
     "PactQuantizer", "classwise_forget_split", "export_integer", "integer_model",

@@ -1,11 +1,12 @@
 """Recipes: how the original model and the retrain reference are made from a ModelSpec.
 
-Both use the same recipe (QAT from scratch, same seed): the original on the whole train split,
-the retrain reference on the retain set only. The reference is what a perfect unlearning would
-give, so the gaps to it measure an unlearning method.
+Both use the same recipe (same seed): the original on the whole train split, the retrain
+reference on the retain set only. The reference is what a perfect unlearning would give, so the
+gaps to it measure an unlearning method. The recipe is quantization-aware training from scratch,
+or (ModelSpec.ptq) training in full precision followed by post-training quantization.
 """
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -13,8 +14,39 @@ from torch import nn
 
 from .data import DatasetSplits, Split, dataset_info, load_dataset
 from .models import build_model
+from .ptq import METHODS as PTQ_METHODS
+from .ptq import post_training_quantize
 from .spm import train_spm
+from .synthetic import SYNTHESIZERS, synthesize
 from .training import TrainConfig, train_model
+
+
+CALIBRATION_SOURCES = ("real", "synthetic")
+
+
+@dataclass(frozen=True)
+class PTQRecipe:
+    """Post-training quantization of a model trained in full precision (ModelSpec.ptq as a dict)."""
+
+    method: str = "percentile"  # ptq.METHODS
+    # "real": samples drawn from the training split; "synthetic": inputs made from the
+    # full-precision model alone (synthetic.SYNTHESIZERS), so quantizing reads no sample at all.
+    calibration: str = "real"
+    synthesizer: str = "noise"
+    samples: int = 256
+    batch_size: int = 64
+    seed: int = 0
+    options: dict = field(default_factory=dict)  # the method's options (post_training_quantize)
+
+    def __post_init__(self):
+        if self.method not in PTQ_METHODS:
+            raise ValueError(f"ptq.method must be one of {PTQ_METHODS}, got {self.method!r}")
+        if self.calibration not in CALIBRATION_SOURCES:
+            raise ValueError(f"ptq.calibration must be one of {CALIBRATION_SOURCES}, got {self.calibration!r}")
+        if self.synthesizer not in SYNTHESIZERS:
+            raise ValueError(f"ptq.synthesizer must be one of {SYNTHESIZERS}, got {self.synthesizer!r}")
+        if self.samples < 1 or self.batch_size < 1:
+            raise ValueError("ptq.samples and ptq.batch_size must be at least 1")
 
 
 @dataclass
@@ -38,9 +70,21 @@ class ModelSpec:
     # A semi-parametric model (spm.SPMOptions as a dict): the architecture is its encoder; None: a
     # plain classifier.
     spm: dict | None = None
+    # Train in full precision, then quantize after training (PTQRecipe as a dict); None: QAT.
+    ptq: dict | None = None
+
+    def __post_init__(self):
+        if self.ptq is not None:
+            if self.spm is not None:
+                raise ValueError("post-training quantization of a semi-parametric model is not supported")
+            # Checked here, not after the training; stored whole, so that the record names every choice.
+            self.ptq = asdict(PTQRecipe(**self.ptq))
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        spec = asdict(self)
+        if spec["ptq"] is None:  # absent, so that the dicts (and stage keys) made before it stay the same
+            del spec["ptq"]
+        return spec
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelSpec":
@@ -72,15 +116,48 @@ class ModelSpec:
             torch.manual_seed(self.train.seed)
             return build_model(**self.model_kwargs())
 
+    def full_precision(self) -> "ModelSpec":
+        """The same model with no quantizer: what a post-training-quantized model is trained as."""
+        return replace(self, weight_bits=None, act_bits=None, first_last_bits=None, ptq=None)
+
+
+def quantize_trained(spec: ModelSpec, float_model: nn.Module, train: Split,
+                     device: str | torch.device = "cpu", progress: bool = True) -> nn.Module:
+    """spec's quantized model from its full-precision twin, trained, by spec.ptq's recipe. Synthetic
+    calibration reads no sample of `train` (only the shape of its images)."""
+    recipe = PTQRecipe(**spec.ptq)
+    float_model = float_model.to(device).eval()
+    if recipe.calibration == "real":
+        generator = torch.Generator().manual_seed(recipe.seed)
+        chosen = torch.randperm(len(train), generator=generator)[:recipe.samples]
+        images = train.x[chosen]
+    else:
+        images = synthesize(float_model, recipe.synthesizer, recipe.samples, tuple(train.x.shape[1:]),
+                            dataset_info(spec.dataset).num_classes, seed=recipe.seed, progress=progress)
+    batches = [batch.to(device) for batch in images.split(recipe.batch_size)]
+    return post_training_quantize(spec.model_kwargs(), float_model, batches, method=recipe.method,
+                                  **recipe.options).to(device)
+
+
+def train_network(spec: ModelSpec, train: Split, device: str | torch.device = "cpu", progress: bool = True,
+                  desc: str = "train", **train_options) -> nn.Module:
+    """spec's recipe on `train`: QAT from scratch, or full precision then post-training quantization.
+    train_options go to train_model (checkpointing)."""
+    if spec.ptq is None:
+        return train_model(spec.build(), train, spec.train, device, progress, desc=desc, **train_options)
+    float_model = train_model(spec.full_precision().build(), train, spec.train, device, progress,
+                              desc=f"{desc} (full precision)", **train_options)
+    return quantize_trained(spec, float_model, train, device, progress)
+
 
 def train_original(
     spec: ModelSpec, data: DatasetSplits, device: str | torch.device = "cpu", progress: bool = True
 ) -> nn.Module:
-    """QAT from scratch on the whole train split (an SPM: its episodes, and its datastore of
-    every training sample)."""
+    """spec's recipe on the whole train split (an SPM: its episodes, and its datastore of every
+    training sample)."""
     if spec.spm is not None:
         return train_spm(spec.build(), data.train, range(len(data.train)), spec.train, device, progress)
-    return train_model(spec.build(), data.train, spec.train, device, progress, desc="original")
+    return train_network(spec, data.train, device, progress, desc="original")
 
 
 def retrain_reference(
@@ -94,5 +171,5 @@ def retrain_reference(
         if indices is None:
             raise ValueError("an SPM's retrain reference needs the retain samples' dataset indices")
         return train_spm(spec.build(), retain, indices, spec.train, device, progress, desc="retrain")
-    return train_model(spec.build(), retain, spec.train, device, progress, desc="retrain",
-                       checkpoint=checkpoint, checkpoint_every_s=checkpoint_every_s)
+    return train_network(spec, retain, device, progress, desc="retrain",
+                         checkpoint=checkpoint, checkpoint_every_s=checkpoint_every_s)
