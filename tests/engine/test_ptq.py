@@ -80,3 +80,33 @@ def test_refuses_no_batches_and_other_quantizers():
         calibrate(pact, batches())
     with pytest.raises(ValueError, match="no quantizer"):
         calibrate(build_model("digits-cnn", 10, 1, None, None, first_last_bits=None), batches())
+
+
+def test_calibration_sees_the_float_model():
+    """Weight grids span max|w| and activation ranges are the float model's: no quantizer
+    quantizes while calibration observes (an nn.Identity set as `forward` did not bypass them)."""
+    float_model, quantized = float_and_quantized(4)
+    seen = {}
+
+    def keep_range(name):
+        def hook(module, inputs, output):
+            low, high = seen.get(name, (float("inf"), float("-inf")))
+            seen[name] = (min(low, float(inputs[0].min())), max(high, float(inputs[0].max())))
+        return hook
+
+    for name, module in float_model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            module.register_forward_hook(keep_range(name))
+    with torch.no_grad():
+        for batch in batches():
+            float_model(batch)
+    calibrate(quantized, batches())
+    for name, module in quantized.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            weight_step = module.weight.abs().max() / module.weight_quantizer.q_max
+            assert float(module.weight_quantizer.scale) == pytest.approx(float(weight_step), rel=1e-6)
+            grid = module.input_quantizer
+            low = float(grid.offset)
+            high = low + float(grid.scale) * grid.q_max
+            assert low == pytest.approx(min(seen[name][0], 0.0), rel=1e-5, abs=1e-6)
+            assert high == pytest.approx(max(seen[name][1], 0.0), rel=1e-5, abs=1e-6)

@@ -75,6 +75,10 @@ class RangeObserver:
         return sum(self.lows) / len(self.lows), sum(self.highs) / len(self.highs)
 
 
+def pass_through(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
 def set_activation_grid(quantizer: LsqPlusQuantizer, low: float, high: float) -> None:
     """Grid of quantizer (q_min = 0) from low to high; the range always holds zero, so that a
     zero (padding, a ReLU's output) stays exactly zero."""
@@ -104,8 +108,10 @@ def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], observer: str =
         if isinstance(weight_quantizer, LsqPlusQuantizer):
             set_weight_grid(weight_quantizer, module.weight)
     activations = {q: RangeObserver(observer, percentile) for q in quantizers if q.kind == "activation"}
-    for quantizer in quantizers:  # every quantizer passes its input through while observing
-        quantizer.forward = activations[quantizer].observe if quantizer in activations else nn.Identity()
+    # Every quantizer passes its input through while observing. A plain function, not a module: a
+    # Module assigned as `forward` would be registered as a child and leave forward() in place.
+    for quantizer in quantizers:
+        quantizer.forward = activations[quantizer].observe if quantizer in activations else pass_through
     try:
         seen = 0
         device = next(model.parameters()).device
