@@ -61,3 +61,24 @@ def test_tampered_or_unexpected_artifacts_are_rejected(small_model, spec, tmp_pa
 def test_spec_must_say_how_to_rebuild_the_model(small_model, tmp_path):
     with pytest.raises(ValueError, match="model"):
         save_artifact(small_model, {"dataset": "digits"}, tmp_path)
+
+
+def test_a_post_training_layout_travels_in_the_spec(tmp_path):
+    from workers.engine.models import build_model
+    from workers.engine.ptq import apply_layout, calibrate, ptq_layout, two_region_targets
+
+    kwargs = {"architecture": "digits-vit", "num_classes": 10, "in_channels": 1, "weight_bits": 4, "act_bits": 4}
+    torch.manual_seed(0)
+    model = build_model(**kwargs)
+    apply_layout(model, {"two_region": two_region_targets(model)[:2], "weight_bits": {"blocks.0.mlp.0": 6}})
+    calibrate(model, [torch.randn(8, 1, 8, 8)])
+    path, _ = save_artifact(model, {"model": kwargs}, tmp_path)
+    loaded, spec = load_artifact(path)
+    assert spec["ptq_layout"] == ptq_layout(model) == {"two_region": sorted(two_region_targets(model)[:2]),
+                                                        "weight_bits": {"blocks.0.mlp.0": 6}}
+    assert loaded.blocks[0].mlp[0].weight_quantizer.bits == 6
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), model(x), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="ptq_layout|layout"):
+        apply_layout(build_model(**kwargs), {"unknown": 1})

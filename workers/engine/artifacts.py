@@ -3,7 +3,9 @@
 An artifact holds {"spec": spec, "state_dict": ...}. spec is plain data (dicts, lists, strings,
 numbers) and must contain "model": the keyword arguments of `build_model`, so the artifact can be
 rebuilt without any other record. The quantizers' `initialized` flags travel in the state dict, so
-a loaded model keeps its learned step sizes and offsets.
+a loaded model keeps its learned step sizes and offsets. A post-training quantized model whose
+structure build_model does not rebuild (two-region quantizers, per-layer weight bits) gets
+spec["ptq_layout"] (`ptq.ptq_layout`), added by save_artifact and applied by load_artifact.
 
 Integer exports (`workers.engine.export`) use the same writer and checks, named `<sha256>.int.pt`.
 """
@@ -19,6 +21,7 @@ import torch
 from torch import nn
 
 from .models import build_model
+from .ptq import apply_layout, ptq_layout
 
 SHA256_NAME = re.compile(r"[0-9a-f]{64}")
 
@@ -65,6 +68,9 @@ def save_artifact(model: nn.Module, spec: dict, directory: Path) -> tuple[Path, 
     """Write the artifact atomically (temp file, fsync, rename); return (path, sha256)."""
     if "model" not in spec:
         raise ValueError('spec needs a "model" entry with the build_model arguments')
+    layout = ptq_layout(model)
+    if layout:  # structure build_model does not rebuild (post-training quantization): load_artifact applies it
+        spec = {**spec, "ptq_layout": layout}
     # Standard strides, so the same weights give the same bytes (and sha256) whatever memory layout
     # the model ran in. (Not contiguous(): a channels-last tensor with one input channel is already
     # "contiguous" but keeps strides that torch.save writes.)
@@ -89,5 +95,7 @@ def load_artifact(
                          "workers.engine.export.load_integer_model)")
     spec = payload["spec"]
     model = build_model(**spec["model"])
+    if "ptq_layout" in spec:
+        apply_layout(model, spec["ptq_layout"])
     model.load_state_dict(payload["state_dict"])
     return model.to(device).eval(), spec

@@ -275,6 +275,77 @@ class LsqPlusQuantizer(FakeQuantizer):
                 "q_min": self.q_min, "q_max": self.q_max}
 
 
+class TwoRegionQuantizer(LsqPlusQuantizer):
+    """An activation quantizer with two grids (TSPTQ-ViT's value-aware two scaling factors), for
+    values that are dense near their minimum with a long tail (post-softmax, post-GELU).
+
+    Of the b bits, one picks the region and b - 1 code the value within it. Both grids start at
+    the offset: the fine one with step `scale`, the coarse one with step scale * 2^coarse_log2,
+    (2^(b-1) - 1) steps each. A value the fine grid can hold (up to half a step past its top) is
+    rounded on it, any other on the coarse grid. The ratio is a power of two so that an integer
+    kernel rescales the coarse codes with a shift. `scale` and `offset` stay LSQ+ parameters, with
+    LSQ+'s gradients through whichever grid a value took, so the quantizer trains like LSQ+'s
+    (the ratio is fixed: a buffer set by calibration).
+
+    The grid is not affine, so the integer export (`workers.engine.export`) refuses it.
+    """
+
+    MAX_COARSE_LOG2 = 8
+
+    def __init__(self, bits: int, kind: str = "activation", channels: int | None = None):
+        if kind != "activation":
+            raise ValueError("the two-region grid is for activations")
+        if bits < 3:
+            raise ValueError("a two-region grid needs at least 3 bits (1 for the region)")
+        super().__init__(bits, kind, channels)
+        self.region_q_max = 2 ** (bits - 1) - 1
+        self.register_buffer("coarse_log2", torch.tensor(1))
+
+    def initialize(self, x: torch.Tensor) -> None:
+        self.fit(x.flatten(), float(x.min()), float(x.max()))
+
+    def read_flags(self) -> None:
+        self._ratio = float(2 ** int(self.coarse_log2))
+
+    @torch.no_grad()
+    def fit(self, values: torch.Tensor, low: float, high: float) -> None:
+        """Set the grid from sample values spanning [low, high]: the coarse grid ends at high, the
+        ratio is the power of two (1 to MAX_COARSE_LOG2) with the least squared error on values."""
+        low, high = min(low, 0.0), max(high, 0.0)
+        coarse_step = max((high - low) / self.region_q_max, 1e-8)
+        values = values.float()
+        offset = torch.tensor(low, device=values.device)
+        best = None
+        for log2 in range(1, self.MAX_COARSE_LOG2 + 1):
+            fine_step = coarse_step / 2**log2
+            grid = self.two_grids(values, torch.tensor(fine_step, device=values.device), offset, 2.0**log2)
+            error = float((grid - values).pow(2).mean())
+            if best is None or error < best[0]:
+                best = (error, log2, fine_step)
+        _, log2, fine_step = best
+        self.coarse_log2.fill_(log2)
+        self.scale.fill_(fine_step)
+        self.offset.fill_(low)
+        self._ready = False
+
+    def two_grids(self, x, fine_step, offset, ratio: float) -> torch.Tensor:
+        fine = AffineFakeQuantize.apply(x, fine_step, offset, 0, self.region_q_max)
+        coarse = AffineFakeQuantize.apply(x, fine_step * ratio, offset, 0, self.region_q_max)
+        return torch.where(x - offset <= fine_step * (self.region_q_max + 0.5), fine, coarse)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.ensure_initialized(x)
+        scale, offset = self.effective(x)
+        return self.two_grids(x, scale, offset, self._ratio)
+
+    def activation_grid(self):
+        raise ValueError("a two-region activation grid (TSPTQ) has no affine integer form: "
+                         "the integer export cannot hold it")
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", two regions, coarse step = fine step * 2^{int(self.coarse_log2)}"
+
+
 class PactQuantizer(FakeQuantizer):
     """PACT activation quantizer: learnable clipping level alpha (kind="activation" only)."""
 
