@@ -19,7 +19,7 @@ initialisation, which then stays. By default this benchmark marks the weight qua
 initialised with calibrate's own max|w| grid before calling it (`--ptq-as-is` turns that off), so
 the grids are those ptq.py documents; the activations are still observed behind quantized weights.
 
-Writes <out>/<dataset>[-<models>]/calibration.md (the table), calibration.json and calibration.png.
+Writes <out>/<dataset>[-<models>][-ptq-as-is]/calibration.md (the table), calibration.json and calibration.png.
 """
 
 from __future__ import annotations
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     rows = [row for name, config in models.items()
             for row in run_model(name, config, data, args, out, pixel_range)]
-    run_dir = out / "-".join([args.dataset, *(args.models or [])])
+    run_dir = out / "-".join([args.dataset, *(args.models or []), *(["ptq-as-is"] if args.ptq_as_is else [])])
     run_dir.mkdir(parents=True, exist_ok=True)
     command = "python -m workers.benchmarks.calibration " + " ".join(argv)
     table = markdown(rows, args)
