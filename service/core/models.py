@@ -199,6 +199,10 @@ class ModelVersion(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     # Set when the retention policy deleted the artifact file (the row and its lineage stay).
     artifact_deleted_at: Mapped[datetime | None]
+    # A reference trained on a coreset of the retain set (QFORGET_APPROXIMATE_REFERENCE_FRACTION): an
+    # interim stand-in until the full reference of the same state exists, which supersedes it
+    # (service/audit/comparison.py). Its metrics say which coreset ("coreset").
+    approximate: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
 
 
 class Batch(Base):
