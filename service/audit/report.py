@@ -26,7 +26,7 @@ from matplotlib.ticker import MaxNLocator
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service.audit.comparison import references_newest_first
+from service.audit.comparison import APPROXIMATE_CAVEAT, references_newest_first
 from service.audit.standing import DeploymentAudit
 from service.core.models import (
     Evaluation,
@@ -92,7 +92,10 @@ def build_report(session: Session, model: Model, audit: DeploymentAudit, deadlin
         generated_at=now,
         reference_status=reference_status,
         # One plain word a reader sees first, then the sentences behind it.
-        verdict="current" if audit.status == "current" else f"{audit.status} evaluation, {reference_status} reference",
+        verdict=("current" if audit.status == "current"
+                 else "interim, against an approximate reference" if audit.status == "interim"
+                 else f"{audit.status} evaluation, {reference_status} reference"),
+        approximate_caveat=APPROXIMATE_CAVEAT,
         references=references[:20],
         open_requests=open_requests,
         gaps_plot=_gaps_plot(evaluations) if evaluations else None,

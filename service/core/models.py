@@ -340,6 +340,12 @@ class Evaluation(Base):
     # {"bin_edges": [...], "version": {"forget": [...], "test": [...]}, "reference": {...}}.
     # None for evaluations recorded before they were kept.
     score_histograms: Mapped[dict | None]
+    reference: Mapped[ModelVersion] = relationship(foreign_keys=[reference_id])
+
+    @property
+    def approximate(self) -> bool:
+        """Against an approximate reference (a coreset's): interim figures, labelled wherever shown."""
+        return self.reference.approximate
 
 
 class SampleScore(Base):
