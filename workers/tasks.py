@@ -138,7 +138,7 @@ def train_reference(model_name: str, reference_request_id: int | None = None) ->
     QFORGET_APPROXIMATE_REFERENCE_FRACTION set, an approximate reference and an interim audit come
     first (interim_audit); a redelivery after it goes on to the full reference.
     """
-    from workers.evaluation.deployment import evaluate_deployment
+    from workers.evaluation.deployment import evaluate_deployment, measure_approximation
     from workers.references.training import record_reference_failure
     from workers.references.training import train_reference as train
     from workers.runtime import configure_torch
@@ -159,7 +159,10 @@ def train_reference(model_name: str, reference_request_id: int | None = None) ->
         return None
     log.info("reference version %s trained for model %s", reference_id, model_name,
              extra={"model": model_name, "version_id": reference_id})
-    return evaluate_deployment(engine, settings, model_name)
+    evaluation_id = evaluate_deployment(engine, settings, model_name)
+    if evaluation_id is not None:
+        measure_approximation(engine, evaluation_id)  # how far an interim audit was, if there was one
+    return evaluation_id
 
 
 def interim_audit(engine, settings, model_name: str, reference_request_id: int) -> int | None:

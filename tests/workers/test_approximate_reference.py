@@ -22,6 +22,7 @@ from service.requests.intake import file_forget_request
 from workers.batches.claims import claim_batch
 from workers.batches.run import _record_result, run_batch
 from workers.engine import QMulConfig
+from workers.evaluation.deployment import measure_approximation
 
 METRICS = {"FA": 97.5, "RA": 99.0, "TA": 96.0, "MIA": 20.0}
 GAPS = {"FA": 2.5, "RA": 0.5, "TA": 0.5, "MIA": 5.0, "AG": 2.125}
@@ -74,10 +75,11 @@ def add_reference(engine, seed, excluded, approximate: bool) -> int:
         return version.id
 
 
-def add_evaluation(engine, version_id: int, reference_id: int) -> int:
+def add_evaluation(engine, version_id: int, reference_id: int, reference_metrics=METRICS, AG=2.125) -> int:
     with transaction(engine) as session:
         evaluation = Evaluation(version_id=version_id, reference_id=reference_id, metrics=METRICS,
-                                reference_metrics=METRICS, gaps=GAPS, forget_count=6, retain_count=1425,
+                                reference_metrics=reference_metrics, gaps={**GAPS, "AG": AG}, forget_count=6,
+                                retain_count=1425,
                                 test_count=360, created_at=utcnow())
         session.add(evaluation)
         session.flush()
@@ -124,7 +126,17 @@ def test_an_approximate_reference_is_an_interim_audit_until_the_full_one_superse
         audit = deployment_audit(session, session.get(Model, seed.model))
         assert (audit.status, audit.evaluation.id, audit.approximate) == ("stale", interim, True)
         assert "not been evaluated against the full reference yet" in audit.message
-    evaluation = add_evaluation(engine, deployed, full)
+    evaluation = add_evaluation(engine, deployed, full, reference_metrics={**METRICS, "FA": 93.5}, AG=1.125)
+    # Its gap to the full reference, measured from the two evaluations (the task does this after the full one).
+    measured = measure_approximation(engine, evaluation)
+    assert (measured["approximate_reference_id"], measured["reference_id"], measured["coreset"]) == (
+        approximate, full, CORESET)
+    assert measured["approximate_reference_gaps"] == {"FA": 4.0, "RA": 0.0, "TA": 0.0, "MIA": 0.0, "AG": 1.0}
+    assert measured["interim_AG_error"] == pytest.approx(1.0)
+    with transaction(engine) as session:
+        entry = session.scalars(select(AuditEntry).where(
+            AuditEntry.action == "reference.approximation_measured")).one()
+        assert entry.object_id == str(approximate) and entry.details["interim_evaluation_id"] == interim
     body = client.get("/audit", headers=auditor).json()
     assert (body["status"], body["approximate"], body["evaluation"]["id"]) == ("current", False, evaluation)
     assert body["reference"] == {**body["reference"], "reference_id": full, "approximate": False}
@@ -198,6 +210,10 @@ def test_the_task_records_an_approximate_reference_first_then_the_full_one(setti
         assert [reference.approximate for reference in references] == [True, False]
         full = references[1]
         assert session.get(ReferenceRequest, reference_request).reference_version_id == full.id
+        measured = session.scalars(select(AuditEntry).where(
+            AuditEntry.action == "reference.approximation_measured")).one().details
+        assert (measured["approximate_reference_id"], measured["reference_id"]) == (approximate.id, full.id)
+        assert 0 <= measured["approximate_reference_gaps"]["AG"] <= 100
     audit = client.get("/audit").json()
     assert (audit["status"], audit["approximate"], audit["evaluation"]["reference_id"]) == ("current", False, full.id)
     evidence = client.get(f"/forget-requests/{request_id}/evidence").json()
