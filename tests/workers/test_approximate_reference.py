@@ -16,7 +16,6 @@ from service.audit.standing import deployment_audit
 from service.core.db import get_engine, transaction
 from service.core.models import AuditEntry, Evaluation, Model, ModelVersion, ReferenceRequest, VersionKind, utcnow
 from service.core.settings import Settings
-from service.operations.figures import read_database_figures
 from service.references.schedule import reference_state, request_reference
 from service.requests.intake import file_forget_request
 from workers.batches.claims import claim_batch
@@ -112,9 +111,10 @@ def test_an_approximate_reference_is_an_interim_audit_until_the_full_one_superse
     page = client.get("/audit/report", headers=auditor).text
     assert 'data-status="interim"' in page and "Status: interim, against an approximate reference." in page
     assert 'id="approximate-note"' in page and "approximate</span> (coreset of 425 samples, random)" in page
+    [shown] = client.get("/dashboard/data", headers=auditor).json()["deployments"]
+    assert (shown["evaluation"]["id"], shown["evaluation"]["approximate"]) == (interim, True)  # the page's label
+    assert "approximate" in client.get("/dashboard/assets/dashboard.js").text
     with transaction(engine) as session:
-        [figures] = read_database_figures(session, utcnow()).deployments
-        assert figures.evaluation.approximate
         # The schedule counts full references only: the state is still due one (its request stays open).
         assert reference_state(session, session.get(Model, seed.model)).newest_reference_excluded is None
 
