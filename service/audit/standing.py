@@ -109,11 +109,11 @@ def deployment_audit(session: Session, model: Model) -> DeploymentAudit:
         return DeploymentAudit(name, deployed_id, "missing",
                                f"no version of model {name!r} has been evaluated against a retrain reference "
                                f"yet{why}", None, reference)
-    if earlier.version_id == deployed_id:  # its interim evaluation, the full reference recorded since
+    if earlier.version_id == deployed_id and earlier.approximate:  # the full reference recorded since
         return DeploymentAudit(name, deployed_id, "stale",
                                f"the deployed version {deployed_id} has not been evaluated against the full "
                                f"reference yet; this is its interim evaluation against "
-                               f"{reference_label(earlier.reference)}, which {APPROXIMATE_CAVEAT}{why}",
+                               f"{reference_label(earlier.reference)}: {APPROXIMATE_CAVEAT}{why}",
                                earlier, reference)
     return DeploymentAudit(name, deployed_id, "stale",
                            f"the deployed version {deployed_id} has not been evaluated yet; this is the evaluation "

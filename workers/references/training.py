@@ -30,12 +30,9 @@ class RetainState:
     spec: qf.ModelSpec
     excluded: list[int]  # the model's forgotten sample ids
     active_indices: list[int]  # dataset indices of the samples it still holds (readable ones)
-    data: qf.DatasetSplits
-    deployed: ModelVersion  # the selectors of an approximate reference score the samples with it
-
-    @property
-    def retain(self) -> qf.Split:
-        return self.data.train.subset(self.active_indices)
+    retain: qf.Split  # those samples
+    test: qf.Split
+    deployed: ModelVersion | None  # the selectors of an approximate reference score the samples with it
 
 
 def _retain_state(engine: Engine, model_name: str, reference_request_id: int | None) -> RetainState | None:
@@ -53,13 +50,13 @@ def _retain_state(engine: Engine, model_name: str, reference_request_id: int | N
         excluded = list(forgotten_by(session, model.name))
         spec = qf.ModelSpec.from_dict(model.spec)
         erased = erased_indices(session, model.dataset)
-        deployed = session.get(ModelVersion, model.deployed_version_id)
+        deployed = None if model.deployed_version_id is None else session.get(ModelVersion, model.deployed_version_id)
     data = load_data(spec, erased)
     active_indices, unreadable = readable_indices(held_indices, len(data.train))
     if unreadable:
         log.warning("reference for %s: %d samples beyond the data set's %d skipped", model_name, unreadable,
                     len(data.train))
-    return RetainState(spec, excluded, active_indices, data, deployed)
+    return RetainState(spec, excluded, active_indices, data.train.subset(active_indices), data.test, deployed)
 
 
 def train_reference(engine: Engine, settings: Settings, model_name: str, reference_request_id: int | None = None,
@@ -131,7 +128,7 @@ def _record_reference(engine: Engine, settings: Settings, model_name: str, state
             path.unlink(missing_ok=True)
             raise ErasedDuringTraining("samples this reference trained on were erased meanwhile; it is trained again")
         metrics = {"RA": qf.accuracy(reference, state.retain, settings.torch_device),
-                   "TA": qf.accuracy(reference, state.data.test, settings.torch_device)}
+                   "TA": qf.accuracy(reference, state.test, settings.torch_device)}
         version = ModelVersion(
             model_name=model_name,
             kind=VersionKind.reference,
