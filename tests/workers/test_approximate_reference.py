@@ -114,6 +114,7 @@ def test_an_approximate_reference_is_an_interim_audit_until_the_full_one_superse
     [shown] = client.get("/dashboard/data", headers=auditor).json()["deployments"]
     assert (shown["evaluation"]["id"], shown["evaluation"]["approximate"]) == (interim, True)  # the page's label
     assert "approximate" in client.get("/dashboard/assets/dashboard.js").text
+    assert 'qforget_evaluation_approximate{model="digits-cnn-4bit"} 1.0' in client.get("/metrics").text
     with transaction(engine) as session:
         # The schedule counts full references only: the state is still due one (its request stays open).
         assert reference_state(session, session.get(Model, seed.model)).newest_reference_excluded is None
