@@ -116,7 +116,9 @@ def _gaps_plot(evaluations: list[Evaluation]) -> Markup:
             axes.plot(times, [e.gaps[key] for e in evaluations], marker="o", label=key,
                       linewidth=2.5 if key == "AG" else 1.2)
         for moment, evaluation in zip(times, evaluations):
-            axes.annotate(f"v{evaluation.version_id}", (moment, evaluation.gaps["AG"]), textcoords="offset points",
+            # An interim evaluation (against an approximate reference) is marked on the plot too.
+            label = f"v{evaluation.version_id}" + (" approx." if evaluation.approximate else "")
+            axes.annotate(label, (moment, evaluation.gaps["AG"]), textcoords="offset points",
                           xytext=(0, 6), ha="center", fontsize=7)
         axes.set_ylabel("gap to the reference (points)")
         axes.set_xlabel("evaluation time (UTC)")

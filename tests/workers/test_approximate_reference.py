@@ -111,6 +111,7 @@ def test_an_approximate_reference_is_an_interim_audit_until_the_full_one_superse
     page = client.get("/audit/report", headers=auditor).text
     assert 'data-status="interim"' in page and "Status: interim, against an approximate reference." in page
     assert 'id="approximate-note"' in page and "approximate</span> (coreset of 425 samples, random)" in page
+    assert f"v{deployed} approx." in page  # the gaps plot marks the interim evaluation
     [shown] = client.get("/dashboard/data", headers=auditor).json()["deployments"]
     assert (shown["evaluation"]["id"], shown["evaluation"]["approximate"]) == (interim, True)  # the page's label
     assert "approximate" in client.get("/dashboard/assets/dashboard.js").text
