@@ -134,9 +134,11 @@ def train_reference(model_name: str, reference_request_id: int | None = None) ->
     """Train a retrain reference on the active samples and evaluate the deployment against it.
 
     With a reference request id (the scheduler's sends), the request is closed with the reference,
-    and a request already closed is not trained again (a duplicate delivery).
+    and a request already closed is not trained again (a duplicate delivery). With
+    QFORGET_APPROXIMATE_REFERENCE_FRACTION set, an approximate reference and an interim audit come
+    first (interim_audit); a redelivery after it goes on to the full reference.
     """
-    from workers.evaluation.deployment import evaluate_deployment
+    from workers.evaluation.deployment import evaluate_deployment, measure_approximation
     from workers.references.training import record_reference_failure
     from workers.references.training import train_reference as train
     from workers.runtime import configure_torch
@@ -144,6 +146,8 @@ def train_reference(model_name: str, reference_request_id: int | None = None) ->
     settings = get_settings()
     configure_torch(settings)
     engine = get_engine(settings, "worker")
+    if reference_request_id is not None and settings.approximate_reference_fraction is not None:
+        interim_audit(engine, settings, model_name, reference_request_id)
     try:
         reference_id = train(engine, settings, model_name, reference_request_id)
     except Exception as error:  # recorded on the request: sent again later, or closed after the last attempt
@@ -155,7 +159,30 @@ def train_reference(model_name: str, reference_request_id: int | None = None) ->
         return None
     log.info("reference version %s trained for model %s", reference_id, model_name,
              extra={"model": model_name, "version_id": reference_id})
-    return evaluate_deployment(engine, settings, model_name)
+    evaluation_id = evaluate_deployment(engine, settings, model_name)
+    if evaluation_id is not None:
+        measure_approximation(engine, evaluation_id)  # how far an interim audit was, if there was one
+    return evaluation_id
+
+
+def interim_audit(engine, settings, model_name: str, reference_request_id: int) -> int | None:
+    """An approximate reference of the requested state, and the deployment evaluated against it, before
+    the full reference (QFORGET_APPROXIMATE_REFERENCE_FRACTION; docs/audit.md). Returns the evaluation id.
+    A failure here is logged and nothing more: the request stays open until the full reference is recorded."""
+    from workers.evaluation.deployment import evaluate_deployment
+    from workers.references.training import train_approximate_reference
+
+    try:
+        approximate_id = train_approximate_reference(engine, settings, model_name, reference_request_id)
+        if approximate_id is None:
+            return None
+        log.info("approximate reference version %s trained for model %s", approximate_id, model_name,
+                 extra={"model": model_name, "version_id": approximate_id})
+        return evaluate_deployment(engine, settings, model_name)
+    except Exception:
+        log.exception("approximate reference for model %s failed; the full reference is trained all the same",
+                      model_name)
+        return None
 
 
 @app.task(name=ERASE_TASK)

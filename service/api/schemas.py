@@ -284,6 +284,10 @@ class ModelVersionPublic(BaseModel):
     metrics: dict[str, Any]
     sha256: str = Field(description="The artifact file's sha256: its content address and its ETag.")
     excluded_sample_count: int = Field(description="How many samples this version was made without.")
+    approximate: bool = Field(
+        default=False, description="A retrain reference trained on a coreset of the retain set "
+        "(QFORGET_APPROXIMATE_REFERENCE_FRACTION; its coreset in metrics.coreset): an interim stand-in until the full "
+        "reference of the same state exists; figures against it can be off by several points of AG (docs/audit.md).")
     created_at: UtcDatetime
 
 
@@ -337,6 +341,9 @@ class EvaluationPublic(BaseModel):
     id: int
     version_id: int = Field(description="The model version evaluated.")
     reference_id: int = Field(description="The retrain reference it is compared with.")
+    approximate: bool = Field(
+        description="Against an approximate reference (trained on a coreset of the retain set): interim figures "
+        "that can be off by several points of AG, until the full reference of the state is evaluated (docs/audit.md).")
     metrics: MetricsPublic
     reference_metrics: MetricsPublic
     gaps: GapsPublic
@@ -351,10 +358,13 @@ class AuditPublic(BaseModel):
 
     model: str
     deployed_version_id: int | None
-    status: Literal["current", "stale", "missing"] = Field(
-        description="current: the evaluation is of the deployed version; stale: only an older version "
-        "has been evaluated (that evaluation is given); missing: no evaluation at all."
+    status: Literal["current", "interim", "stale", "missing"] = Field(
+        description="current: the evaluation is of the deployed version against a full reference of its state; "
+        "interim: against an approximate reference of its state (a coreset's; its figures can be off by several "
+        "points of AG) until the full one is recorded; stale: only an older version has been evaluated, or the "
+        "deployed one only against an approximate reference (that evaluation is given); missing: no evaluation at all."
     )
+    approximate: bool = Field(default=False, description="The evaluation given is against an approximate reference.")
     message: str
     evaluation: EvaluationPublic | None
     reference: "ReferenceStatePublic | None" = Field(
@@ -420,6 +430,8 @@ class ReferenceStatePublic(BaseModel):
     )
     message: str
     reference_id: int | None
+    approximate: bool = Field(default=False, description="The reference is an approximate one (trained on a coreset "
+                              "of the retain set): it stands in until the full reference of the state is recorded.")
     created_at: UtcDatetime | None
     excluded_sample_count: int | None = Field(description="How many samples the reference was trained without.")
     excluded_sample_ids: list[int] | None = Field(description="The exact samples the reference was trained without.")
@@ -445,8 +457,11 @@ class VersionAuditPublic(BaseModel):
     config: dict[str, Any] = Field(description="With what settings.")
     created_at: UtcDatetime
     excluded_sample_count: int
-    status: Literal["current", "not_evaluated", "stale_reference", "missing_reference", "not_applicable"] = Field(
-        description="current: evaluated against a reference that excludes the same samples; not_evaluated: such a "
+    status: Literal["current", "interim", "not_evaluated", "stale_reference", "missing_reference",
+                    "not_applicable"] = Field(
+        description="current: evaluated against a reference that excludes the same samples; interim: only against "
+        "an approximate reference of its state (a coreset's; its figures can be off by several points of AG); "
+        "not_evaluated: such a "
         "reference exists, this version was not evaluated against it; stale_reference: the newest reference "
         "excludes a different set; missing_reference: no reference yet; not_applicable: a reference itself, or "
         "a version that excludes nothing."
@@ -590,13 +605,17 @@ class EvidencePublic(BaseModel):
     model: str = Field(description="The model whose part of the request this is.")
     request_status: RequestStatus = Field(validation_alias=AliasPath("request", "status"))
     status: Literal[
-        "pending", "figures_missing", "reference_missing", "reference_stale", "complete"
+        "pending", "figures_missing", "reference_missing", "reference_stale", "interim", "complete"
     ] = Field(
         description="pending: not completed yet, no figures; figures_missing: "
         "completed but the worker recorded no figures for its versions; reference_missing: no reference excluding "
         "these samples has figures yet; reference_stale: the reference given excludes these samples but not the "
-        "same set as the version after; complete: before, after and a matching reference."
+        "same set as the version after; interim: before, after and an approximate reference of the same state (a "
+        "coreset's; its figures can be off by several points of AG) until the full one is recorded; complete: "
+        "before, after and a matching full reference."
     )
+    approximate: bool = Field(default=False, description="The reference given is an approximate one (trained on a "
+                              "coreset of the retain set); evidence frozen before this was kept has none (false).")
     message: str
     sample_count: int
     before: FiguresSummaryPublic | None

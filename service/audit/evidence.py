@@ -20,7 +20,12 @@ from typing import Literal
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service.audit.comparison import compare_with_references, references_newest_first
+from service.audit.comparison import (
+    APPROXIMATE_CAVEAT,
+    compare_with_references,
+    reference_label,
+    references_in_preference,
+)
 from service.core.models import (
     Batch,
     ForgetRequest,
@@ -33,7 +38,7 @@ from service.core.models import (
     SampleScore,
 )
 
-EvidenceStatus = Literal["pending", "figures_missing", "reference_missing", "reference_stale", "complete"]
+EvidenceStatus = Literal["pending", "figures_missing", "reference_missing", "reference_stale", "interim", "complete"]
 
 # |difference of logit-scaled confidences| above which a sample counts as treated differently from
 # the reference. Two references trained from scratch without the same samples, differing only in
@@ -118,6 +123,7 @@ class Evidence:
     # the fake-quantized model evaluated here: workers.batches.run.integer_export_check.
     integer_export: dict | None = None
     instant: InstantStage | None = None  # a semi-parametric model's first stage, once it ran
+    approximate: bool = False  # the reference given is an approximate one (a coreset's): interim figures
 
 
 def request_evidence(session: Session, request: ForgetRequest, part: ForgetRequestPart) -> Evidence:
@@ -166,11 +172,11 @@ def request_evidence(session: Session, request: ForgetRequest, part: ForgetReque
         status = "reference_missing"
         message = f"{reference_note}, but it has no figures on all of these samples yet"
     else:
-        status = "complete" if matching else "reference_stale"
+        status = "reference_stale" if not matching else "interim" if reference.approximate else "complete"
         message = reference_note
     return Evidence(request, part.model_name, status, message, len(samples), samples=rows,
                     reference_comparison=comparison, integer_export=after.metrics.get("integer_export"),
-                    instant=instant, **summaries)
+                    instant=instant, approximate=reference is not None and reference.approximate, **summaries)
 
 
 def _instant_stage(session: Session, part: ForgetRequestPart, sample_ids: list[int]) -> InstantStage | None:
@@ -237,15 +243,18 @@ def _reference_for(
     samples (stale)."""
     comparison = compare_with_references(session, after)
     if comparison.status == "matching":
-        return comparison.reference, True, (f"reference {comparison.reference.id} was trained without the same "
-                                            f"{len(after.excluded_sample_ids)} samples as version {after.id}")
+        interim = f": an interim comparison until the full reference is recorded; {APPROXIMATE_CAVEAT}"
+        return comparison.reference, True, (f"{reference_label(comparison.reference)} was trained without the same "
+                                            f"{len(after.excluded_sample_ids)} samples as version {after.id}"
+                                            f"{interim if comparison.approximate else ''}")
     wanted = set(sample_ids)
-    for reference in references_newest_first(session, after.model_name):
+    for reference in references_in_preference(session, after.model_name):
         if wanted <= set(reference.excluded_sample_ids):
+            caveat = f"; {APPROXIMATE_CAVEAT}" if reference.approximate else ""
             return reference, False, (
-                f"reference {reference.id} never saw these samples, but it is stale for version {after.id}: it "
+                f"{reference_label(reference)} never saw these samples, but it is stale for version {after.id}: it "
                 f"excludes {len(reference.excluded_sample_ids)} samples, version {after.id} excludes "
-                f"{len(after.excluded_sample_ids)}; no reference of version {after.id}'s state exists"
+                f"{len(after.excluded_sample_ids)}; no reference of version {after.id}'s state exists{caveat}"
             )
     return None, False, (f"no retrain reference trained without these samples exists yet (version {after.id} has "
                          f"{'a stale reference' if comparison.status == 'stale' else 'no reference'})")

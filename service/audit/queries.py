@@ -6,6 +6,7 @@ from datetime import datetime
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from service.audit.comparison import compare_with_references
 from service.core.audit_log import audit_key
 from service.core.models import AuditEntry, Evaluation, ModelVersion
 from service.core.pseudonyms import pseudonym
@@ -87,16 +88,21 @@ def _request_audit(request_id: str, entries: list[AuditEntry]) -> SubjectRequest
 
 
 def matching_evaluation(session: Session, version: ModelVersion) -> Evaluation | None:
-    """The version's newest evaluation against a reference that excludes exactly its samples."""
+    """The version's newest evaluation against the kind of reference the audit uses for it
+    (service.audit.comparison): against a full reference that excludes exactly its samples once
+    one exists, even before it is evaluated against it; else against an approximate one (interim)."""
+    comparison = compare_with_references(session, version)
+    if comparison.status != "matching":
+        return None
     excluded = set(version.excluded_sample_ids)
     evaluations = session.execute(
-        select(Evaluation, ModelVersion.excluded_sample_ids)
+        select(Evaluation, ModelVersion.excluded_sample_ids, ModelVersion.approximate)
         .join(ModelVersion, ModelVersion.id == Evaluation.reference_id)
         .where(Evaluation.version_id == version.id)
         .order_by(Evaluation.created_at.desc(), Evaluation.id.desc())
     ).all()
-    return next((evaluation for evaluation, reference_excluded in evaluations
-                 if set(reference_excluded) == excluded), None)
+    return next((evaluation for evaluation, reference_excluded, approximate in evaluations
+                 if set(reference_excluded) == excluded and approximate == comparison.approximate), None)
 
 
 def newest_evaluation_of_model(session: Session, model_name: str) -> Evaluation | None:

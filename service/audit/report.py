@@ -26,7 +26,7 @@ from matplotlib.ticker import MaxNLocator
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service.audit.comparison import references_newest_first
+from service.audit.comparison import APPROXIMATE_CAVEAT, references_newest_first
 from service.audit.lineage import describe_quantization
 from service.audit.standing import DeploymentAudit
 from service.core.models import (
@@ -94,7 +94,10 @@ def build_report(session: Session, model: Model, audit: DeploymentAudit, deadlin
         generated_at=now,
         reference_status=reference_status,
         # One plain word a reader sees first, then the sentences behind it.
-        verdict="current" if audit.status == "current" else f"{audit.status} evaluation, {reference_status} reference",
+        verdict=("current" if audit.status == "current"
+                 else "interim, against an approximate reference" if audit.status == "interim"
+                 else f"{audit.status} evaluation, {reference_status} reference"),
+        approximate_caveat=APPROXIMATE_CAVEAT,
         references=references[:20],
         open_requests=open_requests,
         gaps_plot=_gaps_plot(evaluations) if evaluations else None,
@@ -115,7 +118,9 @@ def _gaps_plot(evaluations: list[Evaluation]) -> Markup:
             axes.plot(times, [e.gaps[key] for e in evaluations], marker="o", label=key,
                       linewidth=2.5 if key == "AG" else 1.2)
         for moment, evaluation in zip(times, evaluations):
-            axes.annotate(f"v{evaluation.version_id}", (moment, evaluation.gaps["AG"]), textcoords="offset points",
+            # An interim evaluation (against an approximate reference) is marked on the plot too.
+            label = f"v{evaluation.version_id}" + (" approx." if evaluation.approximate else "")
+            axes.annotate(label, (moment, evaluation.gaps["AG"]), textcoords="offset points",
                           xytext=(0, 6), ha="center", fontsize=7)
         axes.set_ylabel("gap to the reference (points)")
         axes.set_xlabel("evaluation time (UTC)")

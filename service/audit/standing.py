@@ -1,6 +1,7 @@
 """How a model's deployment, or one version, stands in the audit: evaluated against a retrain
-reference that excludes the same samples (current), only an older version evaluated (stale), or
-nothing to compare with yet; and why, in a sentence an auditor can act on."""
+reference that excludes the same samples (current; interim while that reference is only an
+approximate one), only an older version evaluated (stale), or nothing to compare with yet; and why,
+in a sentence an auditor can act on."""
 
 from dataclasses import dataclass
 from datetime import datetime
@@ -9,10 +10,13 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from service.audit.comparison import ReferenceMatch, compare_with_references
+from service.audit.comparison import APPROXIMATE_CAVEAT, ReferenceMatch, compare_with_references, reference_label
 from service.audit.queries import matching_evaluation, newest_evaluation_of_model
 from service.core.models import Evaluation, Model, ModelVersion, Sample, VersionKind
 from service.deployments.queries import deployed_version, find_model
+
+# The status "interim" opens its message with this: never "current" (docs/audit.md, Approximate references).
+INTERIM = "interim audit against an approximate reference until the full reference of this state is recorded"
 
 
 @dataclass(frozen=True)
@@ -24,6 +28,11 @@ class ReferenceStanding:
     reference: ModelVersion | None
     missing_from_reference: list[int]
     extra_in_reference: list[int]
+
+    @property
+    def approximate(self) -> bool:
+        """The reference is an approximate one (a coreset's): it stands in until the full one exists."""
+        return self.reference is not None and self.reference.approximate
 
     @property
     def reference_id(self) -> int | None:
@@ -46,10 +55,15 @@ class ReferenceStanding:
 class DeploymentAudit:
     model: str
     deployed_version_id: int | None
-    status: str  # current, stale or missing
+    status: str  # current, interim (against an approximate reference), stale or missing
     message: str
     evaluation: Evaluation | None
     reference: ReferenceStanding | None  # None when nothing is deployed
+
+    @property
+    def approximate(self) -> bool:
+        """The evaluation given is against an approximate reference."""
+        return self.evaluation is not None and self.evaluation.approximate
 
 
 @dataclass(frozen=True)
@@ -62,7 +76,7 @@ class VersionAudit:
     config: dict[str, Any]
     created_at: datetime
     excluded_sample_count: int
-    status: str  # current, not_evaluated, stale_reference, missing_reference or not_applicable
+    status: str  # current, interim, not_evaluated, stale_reference, missing_reference or not_applicable
     message: str
     reference: ReferenceStanding | None
     evaluation: Evaluation | None
@@ -82,20 +96,30 @@ def deployment_audit(session: Session, model: Model) -> DeploymentAudit:
     reference = reference_standing(session, deployed) if deployed is not None else None
     evaluation = matching_evaluation(session, deployed) if deployed is not None else None
     if evaluation is not None:
-        return DeploymentAudit(name, deployed_id, "current",
-                               f"evaluation of the deployed version {deployed_id} against reference "
-                               f"{evaluation.reference_id}, trained without the same "
-                               f"{len(deployed.excluded_sample_ids)} samples{erased_note(session, deployed)}",
-                               evaluation, reference)
+        against = (f"evaluation of the deployed version {deployed_id} against {reference_label(evaluation.reference)}, "
+                   f"trained without the same {len(deployed.excluded_sample_ids)} samples"
+                   f"{erased_note(session, deployed)}")
+        if evaluation.approximate:
+            return DeploymentAudit(name, deployed_id, "interim", f"{INTERIM}: {against}; {APPROXIMATE_CAVEAT}",
+                                   evaluation, reference)
+        return DeploymentAudit(name, deployed_id, "current", against, evaluation, reference)
     why = "" if reference is None else f"; {reference.message}"
     earlier = newest_evaluation_of_model(session, name)
     if earlier is None:
         return DeploymentAudit(name, deployed_id, "missing",
                                f"no version of model {name!r} has been evaluated against a retrain reference "
                                f"yet{why}", None, reference)
+    if earlier.version_id == deployed_id and earlier.approximate:  # the full reference recorded since
+        return DeploymentAudit(name, deployed_id, "stale",
+                               f"the deployed version {deployed_id} has not been evaluated against the full "
+                               f"reference yet; this is its interim evaluation against "
+                               f"{reference_label(earlier.reference)}: {APPROXIMATE_CAVEAT}{why}",
+                               earlier, reference)
     return DeploymentAudit(name, deployed_id, "stale",
                            f"the deployed version {deployed_id} has not been evaluated yet; this is the evaluation "
-                           f"of the earlier version {earlier.version_id}{why}", earlier, reference)
+                           f"of the earlier version {earlier.version_id}"
+                           f"{' against ' + reference_label(earlier.reference) if earlier.approximate else ''}{why}",
+                           earlier, reference)
 
 
 def version_audit(session: Session, version: ModelVersion) -> VersionAudit:
@@ -110,7 +134,8 @@ def version_audit(session: Session, version: ModelVersion) -> VersionAudit:
             reference=reference, evaluation=evaluation)
 
     if version.kind == VersionKind.reference:
-        return audit("not_applicable", f"version {version.id} is a retrain reference: versions are audited against it")
+        kind = "an approximate" if version.approximate else "a"
+        return audit("not_applicable", f"version {version.id} is {kind} retrain reference: versions are audited against it")
     if not version.excluded_sample_ids:
         return audit("not_applicable", f"version {version.id} excludes no samples: nothing forgotten to audit")
     reference = reference_standing(session, version)
@@ -121,9 +146,11 @@ def version_audit(session: Session, version: ModelVersion) -> VersionAudit:
     if evaluation is None:
         return audit("not_evaluated", f"{reference.message}, but version {version.id} has not been evaluated against "
                      "it (a worker evaluates the deployed version when a reference is trained)", reference)
-    return audit("current", f"evaluation of version {version.id} against reference {evaluation.reference_id}, "
-                 f"trained without the same {len(version.excluded_sample_ids)} samples{erased_note(session, version)}",
-                 reference, evaluation)
+    against = (f"evaluation of version {version.id} against {reference_label(evaluation.reference)}, trained without "
+               f"the same {len(version.excluded_sample_ids)} samples{erased_note(session, version)}")
+    if evaluation.approximate:
+        return audit("interim", f"{INTERIM}: {against}; {APPROXIMATE_CAVEAT}", reference, evaluation)
+    return audit("current", against, reference, evaluation)
 
 
 def erased_note(session: Session, version: ModelVersion) -> str:

@@ -199,6 +199,10 @@ class ModelVersion(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     # Set when the retention policy deleted the artifact file (the row and its lineage stay).
     artifact_deleted_at: Mapped[datetime | None]
+    # A reference trained on a coreset of the retain set (QFORGET_APPROXIMATE_REFERENCE_FRACTION): an
+    # interim stand-in until the full reference of the same state exists, which supersedes it
+    # (service/audit/comparison.py). Its metrics say which coreset ("coreset").
+    approximate: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
 
 
 class Batch(Base):
@@ -336,6 +340,12 @@ class Evaluation(Base):
     # {"bin_edges": [...], "version": {"forget": [...], "test": [...]}, "reference": {...}}.
     # None for evaluations recorded before they were kept.
     score_histograms: Mapped[dict | None]
+    reference: Mapped[ModelVersion] = relationship(foreign_keys=[reference_id])
+
+    @property
+    def approximate(self) -> bool:
+        """Against an approximate reference (a coreset's): interim figures, labelled wherever shown."""
+        return self.reference.approximate
 
 
 class SampleScore(Base):

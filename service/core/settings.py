@@ -12,10 +12,10 @@ import secrets
 from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # The unlearning settings of a run, each bounded here once: the service-wide values in Settings
@@ -175,6 +175,13 @@ class Settings(BaseSettings):
     # A reference's training saves a checkpoint at most this often (seconds), so that a worker
     # restarted mid-training (a deployment, a lost GPU machine) resumes the request's run.
     checkpoint_every_seconds: float = Field(default=60.0, ge=0)
+    # An approximate reference (docs/audit.md, Approximate references): when set, a reference request
+    # first trains the reference's recipe on this fraction of the retain set, chosen by the selector
+    # (workers/engine/coresets.py), for an interim audit until the full reference is recorded. Off
+    # (None) by default: on the digits it lay 5 to 36 points of AG from the full reference
+    # (docs/bench/coresets.md), far more than unlearning methods differ by.
+    approximate_reference_fraction: float | None = None
+    approximate_reference_selector: CoresetSelector = "random"
 
     api_host: str = "127.0.0.1"
     api_port: int = 8000
@@ -209,6 +216,15 @@ class Settings(BaseSettings):
     # JSON in production, text otherwise (service/core/logging_setup.py).
     log_format: Literal["auto", "json", "text"] = "auto"
 
+    @field_validator("approximate_reference_selector", mode="before")
+    @classmethod
+    def _known_selector(cls, value: object) -> object:
+        # Named by its variable: the type's own message names only the field.
+        if value not in get_args(CoresetSelector):
+            raise ValueError(f"QFORGET_APPROXIMATE_REFERENCE_SELECTOR: one of {', '.join(get_args(CoresetSelector))}, "
+                             f"not {value!r}")
+        return value
+
     @model_validator(mode="after")
     def _fill_embedded_defaults(self) -> "Settings":
         if not self.database_url:
@@ -228,6 +244,10 @@ class Settings(BaseSettings):
             raise ValueError("QFORGET_AUDIT_KEY: production needs the audit log's secret key, the same in every "
                              "process (e.g. the 64 hex digits of `openssl rand -hex 32`; docs/audit.md)")
         self._check_webhooks()
+        fraction = self.approximate_reference_fraction
+        if fraction is not None and not 0 < fraction < 1:
+            raise ValueError(f"QFORGET_APPROXIMATE_REFERENCE_FRACTION: a fraction of the retain set in (0, 1), "
+                             f"not {fraction:g} (unset: no approximate reference)")
         return self
 
     def _check_webhooks(self) -> None:

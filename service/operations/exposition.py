@@ -124,17 +124,22 @@ def _deployment_families(database: DatabaseFigures) -> Iterator[Metric]:
                              "reference per metric, and AG, newest evaluation.", labels=["model", "metric"])
     evaluation_age = GaugeMetricFamily("qforget_evaluation_age_seconds", "Age of the deployed version's newest "
                                        "evaluation (absent: not evaluated yet).", labels=["model"])
+    # Interim figures must not pass for the audit's: an alert or a panel can tell them apart.
+    evaluation_approximate = GaugeMetricFamily("qforget_evaluation_approximate", "1 when that evaluation is against "
+                                               "an approximate reference (a coreset's; interim figures, docs/audit.md), "
+                                               "else 0.", labels=["model"])
     for row in database.deployments:
         deployed.add_metric([row.model], row.version_id)
         evaluation = row.evaluation
         if evaluation is None:
             continue
         evaluation_age.add_metric([row.model], evaluation.age_seconds)
+        evaluation_approximate.add_metric([row.model], int(evaluation.approximate))
         for family, values in ((deployed_metrics, evaluation.metrics),
                                (reference_metrics, evaluation.reference_metrics), (gaps, evaluation.gaps)):
             for metric, value in sorted(values.items()):
                 family.add_metric([row.model, metric], value)
-    yield from (deployed, deployed_metrics, reference_metrics, gaps, evaluation_age)
+    yield from (deployed, deployed_metrics, reference_metrics, gaps, evaluation_age, evaluation_approximate)
 
     versions = GaugeMetricFamily("qforget_model_versions", "Model versions by model and kind.",
                                  labels=["model", "kind"])

@@ -116,6 +116,7 @@ class EvaluationFigures:
 
     id: int
     reference_id: int
+    approximate: bool  # against an approximate reference (a coreset's): interim figures, labelled on the dashboard
     age_seconds: float
     metrics: dict[str, float]
     reference_metrics: dict[str, float]
@@ -334,6 +335,7 @@ def _newest_evaluation(session: Session, version_id: int, now: datetime) -> Eval
     return EvaluationFigures(
         id=evaluation.id,
         reference_id=evaluation.reference_id,
+        approximate=evaluation.approximate,
         age_seconds=(now - as_utc(evaluation.created_at)).total_seconds(),
         metrics=_numbers(evaluation.metrics),
         reference_metrics=_numbers(evaluation.reference_metrics),

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 from service.core.audit_log import append_audit
 from service.core.models import Batch, BatchStatus, Model, ModelVersion, ReferenceRequest, VersionKind, as_utc, utcnow
 
+
 @dataclass(frozen=True)
 class ReferenceState:
     """What the schedule looks at for one model."""
@@ -58,9 +59,12 @@ def reference_due(state: ReferenceState, every_versions: int, every_days: float,
 
 
 def newest_reference(session: Session, model_name: str) -> ModelVersion | None:
+    """The newest full reference: an approximate one (a coreset's) stands in for a state's reference
+    without making it due later; its request stays open until the full one is recorded."""
     return session.scalars(
         select(ModelVersion)
-        .where(ModelVersion.model_name == model_name, ModelVersion.kind == VersionKind.reference)
+        .where(ModelVersion.model_name == model_name, ModelVersion.kind == VersionKind.reference,
+               ModelVersion.approximate.is_(False))
         .order_by(ModelVersion.id.desc())
         .limit(1)
     ).first()

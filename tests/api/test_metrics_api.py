@@ -96,6 +96,7 @@ def test_metrics_expose_every_operations_figure(anonymous, operations, tmp_path)
         assert value("qforget_reference_metric_percent", ("metric", metric)) == REFERENCE_METRICS[metric]
     assert value("qforget_deployed_gap_percent", ("metric", "AG")) == pytest.approx(GAPS["AG"])
     assert 290 < value("qforget_evaluation_age_seconds") < 400
+    assert value("qforget_evaluation_approximate") == 0
     assert value("qforget_model_versions", ("kind", "unlearned")) == 2
 
     # The embedded default's broker: a folder, answering, with nothing queued yet.

@@ -291,3 +291,26 @@ def test_0012_adds_the_logit_scaled_confidence_and_undoes_it(unmigrated_url):
         assert "confidence_logit" not in {c["name"] for c in inspect(engine).get_columns("sample_scores")}
     finally:
         engine.dispose()
+
+
+def test_0014_marks_every_existing_version_full_and_undoes_it(unmigrated_url):
+    alembic.command.upgrade(alembic_config(unmigrated_url), "0013")
+    engine = create_engine(unmigrated_url, poolclass=NullPool)
+    try:
+        with engine.begin() as connection:
+            connection.execute(text("INSERT INTO models (name, dataset, spec, created_at) "
+                                    "VALUES ('m', 'digits', '{}', CURRENT_TIMESTAMP)"))
+            connection.execute(text(
+                "INSERT INTO model_versions (model_name, kind, method, config, metrics, sha256, artifact_path, "
+                "excluded_sample_ids, created_at) VALUES ('m', 'reference', 'retrain', '{}', '{}', :sha, '/r.pt', "
+                "'[1, 2]', CURRENT_TIMESTAMP)"), {"sha": "2" * 64})
+        engine.dispose()
+        upgrade_database(unmigrated_url)
+        assert schema_differences(unmigrated_url) == []
+        with engine.connect() as connection:  # a reference recorded before: a full one
+            assert connection.scalar(text("SELECT approximate FROM model_versions")) in (False, 0)
+        engine.dispose()
+        downgrade_database(unmigrated_url, "0013")
+        assert "approximate" not in {c["name"] for c in inspect(engine).get_columns("model_versions")}
+    finally:
+        engine.dispose()

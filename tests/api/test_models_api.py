@@ -59,6 +59,7 @@ def test_versions_with_lineage_and_the_deployed_one(client, seed, lineage):
         "id": lineage["unlearned"], "model": seed.model, "kind": "unlearned", "deployed": True,
         "parent_id": lineage["original"], "batch_id": lineage["batch"], "method": "qmul",
         "config": {"epochs": 2}, "metrics": {"TA": 96.5}, "sha256": "1" * 64, "excluded_sample_count": 4,
+        "approximate": False,
         "created_at": unlearned["created_at"],
     }
     assert not versions[lineage["original"]]["deployed"]

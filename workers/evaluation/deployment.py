@@ -109,3 +109,31 @@ def evaluate_deployment(engine: Engine, settings: Settings, model_name: str) -> 
                      details={"evaluation_id": evaluation.id, "reference_id": evaluation.reference_id,
                               "gaps": evaluation.gaps})
         return evaluation.id
+
+
+def measure_approximation(engine: Engine, evaluation_id: int) -> dict | None:
+    """Once a version is evaluated against a full reference: how far its interim evaluation against an
+    approximate reference of the same state was, recorded in the audit log
+    ("reference.approximation_measured", docs/audit.md): the approximate reference's gaps to the full
+    one, and the error of the interim audit's AG. Both evaluations are on the same splits (unless
+    samples were erased between them), so no model is loaded. None when there was no interim one."""
+    with transaction(engine) as session:
+        full = session.get(Evaluation, evaluation_id)
+        if full is None or full.approximate:
+            return None
+        excluded = set(full.reference.excluded_sample_ids)
+        interim = next((evaluation for evaluation in session.scalars(
+            select(Evaluation).join(ModelVersion, ModelVersion.id == Evaluation.reference_id)
+            .where(Evaluation.version_id == full.version_id, ModelVersion.approximate.is_(True))
+            .order_by(Evaluation.id.desc())) if set(evaluation.reference.excluded_sample_ids) == excluded), None)
+        if interim is None:
+            return None
+        details = {"version_id": full.version_id, "evaluation_id": full.id, "interim_evaluation_id": interim.id,
+                   "reference_id": full.reference_id, "approximate_reference_id": interim.reference_id,
+                   "coreset": interim.reference.metrics.get("coreset"),
+                   "approximate_reference_gaps": qf.gaps(interim.reference_metrics, full.reference_metrics),
+                   "interim_AG": interim.gaps["AG"], "AG": full.gaps["AG"],
+                   "interim_AG_error": interim.gaps["AG"] - full.gaps["AG"]}
+        append_audit(session, actor=f"worker:{WORKER_ID}", action="reference.approximation_measured",
+                     object_type="model_version", object_id=str(interim.reference_id), details=details)
+        return details

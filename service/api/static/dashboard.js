@@ -221,10 +221,19 @@
       block.id = `evaluation-${deployment.model}`;
       const title = document.createElement("h3");
       const evaluation = deployment.evaluation;
+      const kind = evaluation && evaluation.approximate ? "approximate reference" : "reference";
       title.textContent = `${deployment.model}: deployed version ${deployment.version_id}` +
-        (evaluation ? `, reference version ${evaluation.reference_id}, evaluated ${duration(evaluation.age_seconds)} ago`
+        (evaluation ? `, ${kind} version ${evaluation.reference_id}, evaluated ${duration(evaluation.age_seconds)} ago`
                     : ": not evaluated against a retrain reference yet");
       block.appendChild(title);
+      if (evaluation && evaluation.approximate) {
+        // Interim figures (docs/audit.md, Approximate references): never shown as the full reference's.
+        const label = document.createElement("p");
+        label.className = "approximate";
+        label.textContent = "approximate: against a reference trained on a coreset of the retain set, until the " +
+          "full reference is recorded; these figures can be off by several points of AG";
+        block.appendChild(label);
+      }
       container.appendChild(block);
       if (!evaluation) continue;
 
@@ -236,7 +245,8 @@
         categories: metrics, max: 100, format: (v) => v.toFixed(v % 1 ? 1 : 0),
         series: [
           { name: `deployed v${deployment.version_id}`, values: metrics.map((m) => evaluation.metrics[m]) },
-          { name: `reference v${evaluation.reference_id}`, values: metrics.map((m) => evaluation.reference_metrics[m]) },
+          { name: `${evaluation.approximate ? "approximate " : ""}reference v${evaluation.reference_id}`,
+            values: metrics.map((m) => evaluation.reference_metrics[m]) },
         ],
       });
 
