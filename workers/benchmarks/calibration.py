@@ -19,7 +19,11 @@ initialisation, which then stays. By default this benchmark marks the weight qua
 initialised with calibrate's own max|w| grid before calling it (`--ptq-as-is` turns that off), so
 the grids are those ptq.py documents; the activations are still observed behind quantized weights.
 
-Writes <out>/<dataset>[-<models>][-ptq-as-is]/calibration.md (the table), calibration.json and calibration.png.
+With --recalibrate the "+ corr" rows calibrate once more after fitting the corrections, so that
+the grids after each corrected layer see corrected activations (DFQ-ViT applies its correction
+during calibration too).
+
+Writes <out>/<dataset>[-<models>][-ptq-as-is][-recalibrate]/calibration.md (the table), calibration.json and calibration.png.
 """
 
 from __future__ import annotations
@@ -98,6 +102,14 @@ def calibrate_weights_first(model: torch.nn.Module, batches, observer: str) -> N
     calibrate(model, batches, observer=observer)
 
 
+def calibrate_again(model: torch.nn.Module, batches, observer: str, as_is: bool) -> None:
+    """Set every grid from batches (again: the grids of an earlier calibration are replaced)."""
+    if as_is:
+        calibrate(model, batches, observer=observer)
+    else:
+        calibrate_weights_first(model, batches, observer)
+
+
 def sources_for(architecture: str) -> list[str]:
     if architecture in VISION_TRANSFORMERS:
         return ["real", "noise", "dfq-vit"]
@@ -136,12 +148,11 @@ def run_model(architecture: str, config: TrainConfig, data, args, out: Path, pix
                                             first_last_bits=bits)
                     quantized.load_state_dict(model.state_dict(), strict=False)
                     started = time.perf_counter()
-                    if args.ptq_as_is:
-                        calibrate(quantized, batches, observer=observer)
-                    else:
-                        calibrate_weights_first(quantized, batches, observer)
+                    calibrate_again(quantized, batches, observer, args.ptq_as_is)
                     if corrected:
                         fit_activation_corrections(quantized, model, batches, ridge=args.ridge)
+                        if args.recalibrate:  # the grids then see the corrected activations
+                            calibrate_again(quantized, batches, observer, args.ptq_as_is)
                     calibration_s = time.perf_counter() - started
                     rows.append({"model": architecture, "source": source, "bits": bits, "observer": observer,
                                  "corrected": corrected, "accuracy": accuracy(quantized, test),
@@ -214,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--ridge", type=float, default=1.0, help="activation corrections' ridge")
     parser.add_argument("--no-corrections", action="store_true", help="skip the '+ corr' rows")
+    parser.add_argument("--recalibrate", action="store_true",
+                        help="calibrate again once the corrections are in (DFQ-ViT uses them during calibration)")
     parser.add_argument("--ptq-as-is", action="store_true", help="ptq.calibrate without the work-around")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -232,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     rows = [row for name, config in models.items()
             for row in run_model(name, config, data, args, out, pixel_range)]
-    run_dir = out / "-".join([args.dataset, *(args.models or []), *(["ptq-as-is"] if args.ptq_as_is else [])])
+    run_dir = out / "-".join([args.dataset, *(args.models or []), *(["ptq-as-is"] if args.ptq_as_is else []),
+                               *(["recalibrate"] if args.recalibrate else [])])
     run_dir.mkdir(parents=True, exist_ok=True)
     command = "python -m workers.benchmarks.calibration " + " ".join(argv)
     table = markdown(rows, args)
