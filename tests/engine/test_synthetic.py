@@ -4,7 +4,7 @@ corrections, on float digits models trained for a few epochs (module-scoped: a f
 import pytest
 import torch
 
-from workers.engine import TrainConfig, train_model
+from workers.engine import TrainConfig, load_dataset, train_model
 from workers.engine.models import build_model
 from workers.engine.ptq import calibrate
 from workers.engine.synthetic import (
@@ -12,7 +12,6 @@ from workers.engine.synthetic import (
     correction_error,
     fit_activation_corrections,
     insert_activation_corrections,
-    pixel_range_of,
     synthesize,
     synthesize_with_targets,
 )
@@ -100,19 +99,25 @@ def test_dfq_vit_goes_from_easy_to_hard(float_vit):
 
 
 def test_pixel_clamp_is_honoured(float_cnn):
-    low, high = pixel_range_of(mean=[0.3], std=[0.5])
-    assert torch.allclose(low, torch.tensor([-0.6])) and torch.allclose(high, torch.tensor([1.4]))
+    low, high = torch.tensor([-0.6]), torch.tensor([1.4])
     for method in ("noise", "zeroq"):
         free = synthesize(float_cnn, method, 16, SHAPE, 10, steps=30, batch_size=16)
         clamped = synthesize(float_cnn, method, 16, SHAPE, 10, steps=30, batch_size=16, pixel_range=(low, high))
         assert free.min() < -0.6 or free.max() > 1.4  # the clamp had something to do
         assert clamped.min() >= -0.6 - 1e-6 and clamped.max() <= 1.4 + 1e-6
-    data = torch.tensor([[[[-1.0, 2.0]]], [[[0.5, 3.0]]]])
-    assert pixel_range_of(data=data) == (torch.tensor([-1.0]), torch.tensor([3.0]))
+
+
+def test_a_split_knows_the_range_of_valid_pixels():
+    """From the normalisation: the digits hold blank (0) and full (16) pixels, so the range is the
+    normalised images' own extremes."""
+    train = load_dataset("digits").train
+    low, high = train.pixel_range
+    assert torch.allclose(low, train.x.amin(), atol=1e-5) and torch.allclose(high, train.x.amax(), atol=1e-5)
+    assert train.subset([0, 1]).pixel_range is train.pixel_range
 
 
 def test_corrections_reduce_the_activation_error_on_held_out_batches(float_vit):
-    quantized = quantized_copy(float_vit, "digits-vit", bits=4)
+    quantized = quantized_copy(float_vit, "digits-vit", bits=3)  # an error large enough to correct
     calibration = synthesize(float_vit, "noise", 64, SHAPE, 10, seed=0).split(16)
     held_out = synthesize(float_vit, "noise", 64, SHAPE, 10, seed=1).split(16)
     calibrate(quantized, calibration)

@@ -13,17 +13,11 @@ CNNs, dfq-vit for the transformers, plus "zeroq, no clamp" on the CNNs (the pixe
 ablation). For the transformers every source is run again with activation corrections fitted on
 its own calibration images ("+ corr"). The time of a row is synthesis + calibration (+ fitting).
 
-ptq.calibrate has a known bug (fixed on another branch): while it observes, the weight quantizers
-still run, and, not being initialised yet, reset their grids to LSQ+'s mean +- 3 std
-initialisation, which then stays. By default this benchmark marks the weight quantizers
-initialised with calibrate's own max|w| grid before calling it (`--ptq-as-is` turns that off), so
-the grids are those ptq.py documents; the activations are still observed behind quantized weights.
-
 With --recalibrate the "+ corr" rows calibrate once more after fitting the corrections, so that
 the grids after each corrected layer see corrected activations (DFQ-ViT applies its correction
 during calibration too).
 
-Writes <out>/<dataset>[-<models>][-ptq-as-is][-recalibrate]/calibration.md (the table), calibration.json and calibration.png.
+Writes <out>/<dataset>[-<models>][-recalibrate]/calibration.md (the table), calibration.json and calibration.png.
 """
 
 from __future__ import annotations
@@ -42,9 +36,8 @@ from tqdm import tqdm
 
 from workers.engine.data import load_dataset
 from workers.engine.models import VISION_TRANSFORMERS, build_model
-from workers.engine.ptq import calibrate, set_weight_grid
-from workers.engine.quantization import LsqPlusQuantizer
-from workers.engine.synthetic import fit_activation_corrections, pixel_range_of, synthesize
+from workers.engine.ptq import calibrate
+from workers.engine.synthetic import fit_activation_corrections, synthesize
 from workers.engine.training import TrainConfig, accuracy, train_model
 
 # Sized for a shared 2-core CPU (cifar-cnn: about 40 s per epoch of 10k images there; vit-mini:
@@ -90,26 +83,6 @@ def float_model(architecture: str, config: TrainConfig, data, dataset: str, data
     return model.eval(), time.perf_counter() - started
 
 
-def calibrate_weights_first(model: torch.nn.Module, batches, observer: str) -> None:
-    """ptq.calibrate with its weight grids kept (module docstring: the known bug's work-around)."""
-    for module in model.modules():
-        quantizer = getattr(module, "weight_quantizer", None)
-        if isinstance(quantizer, LsqPlusQuantizer):
-            with torch.no_grad():
-                set_weight_grid(quantizer, module.weight)
-            quantizer.initialized.fill_(True)
-            quantizer._ready = False
-    calibrate(model, batches, observer=observer)
-
-
-def calibrate_again(model: torch.nn.Module, batches, observer: str, as_is: bool) -> None:
-    """Set every grid from batches (again: the grids of an earlier calibration are replaced)."""
-    if as_is:
-        calibrate(model, batches, observer=observer)
-    else:
-        calibrate_weights_first(model, batches, observer)
-
-
 def sources_for(architecture: str) -> list[str]:
     if architecture in VISION_TRANSFORMERS:
         return ["real", "noise", "dfq-vit"]
@@ -148,11 +121,11 @@ def run_model(architecture: str, config: TrainConfig, data, args, out: Path, pix
                                             first_last_bits=bits)
                     quantized.load_state_dict(model.state_dict(), strict=False)
                     started = time.perf_counter()
-                    calibrate_again(quantized, batches, observer, args.ptq_as_is)
+                    calibrate(quantized, batches, observer=observer)
                     if corrected:
                         fit_activation_corrections(quantized, model, batches, ridge=args.ridge)
                         if args.recalibrate:  # the grids then see the corrected activations
-                            calibrate_again(quantized, batches, observer, args.ptq_as_is)
+                            calibrate(quantized, batches, observer=observer)
                     calibration_s = time.perf_counter() - started
                     rows.append({"model": architecture, "source": source, "bits": bits, "observer": observer,
                                  "corrected": corrected, "accuracy": accuracy(quantized, test),
@@ -227,7 +200,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-corrections", action="store_true", help="skip the '+ corr' rows")
     parser.add_argument("--recalibrate", action="store_true",
                         help="calibrate again once the corrections are in (DFQ-ViT uses them during calibration)")
-    parser.add_argument("--ptq-as-is", action="store_true", help="ptq.calibrate without the work-around")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--out", default="bench-results")
@@ -239,14 +211,11 @@ def main(argv: list[str] | None = None) -> int:
     models = {name: config for name, config in preset["models"].items() if not args.models or name in args.models}
     out = Path(args.out)
     data = load_dataset(args.dataset, seed=args.seed, **preset["data"])
-    # The valid pixels, normalised: the data set's normalisation maps [0, 1] there (digits: [0, 16]
-    # scaled); read from the images' per-channel extremes, a statistic of the normalisation only.
-    pixel_range = pixel_range_of(data=data.train.x)
+    pixel_range = data.train.pixel_range
     started = time.perf_counter()
     rows = [row for name, config in models.items()
             for row in run_model(name, config, data, args, out, pixel_range)]
-    run_dir = out / "-".join([args.dataset, *(args.models or []), *(["ptq-as-is"] if args.ptq_as_is else []),
-                               *(["recalibrate"] if args.recalibrate else [])])
+    run_dir = out / "-".join([args.dataset, *(args.models or []), *(["recalibrate"] if args.recalibrate else [])])
     run_dir.mkdir(parents=True, exist_ok=True)
     command = "python -m workers.benchmarks.calibration " + " ".join(argv)
     table = markdown(rows, args)

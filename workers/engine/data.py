@@ -64,13 +64,16 @@ class Split:
     # file's "train" array, so that erasing a sample can rewrite the cache without it.
     cache_file: Path | None = None
     cache_rows: np.ndarray | None = None
+    # Per channel, the lowest and highest value a valid pixel takes once normalised: from the
+    # normalisation alone, so that synthetic inputs can be kept in range without reading a sample.
+    pixel_range: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __len__(self) -> int:
         return len(self.y)
 
     def subset(self, indices: Sequence[int] | torch.Tensor | np.ndarray) -> "Split":
         index = torch.as_tensor(indices, dtype=torch.long)
-        return Split(self.x[index], self.y[index], self.augment)
+        return Split(self.x[index], self.y[index], self.augment, pixel_range=self.pixel_range)
 
     def erase(self, indices: Sequence[int]) -> bool:
         """Blank the samples at `indices` in memory, and in the cache file this split was read from
@@ -203,9 +206,11 @@ def load_digits_splits(seed: int) -> tuple[Split, Split]:
     )
     mean, std = train_x.mean(), train_x.std()
 
+    pixel_range = (torch.tensor([-mean / std]), torch.tensor([(1 - mean) / std]))
+
     def to_split(x, y, augment=None):
         x = torch.from_numpy((x - mean) / std).unsqueeze(1)
-        return Split(x, torch.from_numpy(y).long(), augment)
+        return Split(x, torch.from_numpy(y).long(), augment, pixel_range=pixel_range)
 
     return to_split(train_x, train_y, random_shift), to_split(test_x, test_y)
 
@@ -289,10 +294,12 @@ def make_image_splits(
     mean, std = channel_mean_std(train.x)
     train_augment = CropFlip(padding, flip, tuple((-mean / std).tolist())) if augment else None
 
+    pixel_range = (-mean.float() / std.float(), (1 - mean.float()) / std.float())
+
     def to_split(arrays: ImageArrays, augment=None) -> Split:
         x = torch.from_numpy(arrays.x).float().div_(255)
         x = x.sub_(mean.float().view(1, -1, 1, 1)).div_(std.float().view(1, -1, 1, 1))
-        return Split(x, torch.from_numpy(arrays.y).long(), augment)
+        return Split(x, torch.from_numpy(arrays.y).long(), augment, pixel_range=pixel_range)
 
     train_split = to_split(train, train_augment)
     train_split.cache_rows = train_rows

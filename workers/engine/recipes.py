@@ -124,7 +124,7 @@ class ModelSpec:
 def quantize_trained(spec: ModelSpec, float_model: nn.Module, train: Split,
                      device: str | torch.device = "cpu", progress: bool = True) -> nn.Module:
     """spec's quantized model from its full-precision twin, trained, by spec.ptq's recipe. Synthetic
-    calibration reads no sample of `train` (only the shape of its images)."""
+    calibration reads no sample of `train`, only the shape of its images and their valid range."""
     recipe = PTQRecipe(**spec.ptq)
     float_model = float_model.to(device).eval()
     if recipe.calibration == "real":
@@ -133,7 +133,8 @@ def quantize_trained(spec: ModelSpec, float_model: nn.Module, train: Split,
         images = train.x[chosen]
     else:
         images = synthesize(float_model, recipe.synthesizer, recipe.samples, tuple(train.x.shape[1:]),
-                            dataset_info(spec.dataset).num_classes, seed=recipe.seed, progress=progress)
+                            dataset_info(spec.dataset).num_classes, seed=recipe.seed,
+                            pixel_range=train.pixel_range, progress=progress)
     batches = [batch.to(device) for batch in images.split(recipe.batch_size)]
     return post_training_quantize(spec.model_kwargs(), float_model, batches, method=recipe.method,
                                   **recipe.options).to(device)

@@ -31,8 +31,8 @@ the model's input (normalised) space, to pass to `ptq.calibrate` in place of rea
   The output keeps the schedule's order: easy samples first.
 
 pixel_range (low, high), each a number or one value per channel: after every step the pixels are
-clamped into it, the range real images occupy once normalised (`pixel_range_of` computes it from
-the normalisation or from normalised data). Without it the BN-matching images drift far outside
+clamped into it, the range real images occupy once normalised (a data set's splits carry it:
+`Split.pixel_range`, from the normalisation alone). Without it the BN-matching images drift far outside
 (an earlier attempt saw [-10, 9] for standardised CIFAR) and stretch the calibrated grids.
 
 Activation correction (DFQ-ViT's "activation correction matrix", parameterised by us): for chosen
@@ -67,19 +67,6 @@ OPTIONS = {
 
 
 # Pixel range ----------------------------------------------------------------------------------------
-
-
-def pixel_range_of(mean: Sequence[float] | torch.Tensor | None = None, std: Sequence[float] | torch.Tensor | None = None,
-                   data: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The per-channel range of valid pixels in normalised space: ((0 - mean) / std, (1 - mean) / std)
-    from the normalisation, or the per-channel min and max of normalised images (data, N x C x H x W)."""
-    if data is not None:
-        flat = data.detach().transpose(0, 1).flatten(1)
-        return flat.min(dim=1).values, flat.max(dim=1).values
-    if mean is None or std is None:
-        raise ValueError("pixel_range_of needs mean and std, or data")
-    mean, std = torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(std, dtype=torch.float32)
-    return -mean / std, (1 - mean) / std
 
 
 def clamp_bounds(pixel_range, channels: int, device) -> tuple[torch.Tensor, torch.Tensor] | None:
