@@ -45,7 +45,8 @@ trained float model to a calibrated quantized one with one of METHODS:
     sensitivity is the logit error (relative MSE to the float model on the calibration batches)
     with only that layer raised by one step on the ladder (bits + 2, ..., 8), measured once;
     then, while an upgrade fits the budget, the one with the largest error drop per added byte
-    is taken. Activations keep their bits.
+    is tried, and kept only if the whole model's error drops (one layer's gains need not add up
+    with another's; a rejected layer is not tried again). Activations keep their bits.
   On a CNN only the generic parts apply (no LayerNorm, softmax or GELU): "tsptq" is "minmax" and
   "mptq" is "minmax" with mixed precision.
 
@@ -465,11 +466,14 @@ def assign_mixed_precision(model: nn.Module, float_model: nn.Module, batches: Se
         return math.ceil(layers[name].weight.numel() * bits / 8)
 
     assigned = {name: layer.weight_quantizer.bits for name, layer in layers.items()}
+    for name, bits in assigned.items():
+        set_weight_bits(layers[name], bits)  # marks every considered layer for ptq_layout
+    error, settled = base_error, set()
     while True:
         upgrades = []
         for name, bits in assigned.items():
             ladder = bits_ladder(bits)
-            if not ladder:
+            if name in settled or not ladder:
                 continue
             cost = weight_bytes(name, ladder[0]) - weight_bytes(name, bits)
             gain = errors[name, bits] - errors[name, ladder[0]]
@@ -478,10 +482,16 @@ def assign_mixed_precision(model: nn.Module, float_model: nn.Module, batches: Se
         if not upgrades:
             break
         _, name, bits, cost = max(upgrades)
-        assigned[name] = bits
-        size += cost
-    for name, bits in assigned.items():
+        previous = layers[name].weight_quantizer
         set_weight_bits(layers[name], bits)
+        # Gains measured one layer at a time need not add up (errors of several layers can
+        # cancel): an upgrade stays only if the whole model's error drops.
+        new_error = logits_error(model, batches, reference)
+        if new_error < error:
+            assigned[name], size, error = bits, size + cost, new_error
+        else:
+            layers[name].weight_quantizer = previous
+            settled.add(name)
     return assigned
 
 
