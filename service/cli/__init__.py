@@ -98,9 +98,12 @@ def _bootstrap(args) -> int:
             ptq["synthesizer"] = args.synthesizer
     elif args.float_checkpoint or args.synthesizer:
         raise SystemExit("--float-checkpoint and --synthesizer go with --ptq")
-    spec = default_spec(args.epochs, args.architecture, args.semi_parametric, ptq)
-    version_id = bootstrap(settings, model_name, spec, samples_per_subject=args.samples_per_subject,
-                           float_checkpoint=args.float_checkpoint)
+    try:  # a bad option value, or a checkpoint refused: its message, not a traceback
+        spec = default_spec(args.epochs, args.architecture, args.semi_parametric, ptq)
+        version_id = bootstrap(settings, model_name, spec, samples_per_subject=args.samples_per_subject,
+                               float_checkpoint=args.float_checkpoint)
+    except ValueError as exc:
+        raise SystemExit(f"qforget bootstrap: {exc}") from None
     print(f"model {model_name}: version {version_id} deployed; artifacts in {settings.model_store}")
     return 0
 

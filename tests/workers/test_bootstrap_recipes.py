@@ -23,3 +23,25 @@ def test_a_semi_parametric_bootstrap_makes_an_spm_around_the_architecture():
     assert spm.spm is not None and spm.spm["embed_dim"] > 0 and spm.architecture == "digits-cnn"
     assert default_spec().spm is None
     assert hasattr(spm.build(), "remove_samples")
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--ptq", "gptq"], "ptq.method must be one of"),
+    (["--ptq", "minmax", "--calibration-samples", "0"], "ptq.samples"),
+    (["--synthesizer", "zeroq"], "go with --ptq"),
+    (["--architecture", "vit-tiny"], "cannot bootstrap 'vit-tiny'"),
+])
+def test_bad_bootstrap_options_are_refused_by_name_before_anything_is_made(arguments, message, tmp_path,
+                                                                          monkeypatch):
+    from service.cli import main
+
+    monkeypatch.setenv("QFORGET_DATA_DIR", str(tmp_path))
+    with pytest.raises(SystemExit, match=message):
+        main(["bootstrap", *arguments])
+    assert not any(tmp_path.iterdir())  # no database, no artifact
+
+
+def test_a_post_training_quantization_recipe_trains_in_full_precision():
+    spec = default_spec(3, "digits-vit", ptq={"method": "tsptq"})
+    assert spec.ptq["method"] == "tsptq" and spec.weight_bits == 4
+    assert spec.full_precision().weight_bits is None
