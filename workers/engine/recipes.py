@@ -20,7 +20,6 @@ from .spm import train_spm
 from .synthetic import SYNTHESIZERS, synthesize
 from .training import TrainConfig, train_model
 
-
 CALIBRATION_SOURCES = ("real", "synthetic")
 
 
