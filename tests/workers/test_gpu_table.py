@@ -15,7 +15,8 @@ import torch
 from workers.benchmarks import gpu_table
 from workers.benchmarks.bench import BenchConfig
 from workers.engine.data import load_dataset
-from workers.engine.methods import supports_bf16, unlearn
+from workers.engine.methods import method_applies, supports_bf16, unlearn
+from workers.engine.models import MODELS
 from workers.engine.recipes import ModelSpec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -75,6 +76,15 @@ def test_the_plan_fits_the_budget_arithmetic(smoke):
 def probe(epoch_s: float, speedup: float = 1.5) -> dict:
     return {"epoch_s": epoch_s, "eval_s": 5.0, "fit_s": 0.2, "workers": 4,
             "speedup": {"2": speedup, "4": speedup * 1.3}}
+
+
+@pytest.mark.parametrize("name", sorted(gpu_table.SETUPS))
+def test_each_configuration_lists_only_methods_its_model_takes_and_trains_with_its_optimizer(name):
+    setup = gpu_table.SETUPS[name]
+    config = setup.bench_config(setup.epochs_floor, 0, setup.device, setup.bf16)
+    assert setup.model in MODELS and all(method_applies(method, setup.model) for method in setup.methods)
+    assert (config.optimizer, config.weight_decay, config.lr) == (setup.optimizer, setup.weight_decay, setup.lr)
+    assert config.spec(0, setup.epochs_floor).train.optimizer == setup.optimizer
 
 
 def test_the_planner_keeps_the_regime_floor_and_drops_methods_instead():
