@@ -16,8 +16,8 @@ from service.core.models import ModelVersion, VersionKind
 ReferenceMatch = Literal["matching", "stale", "missing"]
 
 # The caveat every figure against an approximate reference carries (measured: docs/bench/coresets.md).
-APPROXIMATE_CAVEAT = ("its figures can be off by several points of AG (on the digits, approximate references lay "
-                      "5 to 36 points of AG from the full reference)")
+APPROXIMATE_CAVEAT = ("its figures can be off by several points of AG (approximate references lay 5 to 38 points "
+                      "of AG from the full reference on the digits and on CIFAR-10)")
 
 
 def reference_label(reference: ModelVersion) -> str:

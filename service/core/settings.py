@@ -178,7 +178,7 @@ class Settings(BaseSettings):
     # An approximate reference (docs/audit.md, Approximate references): when set, a reference request
     # first trains the reference's recipe on this fraction of the retain set, chosen by the selector
     # (workers/engine/coresets.py), for an interim audit until the full reference is recorded. Off
-    # (None) by default: on the digits it lay 5 to 36 points of AG from the full reference
+    # (None) by default: on the digits and CIFAR-10 it lay 5 to 38 points of AG from the full reference
     # (docs/bench/coresets.md), far more than unlearning methods differ by.
     approximate_reference_fraction: float | None = None
     approximate_reference_selector: CoresetSelector = "random"
