@@ -12,7 +12,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 work="${1:-$(mktemp -d)}"
 mkdir -p "$work"
 python="$("$root/bin/ensure-venv")/bin/python"
-free_port() { "$python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+source "$root/docs/examples/walkthrough-common.sh"
 api_port="$(free_port)" hook_port="$(free_port)"
 
 export PYTHONPATH="$root" QFORGET_DATA_DIR="$work/var" QFORGET_DATABASE_URL="" QFORGET_BROKER_URL="" \
@@ -20,11 +20,6 @@ export PYTHONPATH="$root" QFORGET_DATA_DIR="$work/var" QFORGET_DATABASE_URL="" Q
     QFORGET_SCHEDULER_INTERVAL_SECONDS=1 QFORGET_BATCH_MIN_SAMPLES=1 QFORGET_ERASURE_WINDOW_HOURS=0 \
     QFORGET_WEBHOOK_URL="http://127.0.0.1:$hook_port/qforget" \
     QFORGET_WEBHOOK_SECRET="whsec_$("$python" -c 'import base64, os; print(base64.b64encode(os.urandom(32)).decode())')"
-qforget() { "$python" -m service.cli "$@"; }
-mkdir -p "$work/logs"
-pids=()
-start() { local name="$1"; shift; "$@" >"$work/logs/$name.log" 2>&1 & pids+=($!); }
-trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT
 
 echo "# bootstrap two models on the same data set (the digits)"
 qforget bootstrap --model digits-a --epochs 3 2>/dev/null | tail -1
@@ -34,18 +29,8 @@ start receiver "$python" "$root/docs/examples/webhook-receiver.py" "$hook_port" 
 start api "$python" -m service.cli api
 start worker "$python" -m service.cli worker
 start scheduler "$python" -m service.cli scheduler
-until curl -sf "http://127.0.0.1:$api_port/ready" >/dev/null; do sleep 0.5; done
+wait_until_ready
 
-api() {  # api METHOD PATH [JSON [LINES]]: the curl command, then its answer (its first LINES lines)
-    local method="$1" path="$2" body="${3:-}" lines="${4:-10000}" answer
-    echo
-    echo "\$ curl -s -X $method http://127.0.0.1:\$PORT$path -H 'Authorization: Bearer \$KEY'${body:+ -d '$body'}"
-    answer="$(curl -s -X "$method" "http://127.0.0.1:$api_port$path" -H "Authorization: Bearer $KEY" \
-        ${body:+-H 'Content-Type: application/json' -d "$body"} | "$python" -m json.tool)"
-    sed -n "1,${lines}p" <<<"$answer"
-    [ "$(wc -l <<<"$answer")" -le "$lines" ] || echo "    ... ($(wc -l <<<"$answer") lines in all)"
-}
-field() { curl -s "http://127.0.0.1:$api_port$1" -H "Authorization: Bearer $KEY" | "$python" -c "import json, sys; print(json.load(sys.stdin)$2)"; }
 
 api GET /subjects/subject-0001 "" 40
 api POST /forget-requests '{"subject_id": "subject-0001"}' | tee "$work/filed.json"
