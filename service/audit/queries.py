@@ -6,7 +6,7 @@ from datetime import datetime
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from service.audit.comparison import compare_with_references
+from service.audit.comparison import ReferenceComparison
 from service.core.audit_log import audit_key
 from service.core.models import AuditEntry, Evaluation, ModelVersion
 from service.core.pseudonyms import pseudonym
@@ -87,11 +87,11 @@ def _request_audit(request_id: str, entries: list[AuditEntry]) -> SubjectRequest
     )
 
 
-def matching_evaluation(session: Session, version: ModelVersion) -> Evaluation | None:
+def matching_evaluation(session: Session, version: ModelVersion, comparison: ReferenceComparison) -> Evaluation | None:
     """The version's newest evaluation against the kind of reference the audit uses for it
-    (service.audit.comparison): against a full reference that excludes exactly its samples once
-    one exists, even before it is evaluated against it; else against an approximate one (interim)."""
-    comparison = compare_with_references(session, version)
+    (comparison, service.audit.comparison's for this version): against a full reference that
+    excludes exactly its samples once one exists, even before it is evaluated against it; else
+    against an approximate one (interim)."""
     if comparison.status != "matching":
         return None
     excluded = set(version.excluded_sample_ids)

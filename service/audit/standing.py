@@ -10,7 +10,13 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from service.audit.comparison import APPROXIMATE_CAVEAT, ReferenceMatch, compare_with_references, reference_label
+from service.audit.comparison import (
+    APPROXIMATE_CAVEAT,
+    ReferenceComparison,
+    ReferenceMatch,
+    compare_with_references,
+    reference_label,
+)
 from service.audit.queries import matching_evaluation, newest_evaluation_of_model
 from service.core.models import Evaluation, Model, ModelVersion, Sample, VersionKind
 from service.deployments.queries import deployed_version, find_model
@@ -82,8 +88,7 @@ class VersionAudit:
     evaluation: Evaluation | None
 
 
-def reference_standing(session: Session, version: ModelVersion) -> ReferenceStanding:
-    comparison = compare_with_references(session, version)
+def reference_standing(comparison: ReferenceComparison, version: ModelVersion) -> ReferenceStanding:
     return ReferenceStanding(comparison.status, comparison.describe(version), comparison.reference,
                              comparison.missing_from_reference, comparison.extra_in_reference)
 
@@ -93,8 +98,10 @@ def deployment_audit(session: Session, model: Model) -> DeploymentAudit:
     the deployed version stands against the references."""
     name, deployed_id = model.name, model.deployed_version_id
     deployed = deployed_version(session, model)
-    reference = reference_standing(session, deployed) if deployed is not None else None
-    evaluation = matching_evaluation(session, deployed) if deployed is not None else None
+    # Compared once: the standing and the evaluation chosen must speak of the same reference.
+    comparison = compare_with_references(session, deployed) if deployed is not None else None
+    reference = reference_standing(comparison, deployed) if comparison is not None else None
+    evaluation = matching_evaluation(session, deployed, comparison) if comparison is not None else None
     if evaluation is not None:
         against = (f"evaluation of the deployed version {deployed_id} against {reference_label(evaluation.reference)}, "
                    f"trained without the same {len(deployed.excluded_sample_ids)} samples"
@@ -138,11 +145,12 @@ def version_audit(session: Session, version: ModelVersion) -> VersionAudit:
         return audit("not_applicable", f"version {version.id} is {kind} retrain reference: versions are audited against it")
     if not version.excluded_sample_ids:
         return audit("not_applicable", f"version {version.id} excludes no samples: nothing forgotten to audit")
-    reference = reference_standing(session, version)
+    comparison = compare_with_references(session, version)
+    reference = reference_standing(comparison, version)
     if reference.status in ("missing", "stale"):
         return audit(f"{reference.status}_reference", f"version {version.id} cannot be audited: {reference.message}",
                      reference)
-    evaluation = matching_evaluation(session, version)
+    evaluation = matching_evaluation(session, version, comparison)
     if evaluation is None:
         return audit("not_evaluated", f"{reference.message}, but version {version.id} has not been evaluated against "
                      "it (a worker evaluates the deployed version when a reference is trained)", reference)
