@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from workers.engine.data import load_dataset
 from workers.engine.models import VISION_TRANSFORMERS, build_model
-from workers.engine.ptq import calibrate
+from workers.engine.ptq import calibrate, calibration_images
 from workers.engine.synthetic import fit_activation_corrections, synthesize
 from workers.engine.training import TrainConfig, accuracy, train_model
 
@@ -89,10 +89,9 @@ def sources_for(architecture: str) -> list[str]:
     return ["real", "noise", "zeroq", "zeroq, no clamp", "qimera"]
 
 
-def calibration_images(source: str, model, data, args, pixel_range) -> torch.Tensor:
+def source_images(source: str, model, data, args, pixel_range) -> torch.Tensor:
     if source == "real":
-        index = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(args.seed))[:args.count]
-        return data.train.x[index]  # as they are: no augmentation
+        return calibration_images(data.train.x, args.count, args.seed)
     method, _, ablation = source.partition(", ")
     return synthesize(model, method, args.count, tuple(data.train.x.shape[1:]), data.num_classes, seed=args.seed,
                       steps=args.steps, batch_size=args.batch_size,
@@ -111,7 +110,7 @@ def run_model(architecture: str, config: TrainConfig, data, args, out: Path, pix
                desc=architecture, disable=not args.progress)
     for source in sources:
         started = time.perf_counter()
-        images = calibration_images(source, model, data, args, pixel_range)
+        images = source_images(source, model, data, args, pixel_range)
         synthesis_s = time.perf_counter() - started if source != "real" else 0.0
         batches = images.split(args.batch_size)
         for bits in args.bits:

@@ -32,7 +32,7 @@ from tqdm import tqdm  # noqa: E402
 
 from workers.engine import TrainConfig, load_dataset, train_model  # noqa: E402
 from workers.engine.models import build_model  # noqa: E402
-from workers.engine.ptq import METHODS, TOP_BITS, model_size_bytes, post_training_quantize  # noqa: E402
+from workers.engine.ptq import METHODS, TOP_BITS, calibration_images, model_size_bytes, post_training_quantize  # noqa: E402
 from workers.engine.training import accuracy  # noqa: E402
 
 BITS = (8, 6, 4)
@@ -81,8 +81,7 @@ def float_model(preset: Preset, data, cache: Path, progress: bool) -> tuple[torc
 
 
 def calibration_batches(train, count: int, draw: int, batch_size: int = 64) -> list[torch.Tensor]:
-    index = torch.randperm(len(train), generator=torch.Generator().manual_seed(draw))[:count]
-    return [train.x[index[start:start + batch_size]] for start in range(0, count, batch_size)]
+    return list(calibration_images(train.x, count, draw).split(batch_size))
 
 
 def summary(values: list[float]) -> dict:

@@ -94,6 +94,12 @@ DEFAULT_ALPHAS = (0.2, 0.35, 0.5, 0.65, 0.8)
 TOP_BITS = 8  # mixed precision raises weights up to this width
 
 
+def calibration_images(images: torch.Tensor, count: int, seed: int) -> torch.Tensor:
+    """count of images (N x C x H x W) drawn at random without replacement, the same for the same
+    seed: real calibration inputs, as they are (no augmentation)."""
+    return images[torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:count]]
+
+
 def calibrated_quantizers(model: nn.Module) -> list[LsqPlusQuantizer]:
     quantizers = [m for m in model.modules() if isinstance(m, LsqPlusQuantizer)]
     others = [type(m).__name__ for m in model.modules()

@@ -15,7 +15,7 @@ from torch import nn
 from .data import DatasetSplits, Split, dataset_info, load_dataset
 from .models import build_model
 from .ptq import METHODS as PTQ_METHODS
-from .ptq import post_training_quantize
+from .ptq import calibration_images, post_training_quantize
 from .spm import train_spm
 from .synthetic import SYNTHESIZERS, synthesize
 from .training import TrainConfig, train_model
@@ -127,9 +127,7 @@ def quantize_trained(spec: ModelSpec, float_model: nn.Module, train: Split,
     recipe = PTQRecipe(**spec.ptq)
     float_model = float_model.to(device).eval()
     if recipe.calibration == "real":
-        generator = torch.Generator().manual_seed(recipe.seed)
-        chosen = torch.randperm(len(train), generator=generator)[:recipe.samples]
-        images = train.x[chosen]
+        images = calibration_images(train.x, recipe.samples, recipe.seed)
     else:
         images = synthesize(float_model, recipe.synthesizer, recipe.samples, tuple(train.x.shape[1:]),
                             dataset_info(spec.dataset).num_classes, seed=recipe.seed,
