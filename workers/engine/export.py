@@ -36,7 +36,7 @@ from torch import nn
 
 from .artifacts import read_verified, write_content_addressed
 from .models import MODELS
-from .quantization import FakeQuantizer, MatMul, QuantConv2d, QuantLinear, QuantMatMul, TwoRegionQuantizer
+from .quantization import FakeQuantizer, MatMul, QuantConv2d, QuantLinear, QuantMatMul
 
 FORMAT = "qforget-integer/1"
 PACK_CHUNK = 1 << 20  # codes per chunk: bounds the memory of the bit planes
@@ -104,11 +104,6 @@ def export_integer(model: nn.Module) -> dict:
     """{"format", "layers": {name: layer entry}, "float_state": {state-dict name: tensor}}, and
     "matmuls": {name: {"a", "b"}} where the model has quantized products (module docstring).
     Every activation quantizer must have run (trained or calibrated)."""
-    two_region = [name for name, module in model.named_modules() if isinstance(module, TwoRegionQuantizer)]
-    if two_region:
-        raise ValueError(f"cannot export a model with two-region activation quantizers (TSPTQ post-training "
-                         f"quantization: {two_region[:3]}): the integer format holds one affine grid per "
-                         f"activation; quantize with another method to export")
     layers, matmuls, covered = {}, {}, set()
     for name, module in model.named_modules():
         if isinstance(module, (QuantConv2d, QuantLinear)):

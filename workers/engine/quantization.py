@@ -339,8 +339,8 @@ class TwoRegionQuantizer(LsqPlusQuantizer):
         return self.two_grids(x, scale, offset, self._ratio)
 
     def activation_grid(self):
-        raise ValueError("a two-region activation grid (TSPTQ) has no affine integer form: "
-                         "the integer export cannot hold it")
+        raise ValueError("cannot export a two-region activation grid (TSPTQ post-training quantization): the "
+                         "integer format holds one affine grid per activation; quantize with another method to export")
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", two regions, coarse step = fine step * 2^{int(self.coarse_log2)}"
